@@ -1,0 +1,269 @@
+"""Amplification and distillation trees (ALGORITHM.md sections 2-4), engine-agnostic.
+
+`amplify_tree` expands one question with H' (or H) and the model: at each split the model
+answers both subquestions, the adversary scores those answers, and Gumbel-max over the
+negated scores picks the branch to recurse on (the one where the model is expected to be
+worst); the other branch keeps the model's answer. `distill_tree` is the same step with the
+model in every role. Both return a `Tree` record and never raise for bad model output, a
+failing expert or a bound being hit: the error is recorded on the node and the tree.
+
+Everything here is a coroutine over the `Engine` interface, so thousands of trees can be in
+flight at once and their model calls batched by the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import uuid
+
+from ida_ray.config import AmplifyConfig
+from ida_ray.engine import Engine, Generation
+from ida_ray.errors import (DepthExceeded, ExpertFailure, FanInRoundsExceeded, IDAError, OutputTooLong,
+                            ParseError)
+from ida_ray.prompts import answer_prompt, fan_in_prompt, fan_out_prompt, format_step, parse_answer, parse_step
+from ida_ray.steps import Answer, Split, Step
+from ida_ray.tasks.base import Task
+from ida_ray.tree import EXPERT, HPRIME, MODEL, Node, Round, StepRecord, Tree, error_record
+
+
+def gumbel(rng: random.Random) -> float:
+    return -math.log(-math.log(rng.random() or 1e-300))
+
+
+def gumbel_argmax(scores: list[float], tau: float, rng: random.Random) -> int:
+    """Boltzmann exploration by the Gumbel-max trick: argmax_i(score_i + tau * G_i)."""
+    noisy = [s + tau * gumbel(rng) for s in scores]
+    return max(range(len(noisy)), key=noisy.__getitem__)
+
+
+class _TreeContext:
+    """Per-tree state: counters, the versions used, and the expert/model calls."""
+
+    def __init__(self, task: Task, engine: Engine, cfg: AmplifyConfig, rng: random.Random, hprime: bool):
+        self.task, self.engine, self.cfg, self.rng = task, engine, cfg, rng
+        self.hprime = hprime
+        self.expert_calls = 0
+        self.model_calls = 0
+        self.versions: set[int] = set()
+
+    # -- model -----------------------------------------------------------------------
+    async def generate(self, prompts: list[str]) -> list[Generation]:
+        self.model_calls += len(prompts)
+        gens = await self.engine.generate(prompts)
+        self.versions.update(g.weight_version for g in gens)
+        return gens
+
+    def confident(self, gen: Generation, adv_score: float | None) -> bool:
+        threshold = math.log(1 - self.cfg.eps)
+        if self.cfg.confidence == "adversary":
+            return adv_score is not None and adv_score >= threshold
+        return gen.logprob >= threshold
+
+    async def adversary_if_needed(self, prompt: str, gen: Generation) -> float | None:
+        if self.cfg.confidence != "adversary":
+            return None
+        return (await self.engine.adversary([prompt], [gen.text]))[0]
+
+    def valid_answer(self, question: str, gen: Generation) -> bool:
+        if not gen.finished:
+            return False
+        try:
+            parse_answer(gen.text, self.task, question)
+            return True
+        except ParseError:
+            return False
+
+    def parse_model_step(self, question: str, gen: Generation) -> Step:
+        if not gen.finished:
+            raise OutputTooLong(f"no end of sequence within {self.cfg.max_new_tokens} tokens: {gen.text[:60]!r}")
+        return parse_step(gen.text, self.task, question)
+
+    # -- expert ----------------------------------------------------------------------
+    def expert(self, fn, *args) -> Step:
+        self.expert_calls += 1
+        try:
+            return fn(*args)
+        except IDAError:
+            raise
+        except Exception as exc:  # a user's expert that raises is recorded, not fatal
+            raise ExpertFailure(f"{type(exc).__name__}: {exc}") from exc
+
+    # -- H' steps --------------------------------------------------------------------
+    async def hprime_step(self, role: str, prompt: str, question: str, expert_fn, *expert_args) -> StepRecord:
+        """H'_fan_out / H'_fan_in: the model's step where it is confident, else the expert's.
+
+        The model's greedy step is computed either way: it is the adversary's input."""
+        (gen,) = await self.generate([prompt])
+        record = StepRecord(role=role, prompt=prompt, output="", who=EXPERT, logprob=gen.logprob,
+                            weight_version=gen.weight_version, model_output=gen.text)
+        if self.hprime:
+            record.adversary_score = await self.adversary_if_needed(prompt, gen)
+            try:
+                self.parse_model_step(question, gen)
+                if self.confident(gen, record.adversary_score):
+                    record.output, record.who = gen.text, HPRIME
+                    return record
+            except (ParseError, OutputTooLong):
+                pass  # not usable: the expert takes the step
+        record.output = format_step(self.expert(expert_fn, *expert_args))
+        return record
+
+
+async def _target_logprobs(ctx: _TreeContext, records: list[StepRecord]) -> None:
+    """Fill each record's adversary target: log M(output | prompt) under the current model."""
+    todo = [r for r in records if r is not None and r.output]
+    if not todo:
+        return
+    lps = await ctx.engine.logprob([r.prompt for r in todo], [r.output for r in todo])
+    for r, lp in zip(todo, lps):
+        r.target_logprob = lp
+
+
+async def _expand(ctx: _TreeContext, node: Node) -> None:
+    """Amp(H', M) at one node. Raises IDAError after recording it on the node."""
+    try:
+        await _expand_inner(ctx, node)
+    except IDAError as exc:
+        if node.error is None:
+            node.error = error_record(exc)
+        raise
+
+
+async def _expand_inner(ctx: _TreeContext, node: Node) -> None:
+    q, task, cfg = node.question, ctx.task, ctx.cfg
+    prompt = answer_prompt(q)
+    (gen,) = await ctx.generate([prompt])
+    node.answer_step = StepRecord(role="answer", prompt=prompt, output="", who=MODEL, logprob=gen.logprob,
+                                  weight_version=gen.weight_version, model_output=gen.text)
+    if ctx.hprime:
+        node.answer_step.adversary_score = await ctx.adversary_if_needed(prompt, gen)
+        if ctx.valid_answer(q, gen) and ctx.confident(gen, node.answer_step.adversary_score):
+            node.answer, node.answered_by = gen.text, HPRIME
+            node.answer_step.output, node.answer_step.who = gen.text, HPRIME
+            node.answer_step.target_logprob = gen.logprob
+            return
+
+    node.fan_out = await ctx.hprime_step("fan_out", fan_out_prompt(q), q, task.expert_fan_out, q)
+    step = parse_step(node.fan_out.output, task, q)
+    while isinstance(step, Split):
+        if len(node.rounds) >= cfg.max_fan_in_rounds:
+            raise FanInRoundsExceeded(f"more than {cfg.max_fan_in_rounds} fan-in rounds at {q!r}")
+        if node.depth + 1 > cfg.max_depth:
+            raise DepthExceeded(f"depth {node.depth + 1} > max_depth {cfg.max_depth} at {q!r}")
+        rnd = Round(subquestions=[step.q1, step.q2])
+        node.rounds.append(rnd)
+        await _expand_round(ctx, node, rnd)
+        sub = ((rnd.subquestions[0], rnd.answers[0]), (rnd.subquestions[1], rnd.answers[1]))
+        rnd.fan_in = await ctx.hprime_step("fan_in", fan_in_prompt(q, sub), q, task.expert_fan_in, q, sub)
+        step = parse_step(rnd.fan_in.output, task, q)
+
+    node.answer = step.text
+    node.answered_by = (node.rounds[-1].fan_in if node.rounds else node.fan_out).who
+    node.answer_step.output = node.answer
+    records = [node.answer_step, node.fan_out] + [r.fan_in for r in node.rounds]
+    await _target_logprobs(ctx, records)
+
+
+async def _expand_round(ctx: _TreeContext, node: Node, rnd: Round) -> None:
+    """Steps 3-4: model answers both subquestions, the adversary picks one to recurse on."""
+    qs = rnd.subquestions
+    prompts = [answer_prompt(s) for s in qs]
+    gens = await ctx.generate(prompts)
+    rnd.model_answers = [g.text for g in gens]
+    valid = [ctx.valid_answer(s, g) for s, g in zip(qs, gens)]
+    if ctx.cfg.branch_choice == "uniform":
+        chosen = [ctx.rng.randrange(2)]
+    else:
+        scores = await ctx.engine.adversary(prompts, rnd.model_answers)
+        rnd.adversary_scores = list(scores)
+        # Recurse where the model is expected to do worst: Gumbel-max over negated scores.
+        chosen = [gumbel_argmax([-s for s in scores], ctx.cfg.tau, ctx.rng)]
+    # A malformed model answer is never handed to the expert: that branch is expanded too.
+    chosen += [i for i in range(2) if not valid[i] and i not in chosen]
+    rnd.chosen = sorted(chosen)
+    children = [Node(question=qs[i], depth=node.depth + 1) for i in rnd.chosen]
+    for i, child in zip(rnd.chosen, children):
+        rnd.children[i] = child
+    await asyncio.gather(*(_expand(ctx, c) for c in children))
+    for i in range(2):
+        rnd.answers[i] = rnd.children[i].answer if rnd.children[i] is not None else rnd.model_answers[i]
+
+
+def _new_tree(task: Task, question: str, mode: str, iteration: int, source: str) -> Tree:
+    try:
+        size = task.size(question)
+    except ValueError:
+        size = -1
+    return Tree(tree_id=uuid.uuid4().hex, task=task.name, question=question, size=size, mode=mode,
+                iteration=iteration, root=Node(question=question, depth=0), source=source)
+
+
+def _finish(tree: Tree, ctx: _TreeContext) -> Tree:
+    tree.expert_calls, tree.model_calls = ctx.expert_calls, ctx.model_calls
+    tree.weight_versions = sorted(ctx.versions)
+    return tree
+
+
+async def amplify_tree(task: Task, engine: Engine, question: str, cfg: AmplifyConfig, rng: random.Random,
+                       iteration: int = 0, hprime: bool | None = None, source: str = "train") -> Tree:
+    """Amp(H', M)(question) as a tree record; errors are recorded, never raised."""
+    ctx = _TreeContext(task, engine, cfg, rng, cfg.use_hprime if hprime is None else hprime)
+    tree = _new_tree(task, question, "amplify", iteration, source)
+    try:
+        task.parse(question)
+        await _expand(ctx, tree.root)
+    except IDAError as exc:
+        tree.error = error_record(exc)
+    return _finish(tree, ctx)
+
+
+async def distill_tree(task: Task, engine: Engine, question: str, cfg: AmplifyConfig, iteration: int = 0,
+                       source: str = "train") -> Tree:
+    """The model-only tree for one question: M_fan_out, M on both subquestions, M_fan_in.
+
+    Its answer A is the distillation target for M(question)."""
+    ctx = _TreeContext(task, engine, cfg, random.Random(0), hprime=False)
+    tree = _new_tree(task, question, "distill", iteration, source)
+    node = tree.root
+    try:
+        task.parse(question)
+        prompt = answer_prompt(question)
+        (gen,) = await ctx.generate([prompt])
+        node.answer_step = StepRecord(role="answer", prompt=prompt, output="", who=MODEL, logprob=gen.logprob,
+                                      weight_version=gen.weight_version, model_output=gen.text)
+        fo_prompt = fan_out_prompt(question)
+        (fo,) = await ctx.generate([fo_prompt])
+        node.fan_out = StepRecord(role="fan_out", prompt=fo_prompt, output=fo.text, who=MODEL,
+                                  logprob=fo.logprob, weight_version=fo.weight_version, model_output=fo.text)
+        step = ctx.parse_model_step(question, fo)
+        while isinstance(step, Split):
+            if len(node.rounds) >= cfg.max_fan_in_rounds:
+                raise FanInRoundsExceeded(f"more than {cfg.max_fan_in_rounds} fan-in rounds at {question!r}")
+            rnd = Round(subquestions=[step.q1, step.q2])
+            node.rounds.append(rnd)
+            gens = await ctx.generate([answer_prompt(s) for s in rnd.subquestions])
+            rnd.model_answers = rnd.answers = [g.text for g in gens]
+            sub = ((step.q1, rnd.answers[0]), (step.q2, rnd.answers[1]))
+            fi_prompt = fan_in_prompt(question, sub)
+            (fi,) = await ctx.generate([fi_prompt])
+            rnd.fan_in = StepRecord(role="fan_in", prompt=fi_prompt, output=fi.text, who=MODEL,
+                                    logprob=fi.logprob, weight_version=fi.weight_version, model_output=fi.text)
+            step = ctx.parse_model_step(question, fi)
+        node.answer = parse_answer(step.text, task, question)
+        node.answered_by = MODEL
+        node.answer_step.output = node.answer
+        await _target_logprobs(ctx, [node.answer_step])
+    except IDAError as exc:
+        node.error = tree.error = error_record(exc)
+    return _finish(tree, ctx)
+
+
+async def adversarial_question(task: Task, engine: Engine, sizes: tuple[int, ...], cfg: AmplifyConfig,
+                               rng: random.Random) -> str:
+    """Draw k candidates; keep the one the adversary expects M to do worst on (Gumbel-max)."""
+    candidates = [task.generate(rng.choice(sizes), rng) for _ in range(cfg.adversarial_candidates)]
+    prompts = [answer_prompt(c) for c in candidates]
+    gens = await engine.generate(prompts)
+    scores = await engine.adversary(prompts, [g.text for g in gens])
+    return candidates[gumbel_argmax([-s for s in scores], cfg.tau, rng)]

@@ -1,0 +1,53 @@
+"""Every error a tree can record. Each has a stable `kind` used in tree records and metrics."""
+
+
+class IDAError(Exception):
+    kind = "ida_error"
+
+
+class MalformedQuestion(IDAError, ValueError):
+    """A question string that the task's parser rejects (bad user input or a bad split)."""
+
+    kind = "malformed_question"
+
+
+class ParseError(IDAError, ValueError):
+    """Model (or person) output that is not a well-formed Answer or Split."""
+
+    kind = "parse_error"
+
+
+class ExpertCannotAnswer(IDAError):
+    """The coded expert was asked to answer directly above its base size."""
+
+    kind = "expert_cannot_answer"
+
+
+class ExpertFailure(IDAError):
+    """The expert raised while handling a step."""
+
+    kind = "expert_failure"
+
+
+class DepthExceeded(IDAError):
+    kind = "depth_exceeded"
+
+
+class FanInRoundsExceeded(IDAError):
+    kind = "fan_in_rounds_exceeded"
+
+
+class OutputTooLong(IDAError):
+    """Generation hit max_new_tokens without end-of-sequence."""
+
+    kind = "output_too_long"
+
+
+class EngineFailure(IDAError):
+    """A model call failed after all retries (dead replica, lost actor)."""
+
+    kind = "engine_failure"
+
+
+class ConfigError(IDAError, ValueError):
+    kind = "config_error"

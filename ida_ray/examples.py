@@ -1,0 +1,53 @@
+"""Training examples from tree records (the losses of ALGORITHM.md sections 2-3).
+
+Model examples are (prompt, completion) pairs trained by -log M(completion + EOS | prompt):
+  answer   L_M       = -log M(A | q) at every completed node (amplified or distilled A)
+  fan_out  L_fan_out = -log M_fan_out(H_fan_out(q) | q), only where the expert took the step
+  fan_in   L_fan_in  = -log M_fan_in(H_fan_in(...) | ...), only where the expert took the step
+Adversary examples regress Adv(prompt, M's greedy output) onto log M(target | prompt).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ida_ray.tree import EXPERT, StepRecord, Tree
+
+MODEL_KINDS = ("answer", "fan_out", "fan_in")
+
+
+@dataclass(frozen=True)
+class Example:
+    kind: str  # "answer" | "fan_out" | "fan_in" | "adversary"
+    prompt: str
+    completion: str
+    target: float | None = None  # adversary regression target
+    weight_version: int = 0
+    tree_id: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _adversary_example(rec: StepRecord | None, tree_id: str) -> list[Example]:
+    if rec is None or rec.model_output is None or rec.target_logprob is None:
+        return []
+    return [Example("adversary", rec.prompt, rec.model_output, rec.target_logprob,
+                    rec.weight_version or 0, tree_id)]
+
+
+def tree_examples(tree: Tree) -> list[Example]:
+    """All examples of one tree: subtrees that completed count even if the tree failed."""
+    out: list[Example] = []
+    for node in tree.nodes():
+        if node.answer is None:
+            continue
+        v = node.answer_step.weight_version if node.answer_step else 0
+        out.append(Example("answer", node.answer_step.prompt, node.answer, None, v or 0, tree.tree_id))
+        out += _adversary_example(node.answer_step, tree.tree_id)
+        for rec in [node.fan_out] + [r.fan_in for r in node.rounds]:
+            if rec is None:
+                continue
+            if rec.who == EXPERT and tree.mode == "amplify":
+                out.append(Example(rec.role, rec.prompt, rec.output, None, rec.weight_version or 0, tree.tree_id))
+            out += _adversary_example(rec, tree.tree_id)
+    return out

@@ -1,0 +1,58 @@
+"""Sum of a list of digits: "3,5,7,1" -> "16". Size = list length.
+
+The expert adds at most `base_size` digits itself; longer lists are split into halves and the
+two partial sums added (the fan-in adds two numbers, an easy step for a weak expert).
+"""
+from __future__ import annotations
+
+import random
+import re
+
+from ida_ray.errors import ExpertFailure, MalformedQuestion
+from ida_ray.steps import Answer, Split, Step
+from ida_ray.tasks.base import Task
+
+_QUESTION = re.compile(r"^[0-9](,[0-9])*$")
+_NUMBER = re.compile(r"^(0|[1-9][0-9]*)$")
+
+
+class SumList(Task):
+    name = "sum"
+
+    def __init__(self, base_size: int = 2):
+        self.base_size = base_size
+        self.default_sizes = tuple(range(1, 4 * base_size + 1))
+
+    def generate(self, size: int, rng: random.Random) -> str:
+        if size < 1:
+            raise ValueError("size must be >= 1")
+        return ",".join(str(rng.randrange(10)) for _ in range(size))
+
+    def parse(self, question: str) -> list[int]:
+        if not _QUESTION.match(question or ""):
+            raise MalformedQuestion(f"sum: expected comma-separated digits, got {question!r}")
+        return [int(c) for c in question.split(",")]
+
+    def size(self, question: str) -> int:
+        return len(self.parse(question))
+
+    def solve(self, question: str) -> str:
+        return str(sum(self.parse(question)))
+
+    def is_valid_answer(self, question: str, answer: str) -> bool:
+        return bool(_NUMBER.match(answer or ""))
+
+    def _direct_answer(self, question: str) -> str:
+        return str(sum(self.parse(question)))
+
+    def _split(self, question: str) -> Split:
+        digits = question.split(",")
+        half = (len(digits) + 1) // 2
+        return Split(",".join(digits[:half]), ",".join(digits[half:]))
+
+    def _combine(self, question, sub) -> Step:
+        (_, a1), (_, a2) = sub
+        for a in (a1, a2):
+            if not self.is_valid_answer(question, a):
+                raise ExpertFailure(f"sum: fan-in got a malformed partial sum {a!r}")
+        return Answer(str(int(a1) + int(a2)))
