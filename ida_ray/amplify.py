@@ -185,7 +185,11 @@ async def _expand_round(ctx: _TreeContext, node: Node, rnd: Round) -> None:
     children = [Node(question=qs[i], depth=node.depth + 1) for i in rnd.chosen]
     for i, child in zip(rnd.chosen, children):
         rnd.children[i] = child
-    await asyncio.gather(*(_expand(ctx, c) for c in children))
+    # Let every branch finish before raising, so completed subtrees stay in the record.
+    results = await asyncio.gather(*(_expand(ctx, c) for c in children), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
     for i in range(2):
         rnd.answers[i] = rnd.children[i].answer if rnd.children[i] is not None else rnd.model_answers[i]
 

@@ -1,0 +1,88 @@
+"""The in-process torch engine: batching, log-prob consistency, weight swap."""
+import asyncio
+
+import pytest
+import torch
+
+from ida_ray.engine import TorchEngine
+from ida_ray.examples import Example
+from ida_ray.models import ModelSpec, build_adversary, build_model
+from ida_ray.training import Trainer
+from ida_ray.config import TrainConfig
+
+SPEC = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    model, tok = build_model(SPEC, seed=0)
+    adversary, _ = build_adversary(SPEC, seed=1)
+    return model, adversary, tok
+
+
+def test_batched_generation_equals_one_at_a_time(parts):
+    model, adversary, tok = parts
+    prompts = [f"A{i},{i + 3},7=" for i in range(6)] + ["O1,2,3,4,5,6,7,8="]
+    batched = TorchEngine(model, adversary, tok, max_new_tokens=6)
+    single = TorchEngine(model, adversary, tok, max_new_tokens=6, max_batch=1)
+
+    async def go():
+        b = await asyncio.gather(*(batched.generate([p]) for p in prompts))
+        s = [await single.generate([p]) for p in prompts]
+        return b, s
+    b, s = asyncio.run(go())
+    assert max(batched._gen.batch_sizes) == len(prompts)  # concurrent calls were one batch
+    for (gb,), (gs,) in zip(b, s):
+        assert gb.text == gs.text and gb.logprob == pytest.approx(gs.logprob, abs=1e-4)
+
+
+def test_logprob_of_a_finished_generation_matches_its_generation_logprob(parts):
+    model, adversary, tok = parts
+    # Teach the model one answer so generation ends with EOS.
+    trainer = Trainer(model, adversary, tok, TrainConfig(lr=1e-2))
+    for _ in range(60):
+        trainer.model_step([Example("answer", "A1,2=", "3")] * 8)
+    eng = TorchEngine(model, adversary, tok, max_new_tokens=6)
+    (g,) = asyncio.run(eng.generate(["A1,2="]))
+    assert g.finished and g.text == "3"
+    (lp,) = asyncio.run(eng.logprob(["A1,2="], ["3"]))
+    assert lp == pytest.approx(g.logprob, abs=1e-4)
+    assert g.logprob > -0.1
+
+
+def test_weight_swap_changes_outputs_and_version(parts):
+    model, adversary, tok = parts
+    fresh, _ = build_model(SPEC, seed=123)
+    eng = TorchEngine(build_model(SPEC, seed=123)[0], adversary, tok, max_new_tokens=6)
+    before = asyncio.run(eng.generate(["A1,2="]))[0]
+    eng.load_state(model.state_dict(), None, version=7)
+    after = asyncio.run(eng.generate(["A1,2="]))[0]
+    assert eng.weight_version == 7 and after.weight_version == 7 and before.weight_version == 0
+    ref = TorchEngine(model, adversary, tok, max_new_tokens=6)
+    assert after.text == asyncio.run(ref.generate(["A1,2="]))[0].text
+
+
+def test_adversary_trains_toward_its_targets(parts):
+    _, adversary, tok = parts
+    model, _ = build_model(SPEC)
+    trainer = Trainer(model, adversary, tok, TrainConfig(adversary_lr=1e-2))
+    data = [Example("adversary", "A1,2=", "3", -0.1), Example("adversary", "A1,2=", "9", -8.0)]
+    for _ in range(150):
+        trainer.adversary_step(data * 4)
+    eng = TorchEngine(model, adversary, tok)
+    good, bad = asyncio.run(eng.adversary(["A1,2=", "A1,2="], ["3", "9"]))
+    assert good == pytest.approx(-0.1, abs=0.5) and bad == pytest.approx(-8.0, abs=0.5)
+
+
+def test_engine_failure_reaches_every_waiter(parts):
+    model, adversary, tok = parts
+    eng = TorchEngine(model, adversary, tok)
+
+    def broken(batch):
+        raise RuntimeError("device lost")
+    eng._lp.fn = broken
+
+    async def go():
+        return await asyncio.gather(*(eng.logprob(["A1="], ["1"]) for _ in range(5)), return_exceptions=True)
+    results = asyncio.run(go())
+    assert all(isinstance(r, RuntimeError) for r in results)
