@@ -27,6 +27,26 @@ from ida_ray.tasks.base import Task
 from ida_ray.tree import EXPERT, HPRIME, MODEL, Node, Round, StepRecord, Tree, error_record
 
 
+class CodedExpert:
+    """H as the task's coded oracle, behind the async interface every expert offers.
+
+    Any object with these three coroutines can stand in for H (a person answering through
+    `ida_ray.human_expert.HumanExpert`, a stronger model): `amplify_tree(expert=...)`.
+    `fan_out` and `fan_in` return a Step; `answer` returns an answer string."""
+
+    def __init__(self, task: Task):
+        self.task = task
+
+    async def fan_out(self, question: str) -> Step:
+        return self.task.expert_fan_out(question)
+
+    async def fan_in(self, question: str, sub: tuple[tuple[str, str], tuple[str, str]]) -> Step:
+        return self.task.expert_fan_in(question, sub)
+
+    async def answer(self, question: str) -> str:
+        return self.task.expert_answer(question)
+
+
 def gumbel(rng: random.Random) -> float:
     return -math.log(-math.log(rng.random() or 1e-300))
 
@@ -40,8 +60,10 @@ def gumbel_argmax(scores: list[float], tau: float, rng: random.Random) -> int:
 class _TreeContext:
     """Per-tree state: counters, the versions used, and the expert/model calls."""
 
-    def __init__(self, task: Task, engine: Engine, cfg: AmplifyConfig, rng: random.Random, hprime: bool):
+    def __init__(self, task: Task, engine: Engine, cfg: AmplifyConfig, rng: random.Random, hprime: bool,
+                 expert=None):
         self.task, self.engine, self.cfg, self.rng = task, engine, cfg, rng
+        self.h = expert if expert is not None else CodedExpert(task)
         self.hprime = hprime
         self.expert_calls = 0
         self.model_calls = 0
@@ -80,17 +102,18 @@ class _TreeContext:
         return parse_step(gen.text, self.task, question)
 
     # -- expert ----------------------------------------------------------------------
-    def expert(self, fn, *args) -> Step:
+    async def expert(self, call) -> Step:
+        """Await one expert step; `call()` makes the coroutine (made only when H is consulted)."""
         self.expert_calls += 1
         try:
-            return fn(*args)
+            return await call()
         except IDAError:
             raise
         except Exception as exc:  # a user's expert that raises is recorded, not fatal
             raise ExpertFailure(f"{type(exc).__name__}: {exc}") from exc
 
     # -- H' steps --------------------------------------------------------------------
-    async def hprime_step(self, role: str, prompt: str, question: str, expert_fn, *expert_args) -> StepRecord:
+    async def hprime_step(self, role: str, prompt: str, question: str, expert_call) -> StepRecord:
         """H'_fan_out / H'_fan_in: the model's step where it is confident, else the expert's.
 
         The model's greedy step is computed either way: it is the adversary's input."""
@@ -106,7 +129,7 @@ class _TreeContext:
                     return record
             except (ParseError, OutputTooLong):
                 pass  # not usable: the expert takes the step
-        record.output = format_step(self.expert(expert_fn, *expert_args))
+        record.output = format_step(await self.expert(expert_call))
         return record
 
 
@@ -144,7 +167,7 @@ async def _expand_inner(ctx: _TreeContext, node: Node) -> None:
             node.answer_step.target_logprob = gen.logprob
             return
 
-    node.fan_out = await ctx.hprime_step("fan_out", fan_out_prompt(q), q, task.expert_fan_out, q)
+    node.fan_out = await ctx.hprime_step("fan_out", fan_out_prompt(q), q, lambda: ctx.h.fan_out(q))
     step = parse_step(node.fan_out.output, task, q)
     while isinstance(step, Split):
         if len(node.rounds) >= cfg.max_fan_in_rounds:
@@ -155,7 +178,7 @@ async def _expand_inner(ctx: _TreeContext, node: Node) -> None:
         node.rounds.append(rnd)
         await _expand_round(ctx, node, rnd)
         sub = ((rnd.subquestions[0], rnd.answers[0]), (rnd.subquestions[1], rnd.answers[1]))
-        rnd.fan_in = await ctx.hprime_step("fan_in", fan_in_prompt(q, sub), q, task.expert_fan_in, q, sub)
+        rnd.fan_in = await ctx.hprime_step("fan_in", fan_in_prompt(q, sub), q, lambda: ctx.h.fan_in(q, sub))
         step = parse_step(rnd.fan_in.output, task, q)
 
     node.answer = step.text
@@ -210,9 +233,12 @@ def _finish(tree: Tree, ctx: _TreeContext) -> Tree:
 
 
 async def amplify_tree(task: Task, engine: Engine, question: str, cfg: AmplifyConfig, rng: random.Random,
-                       iteration: int = 0, hprime: bool | None = None, source: str = "train") -> Tree:
-    """Amp(H', M)(question) as a tree record; errors are recorded, never raised."""
-    ctx = _TreeContext(task, engine, cfg, rng, cfg.use_hprime if hprime is None else hprime)
+                       iteration: int = 0, hprime: bool | None = None, source: str = "train",
+                       expert=None) -> Tree:
+    """Amp(H', M)(question) as a tree record; errors are recorded, never raised.
+
+    `expert` is H (default: the task's coded expert, `CodedExpert(task)`)."""
+    ctx = _TreeContext(task, engine, cfg, rng, cfg.use_hprime if hprime is None else hprime, expert)
     tree = _new_tree(task, question, "amplify", iteration, source)
     try:
         task.parse(question)
