@@ -1,8 +1,16 @@
 """Built-in tasks. `get_task(name, **kwargs)` builds one by name."""
+from ida_ray.tasks.assignments import Assignments
 from ida_ray.tasks.base import QUESTION_CHARS, Task, expert_tree_answer
+from ida_ray.tasks.perm_power import PermPower
+from ida_ray.tasks.shortest_path import ShortestPath
 from ida_ray.tasks.sum_list import SumList
 
-TASKS: dict[str, type[Task]] = {"sum": SumList}
+TASKS: dict[str, type[Task]] = {
+    "sum": SumList,
+    "perm": PermPower,
+    "assign": Assignments,
+    "path": ShortestPath,
+}
 
 
 def get_task(name: str, **kwargs) -> Task:
