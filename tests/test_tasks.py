@@ -20,7 +20,7 @@ from ida_ray.prompts import RESERVED
 from ida_ray.steps import Answer, Split
 from ida_ray.tasks import QUESTION_CHARS, TASKS, expert_tree_answer, get_task
 from ida_ray.tree import EXPERT
-from scripted_engine import ScriptedEngine
+from scripted_engine import ScriptedEngine, oracle_policy
 
 NAMES = sorted(TASKS)
 SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
@@ -248,6 +248,27 @@ def test_fan_in_on_subquestions_the_expert_never_asked_is_an_expert_failure(name
         task.expert_fan_in(q, (("#", "1"), (other.q1, task.solve(other.q1))))
 
 
+@pytest.mark.parametrize("name, question, sub", [
+    # one start point from round 1, one from round 2
+    ("perm", "30142*5(3)", (("30142*2(3)", "2"), ("30142*3(2)", "3"))),
+    ("perm", "30142*5(3)", (("30142*2(1)", "3"), ("30142*3(3)", "1"))),
+    ("perm", "30142*5(3)", (("30142*1(3)", "4"), ("30142*4(3)", "0"))),  # not the expert's exponents
+    ("perm", "30142*5(3)", (("01234*2(3)", "3"), ("30142*3(3)", "1"))),  # another permutation
+    # the two registers asked of different states, or of different programs
+    ("assign", "37|a+b;b*3;a<5;b-1|a", (("37|a+b;b*3|a", "0"), ("38|a+b;b*3|b", "1"))),
+    ("assign", "37|a+b;b*3;a<5;b-1|a", (("37|a+b;b*3|a", "0"), ("37|a<5;b-1|b", "0"))),
+    ("assign", "37|a+b;b*3;a<5;b-1|a", (("37|a+b;b*3|a", "0"), ("37|a+b;b*3|a", "0"))),
+    ("assign", "37|a+b;b*3;a<5;b-1|a", (("37|a+b|a", "0"), ("37|a+b|b", "7"))),
+    # not the two halves
+    ("path", "3172,0581,1111", (("3172", "3;1;7;2"), ("0581,1111", "1;2;2;2"))),
+    ("path", "3172,0581,1111", (("3172,0581", "3;2;7;3"), ("3172", "3;1;7;2"))),
+])
+def test_fan_in_on_mismatched_subquestions_is_an_expert_failure(name, question, sub):
+    task = get_task(name)
+    with pytest.raises(ExpertFailure):
+        task.expert_fan_in(question, sub)
+
+
 # -- a second round that depends on the first answers ----------------------------------
 
 @pytest.mark.parametrize("name", ["perm", "assign"])
@@ -303,3 +324,16 @@ def test_amplification_with_an_unusable_model_is_driven_to_the_truth_by_the_expe
         assert tree.answer == task.solve(q)
         assert all(n.answered_by == EXPERT for n in tree.nodes())
         assert tree.expert_calls == sum(1 + len(n.rounds) for n in tree.nodes())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_amplification_through_prompts_with_a_model_that_imitates_the_expert(name):
+    # Unconfident, so the expert steps in, one branch per split; the other branch keeps the
+    # model's (right) answer. Exercises every prompt and step format of the task end to end.
+    task, rng = get_task(name), random.Random(3)
+    engine = ScriptedEngine(oracle_policy(task, logprob=-3.0))
+    for size in task.default_sizes:
+        q = task.generate(size, rng)
+        tree = asyncio.run(amplify_tree(task, engine, q, AmplifyConfig(), random.Random(size)))
+        assert tree.ok and tree.answer == task.solve(q), (q, tree.error)
+        assert all(len(rnd.chosen) == 1 for n in tree.nodes() for rnd in n.rounds)
