@@ -48,14 +48,15 @@ function renderNode(n, open) {
   const body = el("div", {class: "node-body"},
     n.error ? el("div", {class: "error"}, `${n.error.kind}: ${n.error.message}`) : null,
     n.correct === false ? el("div", {class: "wrong"}, `the right answer is ${n.truth}`) : null,
-    stepTable([stepRow("answer M(q)", n.answer_step), stepRow("fan-out", n.fan_out)]),
+    stepTable([stepRow("answer: M(q), target A", n.answer_step), stepRow("fan-out", n.fan_out)]),
     ...n.rounds.map(roundBlock));
   return el("details", {class: "node", open: open, dataset: {question: n.question, depth: n.depth}}, summary, body);
 }
 
 function renderSummary(t) {
   const rows = [["question", el("span", {class: "mono"}, t.question)],
-                ["answer", el("span", {}, el("span", {class: "mono"}, t.answer ?? "none"), " ", correctMark(t.correct),
+                ["answer", el("span", {}, el("span", {class: "mono"}, t.root.answer ?? "none"), " ",
+                              t.root.answer === null ? "" : correctMark(t.correct),
                               t.correct === false ? ` (right: ${t.truth})` : "")],
                 ["task / size", `${t.task} / ${t.size}`], ["mode", t.mode], ["iteration", t.iteration],
                 ["source", t.source], ["expert calls", t.expert_calls], ["model calls", t.model_calls],
@@ -71,7 +72,9 @@ async function main() {
   try {
     const t = await getJSON(`/api/trees/${encodeURIComponent(id)}`);
     document.title = `ida-ray: ${t.question}`;
-    document.getElementById("summary").replaceChildren(renderSummary(t));
+    const box = document.getElementById("summary");
+    box.classList.remove("info");
+    box.replaceChildren(renderSummary(t));
     document.getElementById("tree").replaceChildren(renderNode(t.root, true));
   } catch (e) {
     document.getElementById("summary").replaceChildren(el("span", {class: "error"}, e.message));
