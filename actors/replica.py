@@ -1,0 +1,297 @@
+"""`ModelReplica`: one serving copy of the model and the adversary, as an async Ray actor.
+
+    handles = start_replicas(2, model_dir, adversary_dir, engine="vllm")
+    gens = ray.get(handles[0].generate.remote(["A1,2="]))
+    ray.get(handles[0].load_weights.remote(ray.put(WeightsPayload.from_modules(m, a)), 1))
+
+engine="vllm" serves the model on vLLM's AsyncLLM (actors/vllm_engine.py) and the adversary
+on a second vLLM engine with the pooling runner (adversary_backend="vllm", the default: it was
+the faster of the two measured, see actors/adversary_scorer.py) or on a torch module batched
+by MicroBatcher (adversary_backend="torch"). engine="torch" serves both with
+ida_ray.engine.TorchEngine, the in-process fallback where vLLM is absent.
+
+Weights. The initial model directories are packed into bytes by `start_replicas` and unpacked
+by each replica on its own node, so nothing assumes a shared filesystem, and a replica that
+Ray restarts comes back on the initial weights at version 0 (the ReplicaPool notices the
+stale version and loads the latest payload again). `load_weights(payload, version)` takes a
+`WeightsPayload` (actors/weights.py) from the object store, writes it to node-local storage
+and reloads the engines in place (~30 ms for the tiny model on CPU); requests wait while the
+swap runs and none mixes two versions.
+
+On GPU clusters the model's weights can instead go straight from the learner's GPUs to the
+replicas' GPUs with vLLM's NCCL weight-transfer engine (vLLM 0.32
+`vllm.distributed.weight_transfer`): start replicas with `weight_transfer="nccl"` and drive
+them from the learner with
+    client = RayVLLMWeightSyncClient(handles)  # vllm.distributed.weight_transfer.clients
+    sender = NCCLTrainerWeightTransferEngine.trainer_init(NCCLTrainerInitInfo(...), client=client,
+                                                          source=<WeightSource over the model>)
+    sender.send_weights(); client.finish_weight_update(str(version))
+The replica exposes the methods that client calls (init_weight_transfer_engine,
+start_weight_update, update_weights, finish_weight_update, update_weight_version). That path
+carries the model only (the adversary still comes as a payload, it is small) and needs
+CUDA, so it is not exercised on CPU.
+
+Environment: on CPU each engine needs VLLM_CPU_KVCACHE_SPACE (GiB of KV cache), set through
+the actor's runtime_env by `start_replicas`.
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from actors.weights import (WEIGHTS_FILE, WeightsError, WeightsPayload, check_shapes, pack_dir, shapes_of_bytes,
+                            shapes_of_file, unpack_dir)
+
+ENGINES = ("vllm", "torch")
+
+
+def _summary(sizes) -> dict:
+    sizes = list(sizes)
+    if not sizes:
+        return {"steps": 0, "max": 0, "mean": 0.0, "recent": []}
+    return {"steps": len(sizes), "max": max(sizes), "mean": round(sum(sizes) / len(sizes), 2),
+            "recent": sizes[-16:]}
+
+
+class ModelReplica:
+    def __init__(self, model_dir, adversary_dir=None, *, engine: str = "vllm", adversary_backend: str | None = None,
+                 max_new_tokens: int = 48, use_gpu: bool = False, tensor_parallel_size: int = 1,
+                 max_num_seqs: int = 256, weight_transfer: str | None = None, name: str = "replica",
+                 seed: int = 0):
+        """model_dir / adversary_dir: a local HF directory, or its files packed by
+        `actors.weights.pack_dir` (what `start_replicas` passes, so no shared filesystem is
+        needed). The engines start on the first call (`ready()`)."""
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.name = name
+        self.engine_kind = engine
+        self.adversary_backend = adversary_backend or ("vllm" if engine == "vllm" else "torch")
+        if engine == "torch" and self.adversary_backend != "torch":
+            raise ValueError("engine='torch' serves the adversary with torch too")
+        self.max_new_tokens = max_new_tokens
+        self.options = dict(use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size,
+                            max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, seed=seed)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"ida-{name}-"))
+        self.model_dir = self._local_dir(model_dir, "initial/model")
+        self.adversary_dir = None if adversary_dir is None else self._local_dir(adversary_dir, "initial/adversary")
+        # Names and shapes the served models expect: a payload is checked before any swap.
+        self.model_shapes = shapes_of_file(self.model_dir / WEIGHTS_FILE)
+        self.adversary_shapes = None if self.adversary_dir is None else shapes_of_file(self.adversary_dir / WEIGHTS_FILE)
+        self.engine = None
+        self._start_lock: asyncio.Lock | None = None
+        self.calls: Counter = Counter()  # actor method calls by kind
+        self.requests: Counter = Counter()  # prompts (items) by kind
+        self.in_flight = 0
+        self.swaps = 0
+        self.last_swap_s = None
+        self.started_at = None
+
+    def _local_dir(self, src, sub: str) -> Path:
+        if isinstance(src, dict):
+            return unpack_dir(src, self.workdir / sub)
+        path = Path(src)
+        if not (path / WEIGHTS_FILE).is_file():
+            raise WeightsError(f"{path}: no {WEIGHTS_FILE} on this node; pass the directory packed with "
+                               "actors.weights.pack_dir (start_replicas does) when nodes share no filesystem")
+        return path
+
+    # -- start-up ------------------------------------------------------------------
+    async def _engine(self):
+        if self.engine is not None:
+            return self.engine
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self.engine is None:
+                t0 = time.time()
+                # Built off the event loop, so health() answers while engines start.
+                self.engine = await asyncio.to_thread(self._build_engine)
+                self.started_at = time.time()
+                self.start_seconds = round(self.started_at - t0, 2)
+        return self.engine
+
+    def _build_engine(self):
+        if self.engine_kind == "vllm":
+            from actors.vllm_engine import VllmEngine, VllmSettings
+
+            o = self.options
+            settings = VllmSettings(use_gpu=o["use_gpu"], tensor_parallel_size=o["tensor_parallel_size"],
+                                    max_num_seqs=o["max_num_seqs"], weight_transfer=o["weight_transfer"],
+                                    seed=o["seed"])
+            return VllmEngine(self.model_dir, self.adversary_dir, max_new_tokens=self.max_new_tokens,
+                              adversary_backend=self.adversary_backend, settings=settings)
+        from transformers import AutoTokenizer
+
+        from ida_ray.engine import TorchEngine
+        from ida_ray.models import load_adversary, load_model
+
+        tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        adversary = None if self.adversary_dir is None else load_adversary(self.adversary_dir)
+        return TorchEngine(load_model(self.model_dir), adversary, tokenizer, max_new_tokens=self.max_new_tokens)
+
+    async def ready(self) -> dict:
+        """Start the engines if needed; returns health()."""
+        await self._engine()
+        return self.health()
+
+    # -- serving -------------------------------------------------------------------
+    async def _serve(self, kind: str, n: int, call):
+        engine = await self._engine()
+        self.calls[kind] += 1
+        self.requests[kind] += n
+        self.in_flight += 1
+        try:
+            return await call(engine)
+        finally:
+            self.in_flight -= 1
+
+    async def generate(self, prompts: list[str]):
+        prompts = list(prompts)
+        return await self._serve("generate", len(prompts), lambda e: e.generate(prompts))
+
+    async def logprob(self, prompts: list[str], completions: list[str]) -> list[float]:
+        prompts, completions = list(prompts), list(completions)
+        _same_length(prompts, completions)
+        return await self._serve("logprob", len(prompts), lambda e: e.logprob(prompts, completions))
+
+    async def adversary(self, prompts: list[str], completions: list[str]) -> list[float]:
+        prompts, completions = list(prompts), list(completions)
+        _same_length(prompts, completions)
+        return await self._serve("adversary", len(prompts), lambda e: e.adversary(prompts, completions))
+
+    # -- weights -------------------------------------------------------------------
+    async def load_weights(self, payload: WeightsPayload, version: int) -> int:
+        """Swap the payload's weights in place; returns the version now served."""
+        if not isinstance(payload, WeightsPayload):
+            raise WeightsError(f"load_weights needs a WeightsPayload, got {type(payload).__name__}")
+        if payload.model is not None:
+            check_shapes(self.model_shapes, shapes_of_bytes(payload.model), "model")
+        if payload.adversary is not None and self.adversary_shapes is not None:
+            check_shapes(self.adversary_shapes, shapes_of_bytes(payload.adversary), "adversary")
+        engine = await self._engine()
+        t0 = time.time()
+        if self.engine_kind == "vllm":
+            target = self.workdir / f"v{version}"
+            model_dir, adversary_dir = payload.write_dirs(target)
+            await engine.reload(model_dir, adversary_dir, version)
+            for old in self.workdir.glob("v*"):  # keep node-local storage to one version
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+        else:
+            await asyncio.to_thread(engine.load_state, payload.model_state(), payload.adversary_state(), version)
+        self.swaps += 1
+        self.last_swap_s = round(time.time() - t0, 4)
+        return engine.weight_version
+
+    def weight_version(self) -> int:
+        return 0 if self.engine is None else self.engine.weight_version
+
+    # vLLM weight-transfer protocol (GPU, weight_transfer="nccl"); see the module docstring.
+    def _vllm(self):
+        if self.engine_kind != "vllm":
+            raise WeightsError("vLLM weight transfer needs engine='vllm'")
+        return self._engine()
+
+    async def init_weight_transfer_engine(self, request) -> None:
+        await (await self._vllm()).init_weight_transfer_engine(request)
+
+    async def start_weight_update(self) -> None:
+        await (await self._vllm()).start_weight_update()
+
+    async def update_weights(self, request) -> None:
+        await (await self._vllm()).update_weights(request)
+
+    async def finish_weight_update(self) -> None:
+        await (await self._vllm()).finish_weight_update()
+
+    async def update_weight_version(self, new_version: str) -> None:
+        (await self._vllm())._set_version(int(new_version))
+        self.swaps += 1
+
+    async def shutdown_weight_transfer_engine(self) -> None:
+        await (await self._vllm()).llm.shutdown_weight_transfer_engine()
+
+    # -- status --------------------------------------------------------------------
+    def health(self) -> dict:
+        e = self.engine
+        out = {"name": self.name, "engine": self.engine_kind, "adversary_backend": self.adversary_backend,
+               "started": e is not None, "version": self.weight_version(), "in_flight": self.in_flight,
+               "queue_depth": 0, "calls": dict(self.calls), "requests": dict(self.requests),
+               "swaps": self.swaps, "last_swap_s": self.last_swap_s,
+               "batch_sizes": {"model": _summary([]), "adversary": _summary([])}}
+        if e is None:
+            return out
+        out["start_seconds"] = self.start_seconds
+        if self.engine_kind == "vllm":
+            out["queue_depth"] = e.queue_depth()
+            out["batch_sizes"] = {"model": _summary(e.model_batches), "adversary": _summary(e.adversary_batch_sizes)}
+        else:
+            out["queue_depth"] = sum(len(b._pending) for b in (e._gen, e._lp, e._adv))
+            out["batch_sizes"] = {"model": _summary(e._gen.batch_sizes + e._lp.batch_sizes),
+                                  "adversary": _summary(e._adv.batch_sizes)}
+        return out
+
+    def shutdown(self) -> None:
+        if self.engine is not None and self.engine_kind == "vllm":
+            self.engine.shutdown()
+        self.engine = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _same_length(prompts, completions) -> None:
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+
+
+def replica_runtime_env(kv_cache_gib: int = 1) -> dict:
+    # VLLM_CPU_KVCACHE_SPACE sizes the CPU KV cache per engine; without it vLLM-CPU takes a
+    # share of all memory per engine, too much with several engines on one node.
+    return {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}}
+
+
+_CREATION_ARGS: dict[str, tuple] = {}
+
+
+def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm", use_gpu: bool = False,
+                   tensor_parallel_size: int = 1, max_new_tokens: int = 48, name_prefix: str = "replica",
+                   adversary_backend: str | None = None, num_cpus: float = 1, max_restarts: int = 2,
+                   max_task_retries: int = 0, kv_cache_gib: int = 1, max_num_seqs: int = 256,
+                   weight_transfer: str | None = None, wait: bool = True, timeout_s: float = 600) -> list:
+    """Start n named replica actors (name_prefix-0, ...) and, with wait, block until every
+    engine has started. A replica that fails to start is killed and the error raised."""
+    import ray
+
+    if n < 1:
+        raise ValueError("start_replicas needs n >= 1")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    # One copy of the packed directories in the object store, shared by every replica. Ray
+    # restarts an actor from its creation arguments, so the driver keeps these references
+    # alive for as long as it runs (ray-project/ray#53727).
+    model_files = ray.put(pack_dir(model_dir))
+    adversary_files = None if adversary_dir is None else ray.put(pack_dir(adversary_dir))
+    _CREATION_ARGS[name_prefix] = (model_files, adversary_files)
+    actor_cls = ray.remote(ModelReplica)
+    gpus = (1 if tensor_parallel_size == 1 else 0) if use_gpu else 0  # TP>1: vLLM places its own workers
+    handles = []
+    for i in range(n):
+        name = f"{name_prefix}-{i}"
+        handles.append(actor_cls.options(
+            name=name, num_cpus=num_cpus, num_gpus=gpus, max_restarts=max_restarts,
+            max_task_retries=max_task_retries, max_concurrency=10_000,
+            runtime_env=replica_runtime_env(kv_cache_gib),
+        ).remote(model_files, adversary_files, engine=engine, adversary_backend=adversary_backend,
+                 max_new_tokens=max_new_tokens, use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size,
+                 max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, name=name))
+    if wait:
+        try:
+            ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
+        except Exception:
+            for h in handles:
+                ray.kill(h, no_restart=True)
+            raise
+    return handles

@@ -1,0 +1,278 @@
+"""`VllmEngine`: the Engine interface on vLLM's AsyncLLM, the engine a replica actor serves.
+
+Every request is tokenized here exactly as the project does everywhere else
+([BOS] + prompt characters, completion, [EOS]; `ida_ray.losses.encode`) and handed to vLLM as
+token ids, so vLLM and transformers see the same sequences:
+
+- generate: greedy decoding, the sampled token's log-prob at every step; the text is the
+  decoded completion without EOS, the log-prob includes EOS, `finished` means EOS was produced.
+- logprob: log M(completion + EOS | prompt) from vLLM's prompt_logprobs on the whole
+  sequence, summed over the completion and EOS positions.
+- adversary: a separate scorer (actors/adversary_scorer.py).
+
+Continuous batching comes from vLLM: every concurrent call is its own request and the
+scheduler batches them; the batch sizes the scheduler ran are recorded through a stat logger.
+Greedy results are cached per weight version, as in TorchEngine.
+
+Weights are reloaded in place from an HF-format directory (`reload`): the engine's workers
+run `reload_weights` (the CPU backend repacks linear weights on load, so writing into
+`model.load_weights` from a worker extension does not work there), then the prefix cache is
+reset so no key/value block computed with the old weights is reused. A `SwapGate` keeps
+requests and reloads apart, so each result's weight_version is the one that produced it.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from actors.adversary_scorer import TorchAdversaryScorer, VllmAdversaryScorer
+from actors.swap_gate import SwapGate
+from ida_ray.engine import Engine, Generation
+from ida_ray.errors import ConfigError, IDAError
+from ida_ray.losses import encode
+
+
+class RequestTooLong(IDAError, ValueError):
+    """A prompt (plus completion) longer than the engine's max_model_len."""
+
+    kind = "request_too_long"
+
+
+@dataclass
+class VllmSettings:
+    use_gpu: bool = False
+    tensor_parallel_size: int = 1
+    dtype: str = "float32"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256  # the largest batch the scheduler runs
+    gpu_memory_utilization: float = 0.45  # per engine: the model and the adversary share a GPU
+    adversary_gpu_memory_utilization: float = 0.15
+    seed: int = 0
+    # "nccl": enable vLLM's weight-transfer engine so a GPU learner can broadcast the model's
+    # weights straight into the replica (see actors/replica.py).
+    weight_transfer: str | None = None
+
+
+def _batch_logger_factory(log: deque, pooling: bool = False):
+    """A vLLM stat logger that records how many requests each engine step ran: the
+    scheduler's running requests for generation; for pooling, where a request finishes in the
+    step that runs it, the requests that step finished."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class BatchSizeLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if pooling:
+                n = len(iteration_stats.finished_requests) if iteration_stats is not None else 0
+            else:
+                n = scheduler_stats.num_running_reqs if scheduler_stats is not None else 0
+            if n > 0:
+                log.append(n)
+
+        def log_engine_initialized(self):
+            pass
+
+    return BatchSizeLogger
+
+
+def check_cpu_head_size(config: dict) -> None:
+    """vLLM's CPU attention supports only some head sizes; fail before starting an engine,
+    not at its first request (where it kills the engine with a bare RuntimeError)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in supported:
+        raise ConfigError(f"vLLM on CPU supports attention head sizes {supported}; this model has "
+                          f"{head} (hidden_size {config['hidden_size']} / {config['num_attention_heads']} heads)")
+
+
+def engine_args(model_dir: str | Path, s: VllmSettings, *, pooling: bool = False):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if not s.use_gpu:
+        check_cpu_head_size(config)
+    max_len = s.max_model_len or config.get("max_position_embeddings", 256)
+    kwargs = dict(
+        model=str(model_dir), dtype=s.dtype, enforce_eager=True, max_model_len=max_len,
+        max_num_seqs=s.max_num_seqs, seed=s.seed, disable_log_stats=True,
+        tensor_parallel_size=s.tensor_parallel_size)
+    if s.use_gpu:
+        kwargs["gpu_memory_utilization"] = (s.adversary_gpu_memory_utilization if pooling
+                                            else s.gpu_memory_utilization)
+        if s.tensor_parallel_size > 1:
+            # Inside a Ray actor the workers are Ray actors in the caller's placement group.
+            kwargs["distributed_executor_backend"] = "ray"
+    if pooling:
+        kwargs["runner"] = "pooling"
+    elif s.weight_transfer:
+        from vllm.config.weight_transfer import WeightTransferConfig
+
+        kwargs["weight_transfer_config"] = WeightTransferConfig(backend=s.weight_transfer)
+    return AsyncEngineArgs(**kwargs)
+
+
+class VllmEngine(Engine):
+    def __init__(self, model_dir: str | Path, adversary_dir: str | Path | None, *, max_new_tokens: int = 48,
+                 adversary_backend: str = "vllm", settings: VllmSettings | None = None,
+                 cache_size: int = 200_000):
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if adversary_backend not in ("vllm", "torch"):
+            raise ValueError(f"adversary_backend must be 'vllm' or 'torch', got {adversary_backend!r}")
+        self.settings = s = settings or VllmSettings()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.max_new_tokens = max_new_tokens
+        self.model_batches: deque[int] = deque(maxlen=10_000)
+        self.adversary_batches: deque[int] = deque(maxlen=10_000)
+
+        def build_scorer():
+            if adversary_dir is None:
+                return None
+            if adversary_backend == "vllm":
+                return VllmAdversaryScorer(engine_args(adversary_dir, s, pooling=True), self.tokenizer,
+                                           [_batch_logger_factory(self.adversary_batches, pooling=True)],
+                                           self.adversary_batches)
+            return TorchAdversaryScorer(adversary_dir, self.tokenizer)
+
+        # Both engines start at once (most of a start is process spawning and imports). An
+        # AsyncLLM built outside an event loop attaches to the loop of its first request.
+        with ThreadPoolExecutor(1) as pool:
+            scorer = pool.submit(build_scorer)
+            try:
+                self.llm = AsyncLLM.from_engine_args(
+                    engine_args(model_dir, s), stat_loggers=[_batch_logger_factory(self.model_batches)])
+            finally:
+                self.scorer = scorer.result()
+        self.max_model_len = self.llm.model_config.max_model_len
+        self.adversary_backend = adversary_backend
+        self.gate = SwapGate()
+        self._version = 0
+        self._ids = itertools.count()
+        self._cache: OrderedDict[str, Generation] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    @property
+    def adversary_batch_sizes(self) -> list[int]:
+        return [] if self.scorer is None else list(self.scorer.batch_sizes)
+
+    def queue_depth(self) -> int:
+        return self.llm.get_num_unfinished_requests()
+
+    def _check_length(self, n_tokens: int, what: str) -> None:
+        if n_tokens > self.max_model_len:
+            raise RequestTooLong(f"{what} of {n_tokens} tokens exceeds max_model_len {self.max_model_len}")
+
+    # -- model ---------------------------------------------------------------------
+    async def _run(self, ids: list[int], params):
+        from vllm.inputs.engine import tokens_input
+
+        last = None
+        async for out in self.llm.generate(tokens_input(ids), params, f"r{next(self._ids)}"):
+            last = out
+        return last
+
+    async def _generate_one(self, prompt: str) -> Generation:
+        from vllm import SamplingParams
+
+        ids, _ = encode(self.tokenizer, prompt, "", eos=False)
+        self._check_length(len(ids) + 1, "prompt")
+        params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, logprobs=0, detokenize=False)
+        async with self.gate.request():
+            version = self._version
+            out = (await self._run(ids, params)).outputs[0]
+        tokens = list(out.token_ids)
+        logprob = sum(step[t].logprob for t, step in zip(tokens, out.logprobs))
+        eos = self.tokenizer.eos_token_id
+        finished = bool(tokens) and tokens[-1] == eos
+        text = self.tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True)
+        return Generation(text, float(logprob), finished, version)
+
+    async def generate(self, prompts):
+        out: list[Generation | None] = [self._cache.get(p) for p in prompts]
+        missing = [i for i, g in enumerate(out) if g is None]
+        results = await asyncio.gather(*(self._generate_one(prompts[i]) for i in missing))
+        for i, g in zip(missing, results):
+            out[i] = g
+            if g.weight_version == self._version:  # never cache a result from older weights
+                self._cache[prompts[i]] = g
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
+    async def _logprob_one(self, prompt: str, completion: str) -> float:
+        from vllm import SamplingParams
+
+        ids, n_prompt = encode(self.tokenizer, prompt, completion, eos=True)
+        self._check_length(len(ids) + 1, "prompt and completion")
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        async with self.gate.request():
+            out = await self._run(ids, params)
+        # prompt_logprobs[i] is log p(ids[i] | ids[:i]); entry 0 (BOS) is None.
+        return float(sum(out.prompt_logprobs[i][ids[i]].logprob for i in range(n_prompt, len(ids))))
+
+    async def logprob(self, prompts, completions):
+        return list(await asyncio.gather(*(self._logprob_one(p, c) for p, c in zip(prompts, completions))))
+
+    async def adversary(self, prompts, completions):
+        if self.scorer is None:
+            return [0.0] * len(prompts)
+        async with self.gate.request():
+            return await self.scorer.score(prompts, completions)
+
+    # -- weights -------------------------------------------------------------------
+    async def reload(self, model_dir: str | Path | None, adversary_dir: str | Path | None, version: int) -> None:
+        """Swap in the weights under the given HF directories (either may be None: kept)."""
+        async with self.gate.exclusive():
+            await self._reload_model(model_dir)
+            if adversary_dir is not None and self.scorer is not None:
+                await self.scorer.reload(adversary_dir)
+            self._set_version(version)
+
+    async def _reload_model(self, model_dir) -> None:
+        if model_dir is not None:
+            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+            await self.llm.reset_prefix_cache()
+
+    def _set_version(self, version: int) -> None:
+        self._version = version
+        self._cache.clear()
+
+    # vLLM's weight-transfer protocol (NCCL on GPU clusters), driven by the learner through
+    # vllm.distributed.weight_transfer.clients.RayVLLMWeightSyncClient on the replica actor.
+    async def init_weight_transfer_engine(self, request) -> None:
+        await self.llm.init_weight_transfer_engine(request)
+
+    async def start_weight_update(self) -> None:
+        self.gate.close()
+        await self.gate.drained()
+        await self.llm.start_weight_update()
+
+    async def update_weights(self, request) -> None:
+        await self.llm.update_weights(request)
+
+    async def finish_weight_update(self) -> None:
+        try:
+            await self.llm.finish_weight_update()
+            await self.llm.reset_prefix_cache()
+            self._cache.clear()
+        finally:
+            self.gate.reopen()
+
+    def shutdown(self) -> None:
+        if self.scorer is not None:
+            self.scorer.shutdown()
+        self.llm.shutdown()
