@@ -5,7 +5,7 @@
     fan-in   "I" q "[" q1 ":" a1 "][" q2 ":" a2 "]="  -> "!" answer  |  "?" q1 "&" q2
 
 Every completion ends with the tokenizer's end-of-sequence token. The characters
-`AOI=!?&[]` are reserved: task questions and answers never contain them (they use
+`AOI=!?&[]:` are reserved: task questions and answers never contain them (they use
 `ida_ray.tasks.QUESTION_CHARS`). Fan-in prompts list the subquestions in canonical order, so
 they are symmetric under swapping the two subquestions by construction.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from ida_ray.errors import ParseError
 from ida_ray.steps import Answer, Split, Step
 
-RESERVED = "AOI=!?&[]"
+RESERVED = "AOI=!?&[]:"  # ":" separates a subquestion from its answer in fan-in prompts
 
 
 def answer_prompt(q: str) -> str:

@@ -17,7 +17,7 @@ from ida_ray.errors import ExpertCannotAnswer, MalformedQuestion
 from ida_ray.steps import Answer, Split, Step
 
 # Shared by every task, so one tokenizer serves them all.
-QUESTION_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz,;:+-*<>|()#."
+QUESTION_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz,;+-*<>|()#."
 
 
 class Task(ABC):
