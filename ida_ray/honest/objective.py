@@ -1,0 +1,248 @@
+"""The two-stage objective of seed 001 ("Step 1: make the intended model pay for itself") and
+the alternating optimiser the seed proposes for it.
+
+Symbols (seed -> code):
+  θ₀          the initial parameters (`HonestTrainer.init1`, `init2`)
+  θ₁          stage-1 parameters: the intended head and a small part of the trunk ("world
+              model"), selected by `HonestConfig.theta1_prefixes` (default: intended head,
+              embeddings, final norm)
+  θ₂          stage-2 parameters: the rest of the trunk and, by default, the instrumental head
+  L(θ)        log-probability of the large set's labels under the *first* head, which is the
+              intended head (seed: "we condition on the first head correctly predicting the
+              large dataset"); `data_loss` returns -L (or, in comparison mode, minus the
+              log-likelihood of the judge's verdicts, see `comparisons.py`)
+  C(θ)        the heads' disagreement on the small trusted set: mean over its questions of
+              Σ_answer tokens KL(sg[p_intended] || p_instrumental), teacher-forced on the trusted
+              label, with a stop-gradient (sg) through the intended head (seed: "when
+              differentiating the consistency test C we should treat the intended head as
+              fixed")
+  λ           `lam`;  the L2 prior weights on θ₁ and θ₂ are `alpha1`, `alpha2`
+
+Unnormalised log posterior (MAP target), with Z the mass of stage-2 parameters consistent
+with θ₁:
+  L(θ₁,θ₂) - α₁/2 |θ₁-θ₁₀|² - α₂/2 |θ₂-θ₂₀|² - λ C(θ₁,θ₂) - log Z(θ₁),
+  Z(θ₁) = ∫ exp(-α₂/2 |θ₂'-θ₂₀|² - λ C(θ₁,θ₂')) dθ₂'.
+
+Optimiser (seed: "updating θ₂ by SGD as normal and updating θ₁ at each step to minimize the
+difference C(new θ₂) - C(old θ₂)"), one `HonestTrainer.step`:
+  1. θ₂ <- θ₂ - η₂ ∇θ₂ [ -L + α₂/2 |θ₂-θ₂₀|² + λ C ]
+  2. θ₁ <- θ₁ - η₁ ∇θ₁ [ -L + α₁/2 |θ₁-θ₁₀|² + λ (C(θ₁, θ₂new) - C(θ₁, θ₂old)) ]
+The bracketed C difference stands in for λ C - (-log Z)'s gradient, which is
+λ (∇C(θ₁,θ₂) - E_{θ₂'|θ₁}[∇C(θ₁,θ₂')]): the old θ₂ plays the sample θ₂'. So θ₁ is pushed
+toward places where the θ₂ step is what brings the heads into agreement ("keep C from
+rising" on θ₁'s own account), not toward agreement as such.
+
+Choices the seed leaves open, and why:
+* θ₁ and θ₂ are disjoint groups, each anchored to its own initial values (the seed's "rough
+  plan": stage 1 fills in the heads and part of the world model, stage 2 the rest). The seed's
+  comment thread also reads θ₁ as a full-size point halfway between θ₀ and θ₂; that nested
+  form is not implemented.
+* The seed puts both heads in stage 1. Then the instrumental head is moved by C only through
+  the C-difference, and a trunk narrower than the vocabulary cannot make two unrelated linear
+  heads agree: measured on the sum task (hidden 64), C stayed at ~2.8 nats per answer for 300
+  steps. So the default puts the instrumental head in θ₂, where conditioning on agreement can
+  act on it; put "instrumental_head." in `theta1_prefixes` to get the seed's placement.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ida_ray.errors import ConfigError
+from ida_ray.honest.two_headed import TwoHeadedLM
+from ida_ray.losses import sequence_nll
+
+
+@dataclass
+class ComparisonConfig:
+    """Confident-comparison mode (seed step 3): see `ida_ray.honest.comparisons`."""
+    beta: float = 1.0  # P(better ≻ worse) = sigmoid(beta * (log p(better) - log p(worse)))
+    samples: int = 4  # sampled answers per question besides the two heads' greedy answers
+    temperature: float = 1.0
+    judge_runs: int = 1  # complex-process runs the judge votes over
+    slip_rate: float = 0.0  # chance each careful-expert direct answer in a judge run is wrong
+    confidence: float = 1.0  # keep a verdict only if |votes_a - votes_b| / judge_runs >= this
+    refresh_every: int = 200  # steps between rounds of fresh answers from the model
+    questions_per_round: int = 600
+    pretrain_steps: int = 600  # likelihood on the small trusted set before comparisons
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.beta <= 0 or self.temperature <= 0:
+            p.append("comparison.beta and comparison.temperature must be > 0")
+        if self.judge_runs < 1 or self.samples < 0 or self.refresh_every < 1 or self.questions_per_round < 1:
+            p.append("comparison.judge_runs, refresh_every, questions_per_round must be >= 1, samples >= 0")
+        if not 0 <= self.slip_rate < 1 or not 0 < self.confidence <= 1:
+            p.append("comparison.slip_rate must be in [0, 1) and comparison.confidence in (0, 1]")
+        if self.pretrain_steps < 0:
+            p.append("comparison.pretrain_steps must be >= 0")
+        return p
+
+
+@dataclass
+class HonestConfig:
+    lam: float = 1.0  # λ, weight of the agreement condition C
+    alpha1: float = 1e-4  # L2 pull of θ₁ toward its initial values
+    alpha2: float = 1e-4  # L2 pull of θ₂ toward its initial values
+    theta1_prefixes: tuple[str, ...] = ("lm.lm_head.", "lm.model.embed_tokens.", "lm.model.norm.")
+    stop_gradient_intended: bool = True  # the seed's stop-gradient in C; False only for ablation
+    theta1_c_difference: bool = True  # θ₁ step minimises λ(C(θ₂new) - C(θ₂old)); False: ablation
+    mode: str = "likelihood"  # "likelihood": L on labels | "comparisons": L on confident verdicts
+    optimizer: str = "adam"  # "adam" | "sgd" (stochastic gradient either way; adam is faster here)
+    lr1: float = 2e-3
+    lr2: float = 2e-3
+    momentum: float = 0.9  # sgd only
+    grad_clip: float = 1.0
+    batch_size: int = 64  # large-set (or comparison) batch
+    small_batch_size: int = 32  # small-set batch for C
+    steps: int = 1500
+    comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
+
+    def validate(self) -> HonestConfig:
+        p = []
+        if self.lam < 0 or self.alpha1 < 0 or self.alpha2 < 0:
+            p.append("lam, alpha1, alpha2 must be >= 0")
+        if self.mode not in ("likelihood", "comparisons"):
+            p.append(f"mode must be 'likelihood' or 'comparisons', got {self.mode!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            p.append(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.lr1 <= 0 or self.lr2 <= 0 or self.grad_clip <= 0:
+            p.append("lr1, lr2, grad_clip must be > 0")
+        if self.batch_size < 1 or self.small_batch_size < 1 or self.steps < 0:
+            p.append("batch sizes must be >= 1 and steps >= 0")
+        if not self.theta1_prefixes:
+            p.append("theta1_prefixes must name at least one parameter group")
+        p += self.comparison.validate()
+        if p:
+            raise ConfigError("invalid honest config:\n  - " + "\n  - ".join(p))
+        return self
+
+
+def split_parameters(model: TwoHeadedLM, theta1_prefixes) -> tuple[dict, dict]:
+    """(θ₁, θ₂) as {name: parameter}; neither may be empty."""
+    theta1, theta2 = {}, {}
+    for name, p in model.named_parameters():
+        (theta1 if name.startswith(tuple(theta1_prefixes)) else theta2)[name] = p
+    if not theta1:
+        raise ConfigError(f"theta1_prefixes {tuple(theta1_prefixes)} match no parameter; θ₁ would be empty")
+    if not theta2:
+        raise ConfigError(f"theta1_prefixes {tuple(theta1_prefixes)} take every parameter; θ₂ would be empty")
+    return theta1, theta2
+
+
+def intended_nll(model: TwoHeadedLM, batch: dict) -> torch.Tensor:
+    """-L on a batch from `ida_ray.losses.collate_lm`: mean per-answer NLL, intended head."""
+    logits = model(batch["input_ids"], batch["attention_mask"]).intended
+    return sequence_nll(logits, batch["labels"]).mean()
+
+
+def disagreement(model: TwoHeadedLM, batch: dict, stop_gradient: bool = True,
+                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """C: mean over sequences of Σ over answer tokens of KL(sg[p_intended] || p_instrumental).
+
+    `params` overrides some of the model's parameters (e.g. θ₂ at its previous value) while
+    the others stay live, so gradients still reach them.
+    """
+    args = (batch["input_ids"], batch["attention_mask"])
+    out = functional_call(model, params, args, strict=False) if params else model(*args)
+    target = out.intended.float()
+    if stop_gradient:
+        target = target.detach()
+    log_p = torch.log_softmax(target[:, :-1], -1)
+    log_q = torch.log_softmax(out.instrumental.float()[:, :-1], -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    answer_positions = (batch["labels"][:, 1:] != -100).float()
+    return (kl * answer_positions).sum(1).mean()
+
+
+def anchor(params: dict, init: dict, alpha: float) -> torch.Tensor:
+    """α/2 Σ |p - p₀|², the L2 prior around the initial values."""
+    return 0.5 * alpha * sum(((p - init[n]) ** 2).sum() for n, p in params.items())
+
+
+def sq_distance(params: dict, init: dict) -> float:
+    with torch.no_grad():
+        return float(sum(((p - init[n]) ** 2).sum() for n, p in params.items()))
+
+
+@dataclass
+class StepStats:
+    data_loss: float  # -L on the batch (before the step)
+    c_before: float  # C at (θ₁, θ₂old)
+    c_after: float  # C at (θ₁, θ₂new), before θ₁ moves
+    dist1: float  # |θ₁-θ₁₀|²
+    dist2: float  # |θ₂-θ₂₀|²
+
+    @property
+    def delta_c(self) -> float:
+        return self.c_after - self.c_before
+
+
+class HonestTrainer:
+    def __init__(self, model: TwoHeadedLM, cfg: HonestConfig):
+        self.model, self.cfg = model, cfg.validate()
+        self.theta1, self.theta2 = split_parameters(model, cfg.theta1_prefixes)
+        self.init1 = {n: p.detach().clone() for n, p in self.theta1.items()}
+        self.init2 = {n: p.detach().clone() for n, p in self.theta2.items()}
+        self.opt1 = self._optimizer(self.theta1.values(), cfg.lr1)
+        self.opt2 = self._optimizer(self.theta2.values(), cfg.lr2)
+        self.history: list[StepStats] = []
+
+    def _optimizer(self, params, lr):
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(list(params), lr=lr, momentum=self.cfg.momentum)
+        return torch.optim.Adam(list(params), lr=lr)
+
+    def _apply(self, loss: torch.Tensor, params: dict, opt) -> None:
+        if not loss.requires_grad:  # nothing in this step depends on these parameters
+            return
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for p, g in zip(params.values(), grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        torch.nn.utils.clip_grad_norm_(list(params.values()), self.cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _c(self, small: dict, params=None) -> torch.Tensor:
+        return disagreement(self.model, small, self.cfg.stop_gradient_intended, params)
+
+    def step(self, data_loss: Callable[[TwoHeadedLM], torch.Tensor], small: dict) -> StepStats:
+        """One alternating update. `data_loss(model)` returns -L on the current batch;
+        `small` is a `collate_lm` batch of the small trusted set (for C)."""
+        cfg, use_c = self.cfg, self.cfg.lam > 0
+        self.model.train()
+        # 1. θ₂ by SGD on the full objective, θ₁ held fixed.
+        old2 = {n: p.detach().clone() for n, p in self.theta2.items()}
+        loss_data = data_loss(self.model)
+        c_before = self._c(small) if use_c else torch.zeros(())
+        loss2 = loss_data + anchor(self.theta2, self.init2, cfg.alpha2) + cfg.lam * c_before
+        self._apply(loss2, self.theta2, self.opt2)
+        # 2. θ₁: data and prior as usual; C enters only as C(θ₁, θ₂new) - C(θ₁, θ₂old).
+        loss1 = data_loss(self.model) + anchor(self.theta1, self.init1, cfg.alpha1)
+        c_after = torch.zeros(())
+        if use_c:
+            c_after = self._c(small)
+            if cfg.theta1_c_difference:
+                loss1 = loss1 + cfg.lam * (c_after - self._c(small, params=old2))
+        self._apply(loss1, self.theta1, self.opt1)
+        self.model.eval()
+        stats = StepStats(float(loss_data.detach()), float(c_before.detach()), float(c_after.detach()),
+                          sq_distance(self.theta1, self.init1), sq_distance(self.theta2, self.init2))
+        if not math.isfinite(stats.data_loss):
+            raise FloatingPointError(f"honest objective diverged: -L = {stats.data_loss}")
+        self.history.append(stats)
+        return stats
+
+    @torch.no_grad()
+    def disagreement_on(self, small: dict) -> float:
+        self.model.eval()
+        return float(self._c(small))
+
+
+SEED_THETA1 = ("lm.lm_head.", "instrumental_head.", "lm.model.embed_tokens.", "lm.model.norm.")
+"""θ₁ as the seed places it: both heads in stage 1 (an ablation; see the module docstring)."""

@@ -1,0 +1,300 @@
+"""Answering questions honestly (seed 001): the two-headed model, the objective's pieces (C and
+its stop-gradient, the L2 anchors, the θ₁ C-difference rule), the labelling processes, the
+confident-comparison filter, and saving/loading."""
+import itertools
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from ida_ray.errors import ConfigError
+from ida_ray.examples import Example
+from ida_ray.honest.comparisons import (Comparison, ConfidentJudge, collate_comparisons, collect_comparisons,
+                                        comparison_nll)
+from ida_ray.honest.fit import label_examples
+from ida_ray.honest.labels import (ComplexLabeller, SumDropsCarryIntoTwenties, build_datasets, simple_labeller)
+from ida_ray.honest.objective import (ComparisonConfig, HonestConfig, HonestTrainer, disagreement, intended_nll,
+                                      split_parameters)
+from ida_ray.honest.two_headed import (INSTRUMENTAL_FILE, build_two_headed, load_two_headed, save_two_headed)
+from ida_ray.losses import collate_lm
+from ida_ray.models import ModelSpec
+from ida_ray.prompts import answer_prompt
+from ida_ray.tasks import get_task
+
+TINY = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=32)
+TASK = get_task("sum")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: intra-op threads only add contention on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def model_tok():
+    return build_two_headed(TINY, seed=0)
+
+
+def small_batch(tok, n=8, seed=0):
+    rng = random.Random(seed)
+    qs = [TASK.generate(rng.choice((2, 3)), rng) for _ in range(n)]
+    return collate_lm(tok, [Example("answer", answer_prompt(q), TASK.solve(q)) for q in qs])
+
+
+def zero_loss(model):
+    return torch.zeros(())
+
+
+def snapshot(params: dict) -> dict:
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def moved(before: dict, params: dict) -> bool:
+    return any(not torch.equal(before[n], p.detach()) for n, p in params.items())
+
+
+# -- C and its stop-gradient -----------------------------------------------------------
+def test_stop_gradient_blocks_c_from_the_intended_head(model_tok):
+    model, tok = model_tok
+    batch = small_batch(tok)
+    heads = dict(model.named_parameters())
+    intended, instrumental = heads["lm.lm_head.weight"], heads["instrumental_head.weight"]
+    trunk = heads["lm.model.layers.0.mlp.down_proj.weight"]
+    c = disagreement(model, batch, stop_gradient=True)
+    assert c > 0
+    g_int, g_ins, g_trunk = torch.autograd.grad(c, [intended, instrumental, trunk], allow_unused=True)
+    assert g_int is None or torch.count_nonzero(g_int) == 0
+    assert g_ins.abs().sum() > 0 and g_trunk.abs().sum() > 0
+    # Without the stop-gradient the same C does reach the intended head: the check above can fail.
+    g_int_free, = torch.autograd.grad(disagreement(model, batch, stop_gradient=False), [intended])
+    assert g_int_free.abs().sum() > 0
+
+
+def test_intended_head_does_not_move_under_c_alone(model_tok):
+    model, tok = model_tok
+    cfg = HonestConfig(lam=5.0, alpha1=0.0, alpha2=0.0)
+    trainer = HonestTrainer(model, cfg)
+    head = model.lm.lm_head.weight.detach().clone()
+    ins = model.instrumental_head.weight.detach().clone()
+    for _ in range(3):
+        trainer.step(zero_loss, small_batch(tok))
+    assert torch.equal(model.lm.lm_head.weight, head)
+    assert not torch.equal(model.instrumental_head.weight, ins)
+
+
+def test_c_is_zero_when_heads_agree(model_tok):
+    model, tok = model_tok
+    batch = small_batch(tok)
+    assert disagreement(model, batch) > 1e-3
+    with torch.no_grad():
+        model.instrumental_head.weight.copy_(model.lm.lm_head.weight)
+    assert abs(float(disagreement(model, batch).detach())) < 1e-6
+
+
+def test_c_under_overridden_parameters_matches_the_model_with_those_values(model_tok):
+    model, tok = model_tok
+    batch = small_batch(tok)
+    _, theta2 = split_parameters(model, HonestConfig().theta1_prefixes)
+    now = snapshot(theta2)
+    shifted = {n: p + 0.05 for n, p in now.items()}
+    assert torch.allclose(disagreement(model, batch, params=now), disagreement(model, batch))
+    c_shifted = disagreement(model, batch, params=shifted)
+    with torch.no_grad():
+        for n, p in theta2.items():
+            p.copy_(shifted[n])
+    assert torch.allclose(c_shifted, disagreement(model, batch))
+
+
+# -- the alternating optimiser ------------------------------------------------------------
+def test_l2_anchors_pull_each_group_toward_its_initial_values(model_tok):
+    model, tok = model_tok
+    trainer = HonestTrainer(model, HonestConfig(lam=0.0, alpha1=1.0, alpha2=1.0, optimizer="sgd", lr1=0.1,
+                                                lr2=0.1, momentum=0.0, grad_clip=1e6))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    d0 = trainer.step(zero_loss, small_batch(tok))
+    d1 = trainer.step(zero_loss, small_batch(tok))
+    assert d1.dist1 < 0.9 * d0.dist1 and d1.dist2 < 0.9 * d0.dist2
+
+
+def test_each_group_has_its_own_anchor_weight(model_tok):
+    model, tok = model_tok
+    trainer = HonestTrainer(model, HonestConfig(lam=0.0, alpha1=0.0, alpha2=1.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    t1, t2 = snapshot(trainer.theta1), snapshot(trainer.theta2)
+    trainer.step(zero_loss, small_batch(tok))
+    assert not moved(t1, trainer.theta1)  # α₁ = 0 and nothing else acts on θ₁
+    assert moved(t2, trainer.theta2)
+
+
+def test_theta1_sees_c_only_through_the_difference_after_the_theta2_step(model_tok):
+    model, tok = model_tok
+    # The instrumental head in θ₁: only λ(C(θ₂new) - C(θ₂old)) can move it here.
+    prefixes = ("lm.lm_head.", "instrumental_head.", "lm.model.embed_tokens.", "lm.model.norm.")
+    on = HonestTrainer(model, HonestConfig(lam=1.0, alpha1=0.0, alpha2=0.0, theta1_prefixes=prefixes))
+    head = model.instrumental_head.weight.detach().clone()
+    on.step(zero_loss, small_batch(tok))
+    assert not torch.equal(model.instrumental_head.weight, head)
+    model2, _ = build_two_headed(TINY, seed=0)
+    off = HonestTrainer(model2, HonestConfig(lam=1.0, alpha1=0.0, alpha2=0.0, theta1_prefixes=prefixes,
+                                             theta1_c_difference=False))
+    head2 = model2.instrumental_head.weight.detach().clone()
+    off.step(zero_loss, small_batch(tok))
+    assert torch.equal(model2.instrumental_head.weight, head2)
+
+
+def test_training_fits_a_fixed_batch_and_keeps_heads_together(model_tok):
+    model, tok = model_tok
+    batch = small_batch(tok, n=6, seed=3)
+    trainer = HonestTrainer(model, HonestConfig(lam=1.0, lr1=1e-2, lr2=1e-2))
+    first = float(intended_nll(model, batch).detach())
+    for _ in range(60):
+        trainer.step(lambda m: intended_nll(m, batch), batch)
+    assert float(intended_nll(model, batch).detach()) < 0.3 * first
+    assert trainer.disagreement_on(batch) < 0.5
+
+
+def test_config_errors_are_clear(model_tok):
+    model, _ = model_tok
+    with pytest.raises(ConfigError, match="mode"):
+        HonestConfig(mode="bogus").validate()
+    with pytest.raises(ConfigError, match="comparison.confidence"):
+        HonestConfig(comparison=ComparisonConfig(confidence=0.0)).validate()
+    with pytest.raises(ConfigError, match="match no parameter"):
+        split_parameters(model, ("nothing.",))
+    with pytest.raises(ConfigError, match="θ₂ would be empty"):
+        split_parameters(model, ("lm.", "instrumental_head."))
+
+
+# -- labelling processes and datasets ------------------------------------------------------
+def all_lists(max_len):
+    for n in range(1, max_len + 1):
+        for digits in itertools.product(range(10), repeat=n):
+            yield ",".join(map(str, digits))
+
+
+def test_simple_errs_exactly_on_its_error_class_and_complex_is_right():
+    simple, complex_ = simple_labeller(TASK), ComplexLabeller(TASK)
+    assert isinstance(simple, SumDropsCarryIntoTwenties)
+    n_err = 0
+    rng = random.Random(0)
+    questions = list(all_lists(3)) + [TASK.generate(rng.choice((4, 5, 8)), rng) for _ in range(2000)]
+    for q in questions:
+        truth = TASK.solve(q)
+        assert complex_.label(q) == truth
+        assert (simple.label(q) != truth) == simple.errs_on(q)
+        n_err += simple.errs_on(q)
+    assert 0 < n_err < len(questions)
+    assert simple.label("9,9,4") == "12" and simple.label("9,9,1") == "19" and simple.label("5,5,5,5") == "10"
+
+
+def test_slipping_complex_process_sometimes_errs():
+    noisy = ComplexLabeller(TASK, slip_rate=0.3, seed=1)
+    answers = [noisy.label("1,2,3,4,5,6") for _ in range(60)]
+    assert "21" in answers and any(a != "21" for a in answers)
+    with pytest.raises(ConfigError):
+        ComplexLabeller(TASK, slip_rate=1.0)
+
+
+def test_datasets_small_agrees_large_adds_ten_percent_errors():
+    simple, complex_ = simple_labeller(TASK), ComplexLabeller(TASK)
+    data = build_datasets(TASK, simple, complex_, n_small=200, error_fraction=0.1, n_heldout=50, seed=0)
+    assert len(data.small) == 200 and len(data.errors) == 20 and len(data.large) == 220
+    assert all(x.simple == x.complex == TASK.solve(x.question) for x in data.small)
+    assert all(x.simple != x.complex == TASK.solve(x.question) for x in data.errors)
+    assert all(simple.errs_on(x.question) for x in data.heldout_errors + data.errors)
+    train = {x.question for x in data.large}
+    held = {x.question for x in data.heldout_agree + data.heldout_errors}
+    assert len(held) == 100 and not train & held
+    assert [e.completion for e in label_examples(data.errors, "simple")] == [x.simple for x in data.errors]
+
+
+def test_datasets_report_an_unreachable_error_class():
+    from ida_ray.errors import IDAError
+
+    with pytest.raises(IDAError, match="error class"):
+        build_datasets(TASK, simple_labeller(TASK), ComplexLabeller(TASK), n_small=20, sizes=(1, 2), n_heldout=0)
+
+
+# -- confident comparisons -----------------------------------------------------------------
+def test_judge_keeps_only_confident_comparisons():
+    exact = ConfidentJudge(TASK)
+    kept = exact.judge("9,9,4", "12", "22")
+    assert kept == Comparison("9,9,4", "22", "12", 1.0)
+    assert exact.judge("9,9,4", "12", "21") is None  # two wrong answers: no verdict
+    assert exact.judge("9,9,4", "22", "22") is None
+    voting = ConfidentJudge(TASK, runs=5, confidence=0.6)
+    assert voting.judge("q", "a", "b", votes=["a", "a", "a", "b", "c"]) is None  # margin 0.4
+    verdict = voting.judge("q", "a", "b", votes=["b", "b", "b", "b", "a"])
+    assert verdict.better == "b" and verdict.confidence == pytest.approx(0.6)
+
+
+def test_collected_comparisons_are_confident_and_favour_the_complex_answer(model_tok):
+    model, tok = model_tok
+    rng = random.Random(0)
+    # A little likelihood training so the model emits well-formed, often wrong, sums.
+    trainer = HonestTrainer(model, HonestConfig(lam=0.0, lr1=1e-2, lr2=1e-2))
+    pool = [Example("answer", answer_prompt(q), TASK.solve(q)) for q in (TASK.generate(2, rng) for _ in range(200))]
+    for _ in range(60):
+        batch = collate_lm(tok, rng.choices(pool, k=32))
+        trainer.step(lambda m: intended_nll(m, batch), batch)
+    questions = [TASK.generate(2, rng) for _ in range(40)]
+    judge = ConfidentJudge(TASK)
+    comps = collect_comparisons(model, tok, questions, TASK, judge, ComparisonConfig(samples=12, temperature=2.0))
+    assert judge.judged > judge.kept == len(comps) > 0  # an untrained model: most pairs are dropped
+    assert all(c.better == TASK.solve(c.question) != c.worse and c.confidence == 1.0 for c in comps)
+
+
+def test_comparison_loss_raises_the_better_answer_over_the_worse(model_tok):
+    model, tok = model_tok
+    comps = [Comparison("3,4", "7", "8", 1.0), Comparison("9,9", "18", "17", 1.0)]
+    batch = collate_comparisons(tok, comps)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def margin():
+        with torch.no_grad():
+            better = collate_lm(tok, [Example("answer", answer_prompt(c.question), c.better) for c in comps])
+            worse = collate_lm(tok, [Example("answer", answer_prompt(c.question), c.worse) for c in comps])
+            return float(intended_nll(model, worse) - intended_nll(model, better))
+
+    before = margin()
+    for _ in range(10):
+        loss = comparison_nll(model, batch, beta=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert margin() > before + 1.0
+
+
+# -- saving and loading --------------------------------------------------------------------
+def test_save_load_round_trip_and_plain_transformers_load(model_tok, tmp_path):
+    model, tok = model_tok
+    with torch.no_grad():
+        model.instrumental_head.weight.add_(0.5)  # make the heads clearly different
+    save_two_headed(model, tok, tmp_path)
+    batch = small_batch(tok)
+    args = (batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        want = model.eval()(*args)
+        got = load_two_headed(tmp_path).eval()(*args)
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        plain_logits = plain(input_ids=args[0], attention_mask=args[1]).logits
+    assert torch.allclose(got.intended, want.intended, atol=1e-6)
+    assert torch.allclose(got.instrumental, want.instrumental, atol=1e-6)
+    assert type(plain) is LlamaForCausalLM
+    assert torch.allclose(plain_logits, want.intended, atol=1e-6)
+    assert not torch.allclose(plain_logits, want.instrumental, atol=1e-3)
+    served = model.as_causal_lm("instrumental")
+    with torch.no_grad():
+        assert torch.allclose(served(input_ids=args[0], attention_mask=args[1]).logits, want.instrumental, atol=1e-6)
+    (tmp_path / INSTRUMENTAL_FILE).unlink()
+    with pytest.raises(ConfigError, match="not a two-headed"):
+        load_two_headed(tmp_path)
