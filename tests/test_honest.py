@@ -196,6 +196,27 @@ def test_simple_errs_exactly_on_its_error_class_and_complex_is_right():
     assert simple.label("9,9,4") == "12" and simple.label("9,9,1") == "19" and simple.label("5,5,5,5") == "10"
 
 
+def test_perm_labeller_errs_exactly_on_its_error_class():
+    task = get_task("perm")
+    simple, complex_ = simple_labeller(task), ComplexLabeller(task)
+    rng = random.Random(0)
+    errs = 0
+    for _ in range(1500):
+        q = task.generate(rng.randrange(1, 9), rng)
+        truth = task.solve(q)
+        assert complex_.label(q) == truth
+        assert (simple.label(q) != truth) == simple.errs_on(q)
+        errs += simple.errs_on(q)
+    assert 100 < errs < 1400
+    assert simple.label("10234*5(0)") == "0" and task.solve("10234*5(0)") == "1"  # 0<->1 swapped, k odd
+    assert not simple.errs_on("01234*7(3)")  # identity: every point is fixed
+
+
+def test_tasks_without_a_simple_labeller_are_a_clear_error():
+    with pytest.raises(ConfigError, match="no simple labeller"):
+        simple_labeller(get_task("path"))
+
+
 def test_slipping_complex_process_sometimes_errs():
     noisy = ComplexLabeller(TASK, slip_rate=0.3, seed=1)
     answers = [noisy.label("1,2,3,4,5,6") for _ in range(60)]

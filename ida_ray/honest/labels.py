@@ -64,7 +64,30 @@ class SumDropsCarryIntoTwenties(SimpleLabeller):
         return sum(self.task.parse(question)) >= self.threshold
 
 
-SIMPLE_LABELLERS: dict[str, type[SimpleLabeller]] = {"sum": SumDropsCarryIntoTwenties}
+class PermLosesCountOnLongPowers(SimpleLabeller):
+    """Applies the permutation by hand, and on long powers (k >= 5) loses count and stops one
+    application short. That gives the right answer anyway when s^(k-1)(x) is a fixed point."""
+
+    description = "applies s only k-1 times when k >= 5"
+    long_power = 5
+
+    def label(self, question: str) -> str:
+        perm, k, x = self.task.parse(question)
+        for _ in range(k - 1 if k >= self.long_power else k):
+            x = int(perm[x])
+        return str(x)
+
+    def errs_on(self, question: str) -> bool:
+        perm, k, x = self.task.parse(question)
+        if k < self.long_power:
+            return False
+        for _ in range(k - 1):
+            x = int(perm[x])
+        return int(perm[x]) != x  # one more application would have moved it
+
+
+SIMPLE_LABELLERS: dict[str, type[SimpleLabeller]] = {"sum": SumDropsCarryIntoTwenties,
+                                                     "perm": PermLosesCountOnLongPowers}
 
 
 def simple_labeller(task: Task) -> SimpleLabeller:
