@@ -19,14 +19,19 @@ _NUMBER = re.compile(r"^(0|[1-9][0-9]*)$")
 class SumList(Task):
     name = "sum"
 
-    def __init__(self, base_size: int = 2):
+    def __init__(self, base_size: int = 2, max_digit: int = 9):
+        if base_size < 1 or not 1 <= max_digit <= 9:
+            from ida_ray.errors import ConfigError
+
+            raise ConfigError(f"sum: need base_size >= 1 and 1 <= max_digit <= 9, got {base_size}, {max_digit}")
         self.base_size = base_size
+        self.max_digit = max_digit  # max_digit=1 makes it counting ones, an easier function to learn
         self.default_sizes = tuple(range(1, 4 * base_size + 1))
 
     def generate(self, size: int, rng: random.Random) -> str:
         if size < 1:
             raise ValueError("size must be >= 1")
-        return ",".join(str(rng.randrange(10)) for _ in range(size))
+        return ",".join(str(rng.randint(0, self.max_digit)) for _ in range(size))
 
     def parse(self, question: str) -> list[int]:
         if not _QUESTION.match(question or ""):
