@@ -176,6 +176,7 @@ class IDACoordinator:
         self.buffer = None
         self.learner: Learner | None = None
         self.setup_seconds: dict[str, float] = {}
+        self.initial_accuracy: dict[int, float] = {}
 
     # -- progress, for the driver's progress bars --------------------------------------
     def _phase(self, phase: str, total: int = 0) -> None:
@@ -230,9 +231,15 @@ class IDACoordinator:
                                          task_kwargs=cfg.task_kwargs, amplify=cfg.amplify,
                                          trees_in_flight=per_expander)
         await asyncio.gather(*(e.health.remote() for e in self.expanders))
+        if self.state:
+            self.initial_accuracy = {int(k): v for k, v in self.state.get("initial_accuracy", {}).items()}
+        else:  # the baseline the learning curve starts from
+            self._phase("evaluating the initial model")
+            self.initial_accuracy = await evaluate(self.task, self.pool, self.heldout)
         self.setup_seconds["total"] = round(time.time() - t0, 2)
         self._phase("ready")
         return {"completed_iterations": self.completed, "setup_seconds": self.setup_seconds,
+                "initial_accuracy": self.initial_accuracy,
                 "replay_buffer": buffer_stats, "replicas": [await r.health.remote() for r in self.replicas]}
 
     # -- one iteration -------------------------------------------------------------------
@@ -324,6 +331,7 @@ class IDACoordinator:
         write_json_atomic(self.run_dir / STATE_FILE, {
             "completed_iterations": self.completed, "checkpoint": trained.checkpoint_path,
             "rng_state": _rng_state_to_json(self.rng.getstate()), "config": cfg.to_dict(),
+            "initial_accuracy": self.initial_accuracy,
             "weight_version": trained.weight_version, "time": time.time()})
         self._phase("iteration done")
         return m

@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from actors.coordinator import ClusterResources, check_run_dir
+from actors.coordinator import ClusterResources, check_run_dir, read_history
 from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
 from ida_ray.errors import ConfigError
 
@@ -35,9 +35,9 @@ def default_config(run_dir: str = "runs/latest") -> IDAConfig:
     answers directly from IDA's trees alone (no ground-truth label reaches training)."""
     return IDAConfig(
         task="sum", task_kwargs={"base_size": 2}, iterations=8, seed=0, run_dir=run_dir,
-        amplify_trees_per_iteration=192, distill_trees_per_iteration=192, eval_questions_per_size=50,
+        amplify_trees_per_iteration=192, distill_trees_per_iteration=128, eval_questions_per_size=40,
         amplify=AmplifyConfig(max_new_tokens=16),
-        train=TrainConfig(steps_per_iteration=250, adversary_steps_per_iteration=40, replay_capacity=6000),
+        train=TrainConfig(steps_per_iteration=200, adversary_steps_per_iteration=30, replay_capacity=6000),
         replicas=1, expanders=1, learner_workers=1, engine="vllm", use_gpu=False)
 
 
@@ -102,18 +102,21 @@ def format_accuracy(acc: dict) -> str:
     return " ".join(f"{s}:{a:.2f}" for s, a in sorted(((int(k), v) for k, v in acc.items())))
 
 
-def summary(history: list[dict], run_dir: str | Path) -> str:
+def summary(history: list[dict], run_dir: str | Path, initial_accuracy: dict | None = None) -> str:
     if not history:
         return "no iterations ran"
     first, last = history[0], history[-1]
     mean = lambda m: sum(m["accuracy_by_size"].values()) / len(m["accuracy_by_size"])  # noqa: E731
+    before = ""
+    if initial_accuracy:
+        before = f" (before training: {sum(initial_accuracy.values()) / len(initial_accuracy):.2f})"
     acc = lambda m: {int(k): v for k, v in m["accuracy_by_size"].items()}  # noqa: E731
     largest = max(acc(last))
     lines = [
         "", "== ida-ray results ==",
         f"iterations: {len(history)}   weight version: {last['weight_version']}   "
         f"replica versions: {last.get('replica_versions')}",
-        f"held-out accuracy (model alone), mean over sizes: {mean(first):.2f} -> {mean(last):.2f}",
+        f"held-out accuracy (model alone), mean over sizes: {mean(first):.2f} -> {mean(last):.2f}{before}",
         f"accuracy at the largest size ({largest}): {acc(first).get(largest, float('nan')):.2f} -> "
         f"{acc(last)[largest]:.2f}",
         f"expert calls per amplification tree: {first['expert_calls_per_tree']:.2f} -> "
@@ -136,8 +139,11 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
     cfg = cfg.validate()
     resources = resources or ClusterResources()
     state = check_run_dir(cfg, resume)  # a clear error before any Ray resource is taken
-    if state and state["completed_iterations"] >= cfg.iterations:
-        log(f"{cfg.run_dir}: {state['completed_iterations']} of {cfg.iterations} iterations already done")
+    if state and state["completed_iterations"] >= cfg.iterations:  # nothing to run: no cluster needed
+        history = read_history(cfg.run_dir, state["completed_iterations"])[:cfg.iterations]
+        log(f"{cfg.run_dir}: {state['completed_iterations']} iterations already done (asked for {cfg.iterations})")
+        log(summary(history, cfg.run_dir, state.get("initial_accuracy")))
+        return history
     started = init_ray(cfg, resources, address, dashboard)
     coordinator = None
     t0 = time.time()
@@ -147,7 +153,8 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
             f"{cfg.learner_workers} learner worker(s) ...")
         info = ray.get(coordinator.setup.remote())
         log(f"ready in {info['setup_seconds']['total']:.0f}s (replicas {info['setup_seconds']['replicas']:.0f}s); "
-            f"{info['completed_iterations']} iterations already done")
+            f"{info['completed_iterations']} iterations already done; accuracy before training: "
+            f"{format_accuracy(info['initial_accuracy'])}")
         todo = range(info["completed_iterations"], cfg.iterations)
         outer = _bar(len(todo), "iterations", 0, "it") if progress else None
         for it in todo:
@@ -163,7 +170,7 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
         if outer is not None:
             outer.close()
         history = ray.get(coordinator.get_history.remote())
-        log(summary(history, cfg.run_dir))
+        log(summary(history, cfg.run_dir, info.get("initial_accuracy")))
         log(f"total {time.time() - t0:.0f}s")
         return history
     finally:

@@ -38,29 +38,31 @@ def small_config(run_dir, engine: str, iterations: int, trees: int = 96, steps: 
 
 @pytest.mark.vllm
 def test_distributed_ida_learns_on_vllm(ray_cluster, tmp_path):
-    cfg = small_config(tmp_path, "vllm", iterations=3)
+    cfg = small_config(tmp_path, "vllm", iterations=4)
     history = train(cfg, resources=RESOURCES, progress=False)
-    assert [m["iteration"] for m in history] == [0, 1, 2]
+    assert [m["iteration"] for m in history] == [0, 1, 2, 3]
+    state = json.loads((tmp_path / "state.json").read_text())
     first, last = history[0], history[-1]
-    mean = lambda m: sum(m["accuracy_by_size"].values()) / len(m["accuracy_by_size"])  # noqa: E731
-    assert mean(last) >= mean(first) + 0.15, [m["accuracy_by_size"] for m in history]
-    assert last["accuracy_by_size"][1] >= 0.4  # chance is 1 in 10
+    mean = lambda acc: sum(acc.values()) / len(acc)  # noqa: E731
+    curve = [mean(state["initial_accuracy"])] + [mean(m["accuracy_by_size"]) for m in history]
+    print("mean held-out accuracy, before training and after each iteration:", curve)
+    assert curve[-1] >= curve[0] + 0.25 and curve[-1] > curve[1], curve
+    assert last["accuracy_by_size"][1] >= 0.5  # chance is 1 in 10
     assert last["expert_calls_per_tree"] < first["expert_calls_per_tree"]
     assert last["answered_by"].get("model", 0) + last["answered_by"].get("model_via_hprime", 0) > 0
     # Every iteration's weights reached the replica, and the learner's ranks agreed.
-    assert [m["replica_versions"] for m in history] == [{"replica-0": v} for v in (1, 2, 3)]
-    assert [m["weight_version"] for m in history] == [1, 2, 3]
+    assert [m["replica_versions"] for m in history] == [{"replica-0": v} for v in (1, 2, 3, 4)]
+    assert [m["weight_version"] for m in history] == [1, 2, 3, 4]
     assert all(m["learner_ranks_in_sync"] for m in history)
     # What the run leaves behind.
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
     assert (tmp_path / "plots" / "progress.png").stat().st_size > 10_000
-    state = json.loads((tmp_path / "state.json").read_text())
-    assert state["completed_iterations"] == 3 and state["checkpoint"].endswith("iteration_0002")
-    trees = (tmp_path / "trees" / "iteration_0002.jsonl").read_text().splitlines()
-    assert len(trees) == 96 + 64 and json.loads(trees[0])["iteration"] == 2
+    assert state["completed_iterations"] == 4 and state["checkpoint"].endswith("iteration_0003")
+    trees = (tmp_path / "trees" / "iteration_0003.jsonl").read_text().splitlines()
+    assert len(trees) == 96 + 64 and json.loads(trees[0])["iteration"] == 3
     dash = json.loads((tmp_path / "dashboard_metrics.json").read_text())
-    assert dash["replica_weight_version"] == {"replica-0": 3}
-    assert set(dash["eval_accuracy"]) == {"1", "2", "3", "4"} and dash["iteration"][""] == 3
+    assert dash["replica_weight_version"] == {"replica-0": 4}
+    assert set(dash["eval_accuracy"]) == {"1", "2", "3", "4"} and dash["iteration"][""] == 4
     for m in history:
         print(f"iter {m['iteration']}: acc {m['accuracy_by_size']} expert/tree {m['expert_calls_per_tree']:.2f} "
               f"loss {m['model_loss']:.3f} phases {m['phase_seconds']}")

@@ -1,0 +1,14 @@
+"""Distributed IDA from a driver script: 2 iterations of the sum task on a local Ray cluster.
+
+    python examples/driver.py            (add address="auto" to train() to use a running cluster)
+"""
+from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
+from pipelines.train import train
+
+cfg = IDAConfig(task="sum", task_kwargs={"base_size": 2}, train_sizes=(1, 2, 3, 4), iterations=2,
+                amplify_trees_per_iteration=96, distill_trees_per_iteration=64, eval_questions_per_size=30,
+                amplify=AmplifyConfig(max_new_tokens=12), train=TrainConfig(steps_per_iteration=100),
+                engine="vllm", replicas=1, expanders=1, learner_workers=1, run_dir="runs/driver")
+history = train(cfg, resume=True)  # resume=True: continue runs/driver if it exists
+for m in history:
+    print(m["iteration"], m["accuracy_by_size"], f"expert calls/tree {m['expert_calls_per_tree']:.2f}")

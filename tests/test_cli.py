@@ -1,0 +1,141 @@
+"""The `ida-ray` command and the config loading behind it: help, clear errors before Ray
+starts, config file merging, and one real (small) run through the console entry point."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from pipelines import cli
+from pipelines.train import default_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Any attempt to start or join Ray fails the test: input errors must come first."""
+    def refuse(*a, **k):
+        raise AssertionError("ray.init was called before the input was checked")
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+def run_cli(argv, capsys):
+    rc = cli.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--task", "--iterations", "--replicas", "--expanders", "--learner-workers", "--engine",
+                 "--config", "--run-dir", "--resume", "--address"):
+        assert flag in text
+    assert cli.main([]) == cli.EXIT_BAD_INPUT  # no command: prints help
+    assert "train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--task", "nope"], "task 'nope' is not one of"),
+    (["train", "--config", "/no/such/file.yaml"], "does not exist"),
+])
+def test_bad_input_is_a_clear_error_before_ray(no_ray, capsys, argv, message):
+    rc, text = run_cli(argv, capsys)
+    assert rc == cli.EXIT_BAD_INPUT and message in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("argv", [["train", "--iterations", "0"], ["train", "--replicas", "two"],
+                                  ["train", "--engine", "tensorrt"]])
+def test_bad_arguments_exit_2(no_ray, capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("iterations: [1\n", "not valid YAML"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("iteratons: 3\n", "unknown config keys: ['iteratons']"),
+    ("train: {stepz: 3}\n", "unknown keys in train: ['stepz']"),
+    ("resources: {gpus: 3}\n", "unknown keys in resources"),
+    ("amplify: {eps: 2.0}\n", "amplify.eps must be in (0, 1)"),
+])
+def test_bad_config_file(no_ray, capsys, tmp_path, content, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(content)
+    rc, text = run_cli(["train", "--config", str(path)], capsys)
+    assert rc == cli.EXIT_BAD_INPUT and message in text
+
+
+def test_existing_run_needs_resume_and_a_matching_model(no_ray, capsys, tmp_path):
+    cfg = default_config(str(tmp_path))
+    (tmp_path / "state.json").write_text(json.dumps({
+        "completed_iterations": 1, "checkpoint": str(tmp_path), "rng_state": [3, [0] * 625, None],
+        "config": dict(cfg.to_dict(), model=dict(cfg.to_dict()["model"], hidden_size=64))}))
+    rc, text = run_cli(["train", "--run-dir", str(tmp_path)], capsys)
+    assert rc == cli.EXIT_BAD_INPUT and "pass --resume" in text
+    rc, text = run_cli(["train", "--run-dir", str(tmp_path), "--resume"], capsys)
+    assert rc == cli.EXIT_BAD_INPUT and "model differs" in text
+
+
+def test_vllm_missing_is_reported(no_ray, capsys, monkeypatch):
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "vllm" else real(name))
+    rc, text = run_cli(["train"], capsys)
+    assert rc == cli.EXIT_BAD_INPUT and "--engine torch" in text
+
+
+def test_config_file_overlays_the_default(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"iterations": 2, "train": {"steps_per_iteration": 5},
+                                    "resources": {"learner_cpus": 0.5}}))
+    cfg, res = load_config(path)
+    d = default_config()
+    assert cfg.iterations == 2 and cfg.train.steps_per_iteration == 5
+    assert cfg.train.lr == d.train.lr and cfg.task_kwargs == d.task_kwargs  # the rest is the default
+    assert res.learner_cpus == 0.5
+    path.write_text("task: perm\n")
+    cfg, _ = load_config(path)
+    assert cfg.task == "perm" and cfg.task_kwargs == {} and cfg.train_sizes is None
+
+
+def test_default_is_local_cpu_vllm_sum():
+    cfg, res = load_config(None)
+    assert (cfg.task, cfg.engine, cfg.use_gpu, cfg.replicas, cfg.learner_workers) == ("sum", "vllm", False, 1, 1)
+    assert cfg.validate() is cfg
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_console_script_runs_and_resumes(tmp_path):
+    """The real entry point: a local cluster, 1 iteration on the torch engine, then --resume to
+    the same target, which needs no cluster."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "iterations": 1, "train_sizes": [1, 2, 3], "amplify_trees_per_iteration": 24,
+        "distill_trees_per_iteration": 16, "eval_questions_per_size": 10,
+        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        "train": {"steps_per_iteration": 10, "adversary_steps_per_iteration": 2},
+        "resources": {"expander_cpus": 0.25}}))
+    run_dir = tmp_path / "run"
+    exe = Path(sys.executable).parent / "ida-ray"
+    cmd = [str(exe), "train", "--config", str(config), "--engine", "torch", "--run-dir", str(run_dir),
+           "--no-dashboard", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== ida-ray results ==" in done.stdout and "iter 0:" in done.stdout
+    assert (run_dir / "plots" / "progress.png").exists() and (run_dir / "state.json").exists()
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0 and "1 iterations already done" in again.stdout
+    assert "Started a local Ray instance" not in again.stdout + again.stderr
+    help_ = subprocess.run([sys.executable, "-m", "pipelines.train", "--help"], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT)
+    assert help_.returncode == 0 and "--learner-workers" in help_.stdout
