@@ -61,7 +61,7 @@ class ModelReplica:
     def __init__(self, model_dir, adversary_dir=None, *, engine: str = "vllm", adversary_backend: str | None = None,
                  max_new_tokens: int = 48, use_gpu: bool = False, tensor_parallel_size: int = 1,
                  max_num_seqs: int = 256, weight_transfer: str | None = None, name: str = "replica",
-                 seed: int = 0):
+                 seed: int = 0, cache_size: int = 200_000):
         """model_dir / adversary_dir: a local HF directory, or its files packed by
         `actors.weights.pack_dir` (what `start_replicas` passes, so no shared filesystem is
         needed). The engines start on the first call (`ready()`)."""
@@ -73,6 +73,7 @@ class ModelReplica:
         if engine == "torch" and self.adversary_backend != "torch":
             raise ValueError("engine='torch' serves the adversary with torch too")
         self.max_new_tokens = max_new_tokens
+        self.cache_size = cache_size  # greedy results kept per weight version; 0 turns caching off
         self.options = dict(use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size,
                             max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, seed=seed)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"ida-{name}-"))
@@ -123,7 +124,8 @@ class ModelReplica:
                                     max_num_seqs=o["max_num_seqs"], weight_transfer=o["weight_transfer"],
                                     seed=o["seed"])
             return VllmEngine(self.model_dir, self.adversary_dir, max_new_tokens=self.max_new_tokens,
-                              adversary_backend=self.adversary_backend, settings=settings)
+                              adversary_backend=self.adversary_backend, settings=settings,
+                              cache_size=self.cache_size)
         from transformers import AutoTokenizer
 
         from ida_ray.engine import TorchEngine
@@ -131,7 +133,8 @@ class ModelReplica:
 
         tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         adversary = None if self.adversary_dir is None else load_adversary(self.adversary_dir)
-        return TorchEngine(load_model(self.model_dir), adversary, tokenizer, max_new_tokens=self.max_new_tokens)
+        return TorchEngine(load_model(self.model_dir), adversary, tokenizer, max_new_tokens=self.max_new_tokens,
+                           cache_size=self.cache_size)
 
     async def ready(self) -> dict:
         """Start the engines if needed; returns health()."""
@@ -260,7 +263,8 @@ def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm
                    tensor_parallel_size: int = 1, max_new_tokens: int = 48, name_prefix: str = "replica",
                    adversary_backend: str | None = None, num_cpus: float = 1, max_restarts: int = 2,
                    max_task_retries: int = 0, kv_cache_gib: int = 1, max_num_seqs: int = 256,
-                   weight_transfer: str | None = None, wait: bool = True, timeout_s: float = 600) -> list:
+                   weight_transfer: str | None = None, cache_size: int = 200_000, wait: bool = True,
+                   timeout_s: float = 600) -> list:
     """Start n named replica actors (name_prefix-0, ...) and, with wait, block until every
     engine has started. A replica that fails to start is killed and the error raised."""
     import ray
@@ -286,7 +290,7 @@ def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm
             runtime_env=replica_runtime_env(kv_cache_gib),
         ).remote(model_files, adversary_files, engine=engine, adversary_backend=adversary_backend,
                  max_new_tokens=max_new_tokens, use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size,
-                 max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, name=name))
+                 max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, name=name, cache_size=cache_size))
     if wait:
         try:
             ray.get([h.ready.remote() for h in handles], timeout=timeout_s)

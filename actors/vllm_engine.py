@@ -11,7 +11,8 @@ token ids, so vLLM and transformers see the same sequences:
 - adversary: a separate scorer (actors/adversary_scorer.py).
 
 Continuous batching comes from vLLM: every concurrent call is its own request and the
-scheduler batches them; the batch sizes the scheduler ran are recorded through a stat logger.
+scheduler batches them (each request returns only its final output: streaming every token
+back through the frontend would cost more than the tiny model's forward pass); the batch sizes the scheduler ran are recorded through a stat logger.
 Greedy results are cached per weight version, as in TorchEngine.
 
 Weights are reloaded in place from an HF-format directory (`reload`): the engine's workers
@@ -187,10 +188,12 @@ class VllmEngine(Engine):
 
     async def _generate_one(self, prompt: str) -> Generation:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         ids, _ = encode(self.tokenizer, prompt, "", eos=False)
         self._check_length(len(ids) + 1, "prompt")
-        params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, logprobs=0, detokenize=False)
+        params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, logprobs=0, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
         async with self.gate.request():
             version = self._version
             out = (await self._run(ids, params)).outputs[0]
@@ -207,7 +210,7 @@ class VllmEngine(Engine):
         results = await asyncio.gather(*(self._generate_one(prompts[i]) for i in missing))
         for i, g in zip(missing, results):
             out[i] = g
-            if g.weight_version == self._version:  # never cache a result from older weights
+            if self._cache_size > 0 and g.weight_version == self._version:  # never cache older weights' results
                 self._cache[prompts[i]] = g
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
@@ -215,10 +218,12 @@ class VllmEngine(Engine):
 
     async def _logprob_one(self, prompt: str, completion: str) -> float:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         ids, n_prompt = encode(self.tokenizer, prompt, completion, eos=True)
         self._check_length(len(ids) + 1, "prompt and completion")
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
         async with self.gate.request():
             out = await self._run(ids, params)
         # prompt_logprobs[i] is log p(ids[i] | ids[:i]); entry 0 (BOS) is None.

@@ -1,0 +1,216 @@
+"""Tree-expansion throughput of one vLLM replica against one-call-at-a-time transformers.
+
+    python -m pipelines.throughput                      # writes docs/results/throughput.json
+
+Workload: expert-driven amplification trees (use_hprime=False) on the "sum" task at size 8,
+with a fresh, untrained model. Its outputs are garbage, so every model answer is invalid,
+both branches of every split are expanded, and each tree has 7 nodes over 3 levels; every
+generation runs to max_new_tokens. The same workload runs:
+
+- on one vLLM replica actor through a TreeExpander actor and its ReplicaPool (the real
+  distributed path), with 1, 8, 64 and 256 trees in flight, fresh questions per level;
+- in-process on TorchEngine with max_batch=1 and one tree at a time: every model call is a
+  separate transformers `generate` / forward, the sequential baseline.
+
+Greedy-result caching is off on both sides, so the figures are engine throughput (vLLM's
+own prefix caching stays on: it is part of the engine). Model calls count every call of M
+(generate and log-prob); adversary calls are counted apart. The adversary serving options
+(vLLM pooling engine vs torch + MicroBatcher) are measured at a batch of 256 concurrent
+calls on replicas of each kind.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "throughput.json"
+
+
+def make_jobs(n: int, size: int, seed: int) -> list[dict]:
+    from ida_ray.tasks import get_task
+
+    task, rng = get_task("sum"), random.Random(seed)
+    return [{"question": task.generate(size, rng), "mode": "amplify", "seed": seed * 100_000 + i,
+             "iteration": 0, "source": "train", "job_id": f"{seed}-{i}"} for i in range(n)]
+
+
+def model_requests(health: dict) -> tuple[int, int]:
+    r = health["requests"]
+    return r.get("generate", 0) + r.get("logprob", 0), r.get("adversary", 0)
+
+
+def measure_replica(replica, trees_in_flight: int, jobs: list[dict], amplify: dict) -> dict:
+    import ray
+
+    from actors.expander import start_expanders
+
+    (expander,) = start_expanders(1, [replica], name_prefix=f"throughput-{trees_in_flight}", amplify=amplify,
+                                  trees_in_flight=trees_in_flight)
+    ray.get(expander.health.remote())  # actor started before the clock starts
+    m0, a0 = model_requests(ray.get(replica.health.remote()))
+    t0 = time.perf_counter()
+    results = ray.get(expander.expand.remote(jobs))
+    wall = time.perf_counter() - t0
+    health = ray.get(replica.health.remote())
+    m1, a1 = model_requests(health)
+    pool = ray.get(expander.health.remote())["pool"]
+    ray.kill(expander, no_restart=True)
+    nodes = sum(len(r_nodes(r)) for r in results)
+    failed = sum(r["tree"]["error"] is not None for r in results)
+    return {"trees_in_flight": trees_in_flight, "trees": len(jobs), "trees_failed": failed, "nodes": nodes,
+            "seconds": round(wall, 2), "nodes_per_s": round(nodes / wall, 2),
+            "model_calls": m1 - m0, "model_calls_per_s": round((m1 - m0) / wall, 1),
+            "adversary_calls": a1 - a0, "pool_mean_batch": pool["mean_batch"],
+            "replica_mean_batch": health["batch_sizes"]["model"]["mean"],
+            "replica_max_batch": health["batch_sizes"]["model"]["max"]}
+
+
+def r_nodes(result: dict) -> list:
+    from ida_ray.tree import Tree
+
+    return Tree.from_dict(result["tree"]).nodes()
+
+
+def measure_sequential(model_dir: Path, adversary_dir: Path, jobs: list[dict], amplify: dict, max_new_tokens: int) -> dict:
+    """One tree at a time on TorchEngine(max_batch=1): each model call is its own forward."""
+    from transformers import AutoTokenizer
+
+    from ida_ray.amplify import amplify_tree
+    from ida_ray.config import AmplifyConfig
+    from ida_ray.engine import TorchEngine
+    from ida_ray.models import load_adversary, load_model
+    from ida_ray.tasks import get_task
+
+    engine = TorchEngine(load_model(model_dir), load_adversary(adversary_dir), AutoTokenizer.from_pretrained(model_dir),
+                         max_new_tokens=max_new_tokens, max_batch=1, cache_size=0)
+    task, cfg = get_task("sum"), AmplifyConfig(**amplify)
+
+    async def run():
+        return [await amplify_tree(task, engine, j["question"], cfg, random.Random(j["seed"])) for j in jobs]
+    t0 = time.perf_counter()
+    trees = asyncio.run(run())
+    wall = time.perf_counter() - t0
+    nodes = sum(len(t.nodes()) for t in trees)
+    calls = engine.calls["generate"] + engine.calls["logprob"]
+    assert max(engine._gen.batch_sizes) == 1
+    return {"trees": len(trees), "trees_failed": sum(t.error is not None for t in trees), "nodes": nodes,
+            "seconds": round(wall, 2), "nodes_per_s": round(nodes / wall, 3), "model_calls": calls,
+            "model_calls_per_s": round(calls / wall, 2)}
+
+
+def measure_adversary(replica, n: int = 256, repeats: int = 5) -> float:
+    """Adversary calls/s for n concurrent single-pair calls on one replica (median of repeats)."""
+    import ray
+
+    from ida_ray.prompts import answer_prompt
+
+    rng = random.Random(0)
+    pairs = [(answer_prompt(",".join(str(rng.randrange(10)) for _ in range(rng.randint(1, 8)))), str(rng.randrange(50)))
+             for _ in range(n)]
+    rates = []
+    for _ in range(repeats + 1):  # the first round warms up
+        t0 = time.perf_counter()
+        ray.get([replica.adversary.remote([p], [c]) for p, c in pairs])
+        rates.append(n / (time.perf_counter() - t0))
+    return round(statistics.median(rates[1:]), 1)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 64, 256], help="trees in flight")
+    ap.add_argument("--trees-per-level", type=int, nargs="+", default=None,
+                    help="trees run at each level (default: max(4, 2 x level), 512 at 256)")
+    ap.add_argument("--baseline-trees", type=int, default=6)
+    ap.add_argument("--size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the local Ray cluster")
+    ap.add_argument("--skip-adversary", action="store_true")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    counts = args.trees_per_level or [max(4, 2 * n) for n in args.levels]
+    if len(counts) != len(args.levels):
+        ap.error("--trees-per-level needs one count per level")
+
+    import ray
+
+    from actors.replica import start_replicas
+    from ida_ray.models import ModelSpec, create_model_dirs
+
+    amplify = {"use_hprime": False, "max_new_tokens": args.max_new_tokens}
+    spec = ModelSpec()
+    tmp = Path(tempfile.mkdtemp(prefix="ida-throughput-"))
+    model_dir, adversary_dir = create_model_dirs(tmp, spec, seed=0)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        (replica,) = start_replicas(1, model_dir, adversary_dir, engine="vllm", adversary_backend="vllm",
+                                    max_new_tokens=args.max_new_tokens, name_prefix="throughput-replica",
+                                    cache_size=0)
+        start_s = time.perf_counter() - t0
+        print(f"vLLM replica started in {start_s:.0f}s", flush=True)
+        rows = []
+        for level, count in zip(args.levels, counts):
+            row = measure_replica(replica, level, make_jobs(count, args.size, seed=level), amplify)
+            rows.append(row)
+            print(f"  {level:>4} trees in flight: {row['nodes_per_s']:8.2f} nodes/s {row['model_calls_per_s']:8.1f} "
+                  f"model calls/s  (batch mean {row['replica_mean_batch']}, {row['seconds']}s)", flush=True)
+        adversary = {}
+        if not args.skip_adversary:
+            adversary["vllm_pooling"] = measure_adversary(replica)
+            (torch_replica,) = start_replicas(1, model_dir, adversary_dir, engine="torch",
+                                              max_new_tokens=args.max_new_tokens, name_prefix="throughput-torch")
+            adversary["torch_microbatch"] = measure_adversary(torch_replica)
+            ray.kill(torch_replica, no_restart=True)
+            print(f"  adversary calls/s at 256 concurrent: {adversary}", flush=True)
+        ray.get(replica.shutdown.remote())
+        ray.kill(replica, no_restart=True)
+    finally:
+        ray.shutdown()
+    baseline = measure_sequential(model_dir, adversary_dir, make_jobs(args.baseline_trees, args.size, seed=99),
+                                  amplify, args.max_new_tokens)
+    print(f"  sequential transformers baseline: {baseline['nodes_per_s']} nodes/s "
+          f"{baseline['model_calls_per_s']} model calls/s", flush=True)
+
+    by_level = {str(r["trees_in_flight"]): r for r in rows}
+    top = rows[-1]
+    result = {
+        "workload": {"task": "sum", "size": args.size, "mode": "amplify", "use_hprime": False,
+                     "max_new_tokens": args.max_new_tokens, "model": vars(spec), "untrained": True,
+                     "result_cache": "off"},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu"},
+        "replica_start_seconds": round(start_s, 1),
+        "nodes_per_s": {k: r["nodes_per_s"] for k, r in by_level.items()},
+        "model_calls_per_s": {k: r["model_calls_per_s"] for k, r in by_level.items()},
+        "baseline_nodes_per_s": baseline["nodes_per_s"],
+        "baseline_model_calls_per_s": baseline["model_calls_per_s"],
+        "speedup_vs_sequential": round(top["nodes_per_s"] / baseline["nodes_per_s"], 1),
+        "speedup_at_trees_in_flight": top["trees_in_flight"],
+        "adversary_calls_per_s_at_256": adversary,
+        "levels": rows,
+        "baseline": baseline,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"wrote {args.out}")
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{'trees in flight':>16} {'nodes/s':>10} {'model calls/s':>14}")
+    for level, nps in result["nodes_per_s"].items():
+        print(f"{level:>16} {nps:>10.2f} {result['model_calls_per_s'][level]:>14.1f}")
+    print(f"{'sequential':>16} {result['baseline_nodes_per_s']:>10.3f} {result['baseline_model_calls_per_s']:>14.2f}")
+    print(f"speed-up at {result['speedup_at_trees_in_flight']} trees in flight: {result['speedup_vs_sequential']}x")
+
+
+if __name__ == "__main__":  # vLLM spawns engine processes: keep module import side-effect free
+    main()
