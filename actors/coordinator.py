@@ -319,7 +319,8 @@ class IDACoordinator:
             nodes_per_second=round(m["nodes"] / phases["expand"], 2) if phases["expand"] else 0.0,
             learner_round={k: trained.rank_metrics[0].get(k) for k in
                            ("model_train_seconds", "train_seconds", "checkpoint_seconds", "round_seconds")},
-            checkpoint=trained.checkpoint_path, expand_seconds=phases["expand"])
+            checkpoint=trained.checkpoint_path, expand_seconds=phases["expand"],
+            learner_start_seconds=self.learner.start_seconds, setup_seconds=self.setup_seconds)
         self.completed = it + 1
         self.history.append(m)
         self._record(m, trees, health, buffer_stats, phases)

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="join a running Ray cluster ('auto', or host:port); default: start a local one")
     t.add_argument("--no-dashboard", action="store_true", help="local cluster without the Ray dashboard")
     t.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    t.add_argument("--verbose", action="store_true", help="stream the actors' logs (vLLM, Ray Train) to the "
+                   "console; otherwise they stay in /tmp/ray/session_latest/logs")
 
     v = sub.add_parser("view", help="browse a run's trees in the browser (pipelines.viewer)", add_help=False)
     v.add_argument("rest", nargs=argparse.REMAINDER)
@@ -80,7 +82,7 @@ def run_train(args) -> int:
     cfg.validate()
     _check_engine(cfg.engine)
     train(cfg, resume=args.resume, address=args.address, resources=resources,
-          progress=not args.no_progress, dashboard=not args.no_dashboard)
+          progress=not args.no_progress, dashboard=not args.no_dashboard, actor_logs=args.verbose)
     return 0
 
 

@@ -42,15 +42,18 @@ def default_config(run_dir: str = "runs/latest") -> IDAConfig:
 
 
 # ---------------------------------------------------------------------------------------
-def init_ray(cfg: IDAConfig, resources: ClusterResources, address: str | None, dashboard: bool = True) -> bool:
+def init_ray(cfg: IDAConfig, resources: ClusterResources, address: str | None, dashboard: bool = True,
+             actor_logs: bool = False) -> bool:
     """Connect to Ray. Returns True when this call started a local cluster (and so the caller
-    should shut it down)."""
+    should shut it down). Without actor_logs the actors' output (vLLM, Ray Train) stays in
+    Ray's session logs (/tmp/ray/session_latest/logs) and the console shows the progress;
+    errors still reach the driver as exceptions."""
     import ray
 
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, namespace=NAMESPACE)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=actor_logs)
         have = ray.cluster_resources().get("CPU", 0)
         need = resources.required_cpus(cfg)
         if have < need:
@@ -61,7 +64,7 @@ def init_ray(cfg: IDAConfig, resources: ClusterResources, address: str | None, d
     # cluster enough logical CPUs for all of them.
     num_cpus = max(os.cpu_count() or 1, math.ceil(resources.required_cpus(cfg)))
     ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             log_to_driver=True)
+             log_to_driver=actor_logs)
     return True
 
 
@@ -130,7 +133,7 @@ def summary(history: list[dict], run_dir: str | Path, initial_accuracy: dict | N
 
 def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
           resources: ClusterResources | None = None, progress: bool = True, dashboard: bool = True,
-          log=print) -> list[dict]:
+          actor_logs: bool = False, log=print) -> list[dict]:
     """Run (or resume) a distributed IDA run; returns the metrics of every iteration."""
     import ray
 
@@ -144,7 +147,7 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
         log(f"{cfg.run_dir}: {state['completed_iterations']} iterations already done (asked for {cfg.iterations})")
         log(summary(history, cfg.run_dir, state.get("initial_accuracy")))
         return history
-    started = init_ray(cfg, resources, address, dashboard)
+    started = init_ray(cfg, resources, address, dashboard, actor_logs)
     coordinator = None
     t0 = time.time()
     try:
