@@ -52,7 +52,8 @@ class _Replica:
 
 class ReplicaPool(Engine):
     def __init__(self, replicas: list, *, max_batch: int = 256, max_in_flight_per_replica: int = 1024,
-                 retries: int = 3, unavailable_timeout_s: float = 300.0, probe_max_interval_s: float = 10.0):
+                 retries: int = 3, unavailable_timeout_s: float = 300.0, probe_max_interval_s: float = 10.0,
+                 probe_give_up_s: float = 1800.0):
         if not replicas:
             raise ValueError("ReplicaPool needs at least one replica handle")
         self._replicas = [_Replica(h, f"replica[{i}]") for i, h in enumerate(replicas)]
@@ -61,6 +62,7 @@ class ReplicaPool(Engine):
         self.retries = retries
         self.unavailable_timeout_s = unavailable_timeout_s
         self.probe_max_interval_s = probe_max_interval_s
+        self.probe_give_up_s = probe_give_up_s
         self._pending: dict[str, list[tuple[tuple, asyncio.Future]]] = {k: [] for k in KINDS}
         self._flush_scheduled: set[str] = set()
         self._changed: asyncio.Event | None = None  # set when capacity frees or a replica comes up
@@ -173,7 +175,8 @@ class ReplicaPool(Engine):
             up = [r for r in self._replicas if r.up]
             room = [r for r in up if r.in_flight == 0 or r.in_flight + n <= self.max_in_flight_per_replica]
             if room:
-                rep = min(room, key=lambda r: r.in_flight)
+                # Ties go to the replica that has had fewer batches: idle replicas take turns.
+                rep = min(room, key=lambda r: (r.in_flight, r.batches))
                 rep.in_flight += n
                 return rep
             remaining = deadline - time.monotonic()
@@ -211,14 +214,14 @@ class ReplicaPool(Engine):
             self._mark_down(rep, EngineFailure(f"serves version {v} < {self._target_version}"))
 
     async def _probe(self, rep: _Replica) -> None:
-        """Bring a replica back once it answers, with the latest weights."""
-        delay = 0.5
-        while True:
+        """Bring a replica back once it answers, with the latest weights; a replica that stays
+        unreachable for probe_give_up_s is left out for good."""
+        delay, give_up = 0.5, time.monotonic() + self.probe_give_up_s
+        while time.monotonic() < give_up:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.probe_max_interval_s)
             try:
-                version = await rep.handle.ready.remote()
-                version = version["version"]
+                version = (await rep.handle.ready.remote())["version"]
                 if self._latest is not None and version < self._target_version:
                     ref, target = self._latest
                     version = await rep.handle.load_weights.remote(ref, target)
@@ -230,6 +233,7 @@ class ReplicaPool(Engine):
             log.warning("%s is back at weight version %d", rep.name, version)
             self._wake().set()
             return
+        log.warning("%s did not come back within %.0fs; it stays out of the pool", rep.name, self.probe_give_up_s)
 
     # -- weights -------------------------------------------------------------------
     def remember_weights(self, payload_ref, version: int) -> None:

@@ -70,7 +70,7 @@ def measure_replica(replica, trees_in_flight: int, jobs: list[dict], amplify: di
             "model_calls": m1 - m0, "model_calls_per_s": round((m1 - m0) / wall, 1),
             "adversary_calls": a1 - a0, "pool_mean_batch": pool["mean_batch"],
             "replica_mean_batch": health["batch_sizes"]["model"]["mean"],
-            "replica_max_batch": health["batch_sizes"]["model"]["max"]}
+            "replica_max_batch": health["batch_sizes"]["model"]["max"], "load_average": round(os.getloadavg()[0], 1)}
 
 
 def r_nodes(result: dict) -> list:
@@ -79,8 +79,10 @@ def r_nodes(result: dict) -> list:
     return Tree.from_dict(result["tree"]).nodes()
 
 
-def measure_sequential(model_dir: Path, adversary_dir: Path, jobs: list[dict], amplify: dict, max_new_tokens: int) -> dict:
+def measure_sequential(model_dir: Path, adversary_dir: Path, jobs: list[dict], amplify: dict, max_new_tokens: int,
+                       threads: int | None = None) -> dict:
     """One tree at a time on TorchEngine(max_batch=1): each model call is its own forward."""
+    import torch
     from transformers import AutoTokenizer
 
     from ida_ray.amplify import amplify_tree
@@ -92,18 +94,31 @@ def measure_sequential(model_dir: Path, adversary_dir: Path, jobs: list[dict], a
     engine = TorchEngine(load_model(model_dir), load_adversary(adversary_dir), AutoTokenizer.from_pretrained(model_dir),
                          max_new_tokens=max_new_tokens, max_batch=1, cache_size=0)
     task, cfg = get_task("sum"), AmplifyConfig(**amplify)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
 
     async def run():
         return [await amplify_tree(task, engine, j["question"], cfg, random.Random(j["seed"])) for j in jobs]
     t0 = time.perf_counter()
-    trees = asyncio.run(run())
+    try:
+        trees = asyncio.run(run())
+    finally:
+        torch.set_num_threads(default_threads)
     wall = time.perf_counter() - t0
     nodes = sum(len(t.nodes()) for t in trees)
     calls = engine.calls["generate"] + engine.calls["logprob"]
     assert max(engine._gen.batch_sizes) == 1
     return {"trees": len(trees), "trees_failed": sum(t.error is not None for t in trees), "nodes": nodes,
-            "seconds": round(wall, 2), "nodes_per_s": round(nodes / wall, 3), "model_calls": calls,
-            "model_calls_per_s": round(calls / wall, 2)}
+            "torch_threads": threads or default_threads, "seconds": round(wall, 2),
+            "nodes_per_s": round(nodes / wall, 3), "model_calls": calls, "model_calls_per_s": round(calls / wall, 2),
+            "load_average": round(os.getloadavg()[0], 1)}
+
+
+def best_sequential(model_dir, adversary_dir, jobs, amplify, max_new_tokens) -> tuple[dict, list[dict]]:
+    """The sequential baseline with torch's default threads and with one thread; the faster
+    run counts (on a shared machine one thread can win: no waiting on a busy sibling core)."""
+    runs = [measure_sequential(model_dir, adversary_dir, jobs, amplify, max_new_tokens, threads=t) for t in (None, 1)]
+    return max(runs, key=lambda r: r["nodes_per_s"]), runs
 
 
 def measure_adversary(replica, n: int = 256, repeats: int = 5) -> float:
@@ -148,6 +163,10 @@ def main(argv=None) -> dict:
     spec = ModelSpec()
     tmp = Path(tempfile.mkdtemp(prefix="ida-throughput-"))
     model_dir, adversary_dir = create_model_dirs(tmp, spec, seed=0)
+    baseline_jobs = make_jobs(args.baseline_trees, args.size, seed=99)
+    # The baseline runs before and after the replica (never beside it); the best run counts, so
+    # a busy spell on a shared machine cannot inflate the speed-up.
+    _, baseline_runs = best_sequential(model_dir, adversary_dir, baseline_jobs, amplify, args.max_new_tokens)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
@@ -174,8 +193,8 @@ def main(argv=None) -> dict:
         ray.kill(replica, no_restart=True)
     finally:
         ray.shutdown()
-    baseline = measure_sequential(model_dir, adversary_dir, make_jobs(args.baseline_trees, args.size, seed=99),
-                                  amplify, args.max_new_tokens)
+    baseline_runs += best_sequential(model_dir, adversary_dir, baseline_jobs, amplify, args.max_new_tokens)[1]
+    baseline = max(baseline_runs, key=lambda r: r["nodes_per_s"])
     print(f"  sequential transformers baseline: {baseline['nodes_per_s']} nodes/s "
           f"{baseline['model_calls_per_s']} model calls/s", flush=True)
 
@@ -196,6 +215,7 @@ def main(argv=None) -> dict:
         "adversary_calls_per_s_at_256": adversary,
         "levels": rows,
         "baseline": baseline,
+        "baseline_runs": baseline_runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -5,6 +5,7 @@ The pool mixes one vLLM replica (its adversary on torch) with one torch-engine r
 give the same greedy answers for the same weights (test_replica.py checks vLLM against
 transformers), and one vLLM start-up instead of two keeps the module within its time budget.
 """
+import asyncio
 import random
 import time
 
@@ -13,7 +14,9 @@ import pytest
 pytest.importorskip("vllm")
 ray = pytest.importorskip("ray")
 
+from actors.engine_pool import ReplicaPool  # noqa: E402
 from actors.expander import InvalidJob, start_expanders  # noqa: E402
+from actors.weights import WeightsPayload  # noqa: E402
 from actors.replica import start_replicas  # noqa: E402
 from ida_ray.models import ModelSpec, create_model_dirs  # noqa: E402
 from ida_ray.tasks import get_task  # noqa: E402
@@ -33,8 +36,13 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def replicas(cluster, tmp_path_factory):
-    model_dir, adversary_dir = create_model_dirs(tmp_path_factory.mktemp("expander_models"), SPEC, seed=0)
+def dirs(tmp_path_factory):
+    return create_model_dirs(tmp_path_factory.mktemp("expander_models"), SPEC, seed=0)
+
+
+@pytest.fixture(scope="module")
+def replicas(cluster, dirs):
+    model_dir, adversary_dir = dirs
     common = dict(max_new_tokens=AMPLIFY["max_new_tokens"], max_restarts=0, wait=False)
     handles = (start_replicas(1, model_dir, adversary_dir, engine="vllm", adversary_backend="torch",
                               name_prefix="te-vllm", **common)
@@ -127,3 +135,35 @@ def test_a_dead_replica_is_routed_around_and_losing_all_is_recorded(replicas, ex
     (res,) = ray.get(expander.expand.remote(jobs_for(["1,2,3"], start=300)), timeout=120)
     assert res["tree"]["error"]["kind"] == "engine_failure"  # recorded on the tree, no hang
     assert time.time() - t0 < 60
+
+
+def test_a_restarted_replica_is_brought_back_to_the_latest_weights(cluster, dirs):
+    """Ray restarts a killed replica on its initial weights (version 0). The pool sees the stale
+    version in its answers, takes it out of rotation, reloads the last swapped payload into it
+    and serves from it again at the current version."""
+    model_dir, adversary_dir = dirs
+    (handle,) = start_replicas(1, model_dir, adversary_dir, engine="torch", max_new_tokens=4, name_prefix="te-restart",
+                               max_restarts=1)
+    pool = ReplicaPool([handle], probe_max_interval_s=1.0)
+    assert asyncio.run(pool.swap_weights(WeightsPayload.from_dirs(model_dir, adversary_dir), 5)) == {"replica[0]": 5}
+    ray.kill(handle, no_restart=False)
+    deadline = time.time() + 120
+    while True:  # until the restarted actor answers
+        try:
+            assert ray.get(handle.weight_version.remote(), timeout=10) == 0
+            break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            assert time.time() < deadline, "the replica was not restarted"
+
+    async def serve():
+        (stale,) = await pool.generate(["A1,2="])
+        (fresh,) = await pool.generate(["A1,3="])
+        return stale, fresh
+    stale, fresh = asyncio.run(serve())
+    assert stale.weight_version == 0  # recorded honestly: it came from the restarted weights
+    assert fresh.weight_version == 5
+    health = pool.health()
+    assert health["resyncs"] == 1 and health["replicas"][0]["up"]
+    assert ray.get(handle.weight_version.remote()) == 5
+    pool.close()
+    ray.kill(handle, no_restart=True)
