@@ -127,13 +127,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     mean = lambda m, k: sum(r[k] for r in rows if r["method"] == m) / sum(r["method"] == m for r in rows)  # noqa
     bars = [("answering head: correct where simple errs", "errs_truth_acc", "C2"),
             ("answering head: = simple label where simple errs", "errs_simple_agree", "C3"),
+            ("instrumental head: correct where simple errs", "instrumental_errs_truth_acc", "C4"),
             ("instrumental head: = simple label where simple errs", "instrumental_errs_simple_agree", "C1"),
             ("answering head: correct where simple is right", "agree_acc", "C0")]
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(bars)
     for i, (label, key, color) in enumerate(bars):
-        xs = [j + (i - (len(bars) - 1) / 2) * width for j, m in enumerate(methods)]
-        ys = [mean(m, key) if key in next(r for r in rows if r["method"] == m) else 0.0 for m in methods]
+        # One-head baselines have no instrumental head: no bar rather than a zero.
+        have = [(j, m) for j, m in enumerate(methods) if any(key in r for r in rows if r["method"] == m)]
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j, _ in have]
+        ys = [mean(m, key) for _, m in have]
         ax.bar(xs, ys, width, label=label, color=color)
         for x, y in zip(xs, ys):
             ax.text(x, y + 0.01, f"{y:.2f}", ha="center", fontsize=6)

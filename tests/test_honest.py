@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from ida_ray.errors import ConfigError
 from ida_ray.examples import Example
-from ida_ray.honest.comparisons import (Comparison, ConfidentJudge, collate_comparisons, collect_comparisons,
-                                        comparison_nll)
+from ida_ray.honest.comparisons import (Comparison, ConfidentJudge, amplified_answers, collate_comparisons,
+                                        collect_comparisons, comparison_nll)
 from ida_ray.honest.fit import label_examples
 from ida_ray.honest.labels import (ComplexLabeller, SumDropsCarryIntoTwenties, build_datasets, simple_labeller)
 from ida_ray.honest.objective import (ComparisonConfig, HonestConfig, HonestTrainer, disagreement, intended_nll,
@@ -269,9 +269,19 @@ def test_collected_comparisons_are_confident_and_favour_the_complex_answer(model
         trainer.step(lambda m: intended_nll(m, batch), batch)
     questions = [TASK.generate(2, rng) for _ in range(40)]
     judge = ConfidentJudge(TASK)
-    comps = collect_comparisons(model, tok, questions, TASK, judge, ComparisonConfig(samples=12, temperature=2.0))
+    comps = collect_comparisons(model, tok, questions, TASK, judge, ComparisonConfig(samples=12, temperature=2.0, amplified=False))
     assert judge.judged > judge.kept == len(comps) > 0  # an untrained model: most pairs are dropped
     assert all(c.better == TASK.solve(c.question) != c.worse and c.confidence == 1.0 for c in comps)
+
+
+def test_amplified_candidate_is_the_experts_where_the_expert_answers_directly(model_tok):
+    model, tok = model_tok
+    rng = random.Random(1)
+    small_qs = [TASK.generate(rng.choice((1, 2)), rng) for _ in range(10)]  # at or below base size
+    big_qs = [TASK.generate(4, rng) for _ in range(10)]
+    answers = amplified_answers(model.as_causal_lm("intended"), tok, TASK, small_qs + big_qs)
+    assert answers[:10] == [TASK.solve(q) for q in small_qs]  # an untrained model: still right
+    assert all(a is None or TASK.is_valid_answer(q, a) for q, a in zip(big_qs, answers[10:]))
 
 
 def test_comparison_loss_raises_the_better_answer_over_the_worse(model_tok):

@@ -2,8 +2,11 @@
 add them to the dataset when we are confident that one of them is better than the other".
 
 * Proposals: for each question, the intended head's greedy answer is compared with every other
-  distinct well-formed answer the model gives: the instrumental head's greedy answer and
-  `samples` answers sampled from the intended head.
+  distinct well-formed answer the model gives: the instrumental head's greedy answer,
+  `samples` answers sampled from the intended head, and (`amplified`) the answer of the model
+  helped by the coded expert, Amp(H, M)(q) (seed: the complex process "may involve consulting
+  ML systems for help (as in iterated amplification)"). Without it a model that has never
+  produced an answer cannot be shown to be wrong about it: sampling rarely finds it.
 * Judge: the complex labelling process, run `judge_runs` times (each run a careful-expert HCH
   tree that may slip, `slip_rate`). An answer's votes are the runs that reach it. A verdict is
   kept only when |votes_a - votes_b| / judge_runs >= `confidence`; with one exact run that means
@@ -15,11 +18,16 @@ add them to the dataset when we are confident that one of them is better than th
 """
 from __future__ import annotations
 
+import asyncio
+import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ida_ray.amplify import amplify_tree
+from ida_ray.config import AmplifyConfig
+from ida_ray.engine import TorchEngine, gather_limited
 from ida_ray.examples import Example
 from ida_ray.honest.decoding import decode
 from ida_ray.honest.labels import ComplexLabeller
@@ -64,18 +72,33 @@ class ConfidentJudge:
         return Comparison(question, better, worse, margin)
 
 
+def amplified_answers(lm, tokenizer, task: Task, questions: list[str], seed: int = 0,
+                      max_new_tokens: int = 6) -> list[str | None]:
+    """Amp(H, M)(q) per question, with M = `lm` (None where the tree failed)."""
+    engine = TorchEngine(lm, None, tokenizer, max_new_tokens=max_new_tokens)
+    cfg = AmplifyConfig(use_hprime=False, branch_choice="uniform", max_new_tokens=max_new_tokens)
+    rng = random.Random(seed)
+
+    async def run():
+        trees = [amplify_tree(task, engine, q, cfg, random.Random(rng.randrange(2**31))) for q in questions]
+        return await gather_limited(trees, 256)
+
+    return [t.answer if t.ok else None for t in asyncio.run(run())]
+
+
 def candidate_answers(model: TwoHeadedLM, tokenizer, questions: list[str], task: Task, samples: int,
-                      temperature: float) -> list[list[str]]:
+                      temperature: float, amplified: bool = False, seed: int = 0) -> list[list[str]]:
     """Distinct well-formed answers per question, the intended head's greedy answer first."""
     prompts = [answer_prompt(q) for q in questions]
     intended = model.as_causal_lm("intended")
     greedy = decode(intended, tokenizer, prompts)
     other = decode(model.as_causal_lm("instrumental"), tokenizer, prompts)
     sampled = decode(intended, tokenizer, prompts, samples, temperature) if samples else [[] for _ in prompts]
+    amp = amplified_answers(intended, tokenizer, task, questions, seed) if amplified else [None] * len(prompts)
     out = []
-    for q, g, o, s in zip(questions, greedy, other, sampled):
+    for q, g, o, s, a_amp in zip(questions, greedy, other, sampled, amp):
         seen: list[str] = []
-        for a in g + o + s:
+        for a in g + o + s + [a_amp]:
             if a is not None and a not in seen and task.is_valid_answer(q, a):
                 seen.append(a)
         out.append(seen)
@@ -83,9 +106,11 @@ def candidate_answers(model: TwoHeadedLM, tokenizer, questions: list[str], task:
 
 
 def collect_comparisons(model: TwoHeadedLM, tokenizer, questions: list[str], task: Task, judge: ConfidentJudge,
-                        cfg: ComparisonConfig) -> list[Comparison]:
+                        cfg: ComparisonConfig, seed: int = 0) -> list[Comparison]:
     kept = []
-    for q, cands in zip(questions, candidate_answers(model, tokenizer, questions, task, cfg.samples, cfg.temperature)):
+    candidates = candidate_answers(model, tokenizer, questions, task, cfg.samples, cfg.temperature, cfg.amplified,
+                                   seed)
+    for q, cands in zip(questions, candidates):
         if len(cands) < 2:
             continue
         votes = judge.votes(q)

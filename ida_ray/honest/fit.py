@@ -41,8 +41,9 @@ def fit_comparisons(trainer: HonestTrainer, tokenizer, task: Task, questions: li
                     judge: ConfidentJudge, rng: random.Random,
                     log: Callable[[str], None] | None = None) -> list[Comparison]:
     """Pretrain on the small trusted set (the seed allows likelihood for pre-training), then
-    train on confident verdicts about the model's own answers to `questions` (no labels),
-    with fresh answers every `refresh_every` steps. Returns every comparison kept."""
+    train on confident verdicts about the model's own answers to `questions` (their labels are
+    never used), with fresh answers every `refresh_every` steps, plus `joint_likelihood` times
+    the small set's likelihood. Returns every comparison kept."""
     cfg, ccfg = trainer.cfg, trainer.cfg.comparison
     fit_likelihood(trainer, tokenizer, small, small, ccfg.pretrain_steps, rng, log)
     small_ex = label_examples(small)
@@ -50,17 +51,20 @@ def fit_comparisons(trainer: HonestTrainer, tokenizer, task: Task, questions: li
     for t in range(cfg.steps):
         if t % ccfg.refresh_every == 0:
             round_qs = rng.sample(questions, min(ccfg.questions_per_round, len(questions)))
-            new = collect_comparisons(trainer.model, tokenizer, round_qs, task, judge, ccfg)
+            new = collect_comparisons(trainer.model, tokenizer, round_qs, task, judge, ccfg, seed=rng.randrange(2**31))
             kept.update({(c.question, c.better, c.worse): c for c in new})
             pool = list(kept.values())
             if log:
                 log(f"step {t}: {len(new)} confident comparisons this round "
                     f"(judged {judge.judged}, kept {judge.kept} so far); {len(pool)} in the dataset")
         sm = collate_lm(tokenizer, rng.choices(small_ex, k=cfg.small_batch_size))
-        if pool:
-            batch = collate_comparisons(tokenizer, rng.choices(pool, k=cfg.batch_size))
-            data_loss = lambda m, b=batch: comparison_nll(m, b, ccfg.beta)  # noqa: E731
-        else:
-            data_loss = lambda m: torch.zeros(())  # noqa: E731
+        batch = collate_comparisons(tokenizer, rng.choices(pool, k=cfg.batch_size)) if pool else None
+
+        def data_loss(m, batch=batch, sm=sm):
+            loss = comparison_nll(m, batch, ccfg.beta) if batch is not None else torch.zeros(())
+            if ccfg.joint_likelihood:
+                loss = loss + ccfg.joint_likelihood * intended_nll(m, sm)
+            return loss
+
         trainer.step(data_loss, sm)
     return list(kept.values())

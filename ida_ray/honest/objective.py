@@ -63,6 +63,9 @@ class ComparisonConfig:
     """Confident-comparison mode (seed step 3): see `ida_ray.honest.comparisons`."""
     beta: float = 1.0  # P(better ≻ worse) = sigmoid(beta * (log p(better) - log p(worse)))
     samples: int = 4  # sampled answers per question besides the two heads' greedy answers
+    # Also propose Amp(H, M)(q): the coded expert splits and combines, the intended head answers
+    # the branches it does not recurse on (ida_ray.amplify.amplify_tree, no H', uniform branch).
+    amplified: bool = True
     temperature: float = 1.0
     judge_runs: int = 1  # complex-process runs the judge votes over
     slip_rate: float = 0.0  # chance each careful-expert direct answer in a judge run is wrong
@@ -70,6 +73,11 @@ class ComparisonConfig:
     refresh_every: int = 200  # steps between rounds of fresh answers from the model
     questions_per_round: int = 600
     pretrain_steps: int = 600  # likelihood on the small trusted set before comparisons
+    # Joint likelihood on the small trusted set while training on comparisons (the seed: "we
+    # may still need to use likelihood for pre-training or joint training"). Without it the
+    # Bradley-Terry loss alone drove the tiny model's answers to unfinished garbage: it can
+    # widen log p(better) - log p(worse) by pushing both down.
+    joint_likelihood: float = 1.0
 
     def validate(self) -> list[str]:
         p = []
@@ -79,8 +87,8 @@ class ComparisonConfig:
             p.append("comparison.judge_runs, refresh_every, questions_per_round must be >= 1, samples >= 0")
         if not 0 <= self.slip_rate < 1 or not 0 < self.confidence <= 1:
             p.append("comparison.slip_rate must be in [0, 1) and comparison.confidence in (0, 1]")
-        if self.pretrain_steps < 0:
-            p.append("comparison.pretrain_steps must be >= 0")
+        if self.pretrain_steps < 0 or self.joint_likelihood < 0:
+            p.append("comparison.pretrain_steps and comparison.joint_likelihood must be >= 0")
         return p
 
 
