@@ -177,6 +177,7 @@ class IDACoordinator:
         self.learner: Learner | None = None
         self.setup_seconds: dict[str, float] = {}
         self.initial_accuracy: dict[int, float] = {}
+        self.max_queue_depth: dict[str, int] = {}
 
     # -- progress, for the driver's progress bars --------------------------------------
     def _phase(self, phase: str, total: int = 0) -> None:
@@ -256,12 +257,29 @@ class IDACoordinator:
             self.progress_info["done"] += len(part)
             return out
 
-        results = [r for part in await asyncio.gather(*(run(i, p) for i, p in enumerate(chunks))) for r in part]
+        watcher = asyncio.ensure_future(self._watch_replicas())
+        try:
+            results = [r for part in await asyncio.gather(*(run(i, p) for i, p in enumerate(chunks))) for r in part]
+        finally:
+            watcher.cancel()
         # Added in job order, not completion order: seeded sampling then draws the same
         # examples on every run of the same configuration (and on a resumed run).
         await asyncio.gather(self.buffer.add.remote([e for r in results for e in r["examples"]]),
                              self.buffer.add_trees.remote(it, [r["tree"] for r in results]))
         return results
+
+    async def _watch_replicas(self, every_s: float = 2.0) -> None:
+        """While trees expand, send each replica's queue depth and weight version to the
+        dashboard and keep the deepest queue seen (an idle replica's queue is always empty)."""
+        while True:
+            try:
+                health = await asyncio.gather(*(r.health.remote() for r in self.replicas))
+            except Exception:  # a replica restarting; the pool handles it, the next poll retries
+                health = []
+            self.metrics.record_replicas(health)
+            for h in health:
+                self.max_queue_depth[h["name"]] = max(self.max_queue_depth.get(h["name"], 0), h.get("queue_depth", 0))
+            await asyncio.sleep(every_s)
 
     async def run_iteration(self, it: int) -> dict:
         if it != self.completed:
@@ -275,6 +293,7 @@ class IDACoordinator:
             phases[name] = round(now - t, 3)
             t = now
 
+        self.max_queue_depth: dict[str, int] = {}
         self._phase("drawing questions")
         questions = await draw_questions(self.task, self.pool, cfg, cfg.amplify_trees_per_iteration, self.rng,
                                          adversarial=it > 0)
@@ -316,6 +335,7 @@ class IDACoordinator:
             model_steps=trained.model_steps, adversary_steps=trained.adversary_steps,
             learner_ranks_in_sync=trained.ranks_in_sync, accuracy_by_size=accuracy,
             replica_versions={h["name"]: h["version"] for h in health}, swapped=swapped,
+            replica_max_queue_depth=dict(self.max_queue_depth),
             nodes_per_second=round(m["nodes"] / phases["expand"], 2) if phases["expand"] else 0.0,
             learner_round={k: trained.rank_metrics[0].get(k) for k in
                            ("model_train_seconds", "train_seconds", "checkpoint_seconds", "round_seconds")},

@@ -118,9 +118,14 @@ class LearnerControl:
         except asyncio.TimeoutError:
             return {"pending": True}
 
-    async def ready(self, rank: int) -> None:
-        """A rank has built its model and waits for commands (measures worker start)."""
+    async def ready(self, rank: int, last: int) -> None:
+        """A rank has built its model and waits for commands after iteration `last`. A rank
+        that Ray Train restarted drops what its predecessor published for later iterations,
+        so a round's results all come from one attempt."""
         self._ready.setdefault(rank, time.time())
+        for it, got in self._results.items():
+            if it > last:
+                got.pop(rank, None)
         await self._notify()
 
     async def ready_times(self) -> dict[int, float]:
@@ -304,7 +309,7 @@ def learner_loop(config: dict) -> None:
     control = ray.get_actor(config["control_name"], namespace=ns)
     buffer = ray.get_actor(config["buffer_name"], namespace=ns)
     payload_ref = None  # kept alive until the next round, so the coordinator can fetch it
-    ray.get(control.ready.remote(rank))
+    ray.get(control.ready.remote(rank, last))
     while True:
         command = ray.get(control.next_command.remote(last))
         if command.get("stop"):

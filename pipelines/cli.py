@@ -16,9 +16,10 @@ import argparse
 import importlib.util
 import sys
 
-from ida_ray.errors import ConfigError
+from ida_ray.errors import ConfigError, IDAError
 
 EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
 
 
 def _positive_int(text: str) -> int:
@@ -102,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ida-ray: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as exc:
+        # A run that fails inside an actor arrives as a RayTaskError whose cause is ours.
+        cause = exc if isinstance(exc, IDAError) else getattr(exc, "cause", None)
+        if isinstance(cause, IDAError):
+            print(f"ida-ray: run failed ({cause.kind}): {cause}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+        raise
     except KeyboardInterrupt:
         print("ida-ray: interrupted", file=sys.stderr)
         return 130

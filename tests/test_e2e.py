@@ -5,6 +5,9 @@ straight run would be."""
 from __future__ import annotations
 
 import json
+import re
+import threading
+import urllib.request
 
 import pytest
 import ray
@@ -22,9 +25,29 @@ RESOURCES = ClusterResources(replica_cpus=1, expander_cpus=0.5, learner_cpus=1)
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=3, include_dashboard=False, namespace="test-e2e")
+    # With the dashboard: its metrics agent exports the run's series to Prometheus.
+    ray.init(num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1", namespace="test-e2e")
     yield
     ray.shutdown()
+
+
+class MetricsScraper(threading.Thread):
+    """Reads Ray's Prometheus endpoint while a run is live, keeping every ida series seen."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}/metrics"
+        self.series: dict[str, list[float]] = {}
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.wait(3):
+            try:
+                text = urllib.request.urlopen(self.url, timeout=5).read().decode()
+            except OSError:
+                continue
+            for name, value in re.findall(r"^ray_(ida_\w+?)(?:_total)?\{.*\} ([-\d.e+]+)$", text, re.M):
+                self.series.setdefault(name, []).append(float(value))
 
 
 def small_config(run_dir, engine: str, iterations: int, trees: int = 96, steps: int = 100) -> IDAConfig:
@@ -39,7 +62,10 @@ def small_config(run_dir, engine: str, iterations: int, trees: int = 96, steps: 
 @pytest.mark.vllm
 def test_distributed_ida_learns_on_vllm(ray_cluster, tmp_path):
     cfg = small_config(tmp_path, "vllm", iterations=4)
+    scraper = MetricsScraper()
+    scraper.start()
     history = train(cfg, resources=RESOURCES, progress=False)
+    scraper.stop.set()
     assert [m["iteration"] for m in history] == [0, 1, 2, 3]
     state = json.loads((tmp_path / "state.json").read_text())
     first, last = history[0], history[-1]
@@ -63,6 +89,12 @@ def test_distributed_ida_learns_on_vllm(ray_cluster, tmp_path):
     dash = json.loads((tmp_path / "dashboard_metrics.json").read_text())
     assert dash["replica_weight_version"] == {"replica-0": 4}
     assert set(dash["eval_accuracy"]) == {"1", "2", "3", "4"} and dash["iteration"][""] == 4
+    # ... and the same series reached Ray's metrics endpoint (the dashboard's source).
+    for name in ("ida_trees_completed", "ida_nodes_per_second", "ida_expert_calls_per_tree_bucket", "ida_loss",
+                 "ida_nodes_answered", "ida_eval_accuracy", "ida_replica_weight_version",
+                 "ida_replica_queue_depth"):
+        assert name in scraper.series, (name, sorted(scraper.series))
+    assert max(scraper.series["ida_replica_weight_version"]) >= 3
     for m in history:
         print(f"iter {m['iteration']}: acc {m['accuracy_by_size']} expert/tree {m['expert_calls_per_tree']:.2f} "
               f"loss {m['model_loss']:.3f} phases {m['phase_seconds']}")
