@@ -113,14 +113,15 @@ class _TreeContext:
             raise ExpertFailure(f"{type(exc).__name__}: {exc}") from exc
 
     # -- H' steps --------------------------------------------------------------------
-    async def hprime_step(self, role: str, prompt: str, question: str, expert_call) -> StepRecord:
+    async def hprime_step(self, role: str, prompt: str, question: str, expert_call,
+                          use_model: bool = True) -> StepRecord:
         """H'_fan_out / H'_fan_in: the model's step where it is confident, else the expert's.
 
         The model's greedy step is computed either way: it is the adversary's input."""
         (gen,) = await self.generate([prompt])
         record = StepRecord(role=role, prompt=prompt, output="", who=EXPERT, logprob=gen.logprob,
                             weight_version=gen.weight_version, model_output=gen.text)
-        if self.hprime:
+        if self.hprime and use_model:
             record.adversary_score = await self.adversary_if_needed(prompt, gen)
             try:
                 self.parse_model_step(question, gen)
@@ -159,7 +160,8 @@ async def _expand_inner(ctx: _TreeContext, node: Node) -> None:
     (gen,) = await ctx.generate([prompt])
     node.answer_step = StepRecord(role="answer", prompt=prompt, output="", who=MODEL, logprob=gen.logprob,
                                   weight_version=gen.weight_version, model_output=gen.text)
-    if ctx.hprime:
+    node.audited = ctx.hprime and cfg.audit_fraction > 0 and ctx.rng.random() < cfg.audit_fraction
+    if ctx.hprime and not node.audited:
         node.answer_step.adversary_score = await ctx.adversary_if_needed(prompt, gen)
         if ctx.valid_answer(q, gen) and ctx.confident(gen, node.answer_step.adversary_score):
             node.answer, node.answered_by = gen.text, HPRIME
@@ -167,7 +169,8 @@ async def _expand_inner(ctx: _TreeContext, node: Node) -> None:
             node.answer_step.target_logprob = gen.logprob
             return
 
-    node.fan_out = await ctx.hprime_step("fan_out", fan_out_prompt(q), q, lambda: ctx.h.fan_out(q))
+    node.fan_out = await ctx.hprime_step("fan_out", fan_out_prompt(q), q, lambda: ctx.h.fan_out(q),
+                                        use_model=not node.audited)
     step = parse_step(node.fan_out.output, task, q)
     while isinstance(step, Split):
         if len(node.rounds) >= cfg.max_fan_in_rounds:
@@ -178,7 +181,8 @@ async def _expand_inner(ctx: _TreeContext, node: Node) -> None:
         node.rounds.append(rnd)
         await _expand_round(ctx, node, rnd)
         sub = ((rnd.subquestions[0], rnd.answers[0]), (rnd.subquestions[1], rnd.answers[1]))
-        rnd.fan_in = await ctx.hprime_step("fan_in", fan_in_prompt(q, sub), q, lambda: ctx.h.fan_in(q, sub))
+        rnd.fan_in = await ctx.hprime_step("fan_in", fan_in_prompt(q, sub), q, lambda: ctx.h.fan_in(q, sub),
+                                           use_model=not node.audited)
         step = parse_step(rnd.fan_in.output, task, q)
 
     node.answer = step.text

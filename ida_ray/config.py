@@ -22,6 +22,10 @@ class AmplifyConfig:
     use_hprime: bool = True
     eps: float = 0.05
     confidence: str = "model"  # "model": P(greedy) >= 1-eps ; "adversary": Adv >= log(1-eps)
+    # Share of amplification nodes where H' is switched off and the expert decomposes even
+    # though the model is confident. Without these audits a confidently wrong model is never
+    # contradicted: H' would hand its own answer back to it as a label.
+    audit_fraction: float = 0.1
     adversarial_fraction: float = 0.25  # share of questions drawn by the adversary
     adversarial_candidates: int = 8  # k candidates per adversarial question
 
@@ -77,6 +81,8 @@ class IDAConfig:
             problems.append(f"amplify.branch_choice must be 'adversary' or 'uniform', got {a.branch_choice!r}")
         if a.confidence not in ("model", "adversary"):
             problems.append(f"amplify.confidence must be 'model' or 'adversary', got {a.confidence!r}")
+        if not 0 <= a.audit_fraction <= 1:
+            problems.append(f"amplify.audit_fraction must be in [0, 1], got {a.audit_fraction}")
         if not 0 < a.eps < 1:
             problems.append(f"amplify.eps must be in (0, 1), got {a.eps}")
         if a.tau < 0:

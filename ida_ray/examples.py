@@ -1,7 +1,8 @@
 """Training examples from tree records (the losses of ALGORITHM.md sections 2-3).
 
 Model examples are (prompt, completion) pairs trained by -log M(completion + EOS | prompt):
-  answer   L_M       = -log M(A | q) at every completed node (amplified or distilled A)
+  answer   L_M       = -log M(A | q) at every completed node (amplified or distilled A), except
+                       where H' returned the model's own confident answer unexamined
   fan_out  L_fan_out = -log M_fan_out(H_fan_out(q) | q), only where the expert took the step
   fan_in   L_fan_in  = -log M_fan_in(H_fan_in(...) | ...), only where the expert took the step
 Adversary examples regress Adv(prompt, M's greedy output) onto log M(target | prompt).
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ida_ray.tree import EXPERT, StepRecord, Tree
+from ida_ray.tree import EXPERT, HPRIME, StepRecord, Tree
 
 MODEL_KINDS = ("answer", "fan_out", "fan_in")
 
@@ -42,7 +43,10 @@ def tree_examples(tree: Tree) -> list[Example]:
         if node.answer is None:
             continue
         v = node.answer_step.weight_version if node.answer_step else 0
-        out.append(Example("answer", node.answer_step.prompt, node.answer, None, v or 0, tree.tree_id))
+        # An answer H' took straight from the confident model carries no new information;
+        # training on it would only reinforce the model's own (possibly wrong) belief.
+        if node.answer_step.who != HPRIME:
+            out.append(Example("answer", node.answer_step.prompt, node.answer, None, v or 0, tree.tree_id))
         out += _adversary_example(node.answer_step, tree.tree_id)
         for rec in [node.fan_out] + [r.fan_in for r in node.rounds]:
             if rec is None:

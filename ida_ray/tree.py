@@ -54,6 +54,7 @@ class Node:
     answer: str | None = None
     answered_by: str | None = None
     error: dict | None = None  # {"kind": ..., "message": ...}
+    audited: bool = False  # H' was switched off here: the expert checked the model (see AmplifyConfig)
 
     def walk(self):
         yield self

@@ -151,9 +151,22 @@ def test_examples_imitate_expert_steps_and_train_the_adversary():
 
 
 def test_hprime_steps_are_not_imitation_targets():
-    tree = amp(ScriptedEngine(oracle_policy(TASK)), "3,1,4,1")
+    tree = amp(ScriptedEngine(oracle_policy(TASK)), "3,1,4,1", audit_fraction=0.0)
+    assert tree.root.answered_by == HPRIME and tree.expert_calls == 0
     kinds = Counter(e.kind for e in tree_examples(tree))
-    assert kinds["fan_out"] == 0 and kinds["fan_in"] == 0 and kinds["answer"] == 1
+    # The confident model's own answer is not fed back to it as a label.
+    assert kinds["fan_out"] == 0 and kinds["fan_in"] == 0 and kinds["answer"] == 0
+    assert kinds["adversary"] == 1
+
+
+def test_audit_switches_hprime_off_so_the_expert_checks_a_confident_model():
+    wrong = lambda p: ("9", 0.0) if p.startswith("A") else oracle_policy(TASK)(p)  # noqa: E731
+    tree = amp(ScriptedEngine(wrong), "3,1,4,1", audit_fraction=1.0)
+    assert all(n.audited for n in tree.nodes())
+    assert tree.root.fan_out.who == EXPERT and all(r.fan_in.who == EXPERT for r in tree.root.rounds)
+    assert tree.expert_calls >= 2 and tree.answer != "9"
+    unaudited = amp(ScriptedEngine(wrong), "3,1,4,1", audit_fraction=0.0)
+    assert unaudited.answer == "9" and unaudited.expert_calls == 0
 
 
 def test_distill_tree_uses_model_in_every_role():

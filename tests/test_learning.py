@@ -11,7 +11,7 @@ from ida_ray.local_loop import LocalIDA
 @pytest.mark.slow
 def test_ida_learns_and_expert_calls_fall(tmp_path):
     cfg = IDAConfig(
-        task="sum", iterations=4, train_sizes=(1, 2, 3, 4), amplify_trees_per_iteration=128,
+        task="sum", task_kwargs={"max_digit": 3}, iterations=4, train_sizes=(1, 2, 3, 4), amplify_trees_per_iteration=128,
         distill_trees_per_iteration=128, eval_questions_per_size=60, seed=0, run_dir=str(tmp_path),
         amplify=AmplifyConfig(max_new_tokens=12),
         train=TrainConfig(steps_per_iteration=150, adversary_steps_per_iteration=30, replay_capacity=4000))
