@@ -72,14 +72,8 @@ def task_config(name: str, *, quick: bool, seed: int = 0, run_dir: str = "runs/e
                      run_dir=f"{run_dir}/{name}")
 
 
-def run_task(name: str, budget_s: float, quick: bool, seed: int, log_dir: str) -> dict:
-    """IDA then the supervised baseline for one task; runs in a worker process."""
-    import torch
-
-    torch.set_num_threads(1)
-    from ida_ray.local_loop import LocalIDA
-    from ida_ray.supervised import SupervisedBaseline
-
+def task_logger(name: str, log_dir: str | Path):
+    """A log function that prints and appends to log_dir/<name>.log, stamped with elapsed time."""
     log_path = Path(log_dir) / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -90,20 +84,41 @@ def run_task(name: str, budget_s: float, quick: bool, seed: int, log_dir: str) -
         with log_path.open("a") as f:
             f.write(line + "\n")
 
-    cfg = task_config(name, quick=quick, seed=seed, run_dir=log_dir)
+    return log
+
+
+def run_ida(cfg, budget_s: float, log, stop=None):
+    """LocalIDA for up to cfg.iterations iterations, stopping before an iteration that would
+    overrun `budget_s` (estimated from the last one), or once `stop(history)` is true.
+    Returns (the LocalIDA, per-iteration metrics, why it stopped)."""
+    from ida_ray.local_loop import LocalIDA
+
+    t0 = time.time()
     ida = LocalIDA(cfg, log=log)
     history: list[dict] = []
-    stopped_by = "max_iterations"
     for it in range(cfg.iterations):
         m = asyncio.run(ida.run_iteration(it))
         history.append(m)
         log(f"iter {it}: expert calls/tree {m['expert_calls_per_tree']:.2f} loss {m['model_loss']:.3f} "
             f"acc {_fmt(m['accuracy_by_size'])} ({m['seconds']}s)")
-        elapsed = time.time() - t_start
-        # Stop before an iteration that would overrun IDA's share (estimated from the last one).
-        if it + 1 < cfg.iterations and elapsed + m["seconds"] > IDA_SHARE * budget_s:
-            stopped_by = "time_budget"
-            break
+        if stop is not None and stop(history):
+            return ida, history, "stop_condition"
+        if it + 1 < cfg.iterations and time.time() - t0 + m["seconds"] > budget_s:
+            return ida, history, "time_budget"
+    return ida, history, "max_iterations"
+
+
+def run_task(name: str, budget_s: float, quick: bool, seed: int, log_dir: str) -> dict:
+    """IDA then the supervised baseline for one task; runs in a worker process."""
+    import torch
+
+    torch.set_num_threads(1)
+    from ida_ray.supervised import SupervisedBaseline
+
+    t_start = time.time()
+    log = task_logger(name, log_dir)
+    cfg = task_config(name, quick=quick, seed=seed, run_dir=log_dir)
+    ida, history, stopped_by = run_ida(cfg, IDA_SHARE * budget_s, log)
     ida_seconds = time.time() - t_start
     steps = len(history) * cfg.train.steps_per_iteration
 
