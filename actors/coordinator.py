@@ -32,6 +32,7 @@ from pathlib import Path
 
 import ray
 
+from actors.job_dispatch import dispatch_jobs, failure_result
 from actors.learner import Learner
 from actors.metrics import IDAMetrics
 from actors.replay_buffer import REPLAY_BUFFER_NAME, start_replay_buffer
@@ -39,6 +40,7 @@ from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
 from ida_ray.evaluation import evaluate, heldout_questions
 from ida_ray.iteration import draw_questions, tree_metrics
+from ida_ray.questions import UserQuestion, for_iteration
 from ida_ray.tasks import get_task
 from ida_ray.tree import Tree
 
@@ -68,12 +70,32 @@ class ClusterResources:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> ClusterResources:
+        if d is not None and not isinstance(d, dict):
+            raise ConfigError(f"resources must be a mapping, got {d!r}")
         d = dict(d or {})
         known = set(cls.__dataclass_fields__)
         bad = set(d) - known
         if bad:
             raise ConfigError(f"unknown keys in resources: {sorted(bad)} (known: {sorted(known)})")
-        return cls(**d)
+        return cls(**d).validate()
+
+    def validate(self) -> ClusterResources:
+        """Numbers Ray would reject only once actors start, rejected before any start."""
+        problems = []
+        for name in ("replica_cpus", "expander_cpus", "learner_cpus", "round_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                problems.append(f"resources.{name} must be a number >= 0, got {v!r}")
+        if self.round_timeout_s == 0:
+            problems.append("resources.round_timeout_s must be > 0")
+        if isinstance(self.kv_cache_gib, bool) or not isinstance(self.kv_cache_gib, int) or self.kv_cache_gib < 1:
+            problems.append(f"resources.kv_cache_gib must be a whole number >= 1, got {self.kv_cache_gib!r}")
+        if self.learner_threads is not None and (isinstance(self.learner_threads, bool) or
+                                                 not isinstance(self.learner_threads, int) or self.learner_threads < 1):
+            problems.append(f"resources.learner_threads must be a whole number >= 1 or null, got {self.learner_threads!r}")
+        if problems:
+            raise ConfigError("invalid resources:\n  - " + "\n  - ".join(problems))
+        return self
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,8 +174,13 @@ def _rng_state_from_json(data) -> tuple:
 # The coordinator actor.
 # ---------------------------------------------------------------------------------------
 class IDACoordinator:
-    def __init__(self, cfg: dict, resume: bool = False, resources: dict | None = None):
+    def __init__(self, cfg: dict, resume: bool = False, resources: dict | None = None,
+                 user_questions: list[dict] | None = None, questions_file: str | None = None):
+        """user_questions: the entries of a questions file (`ida_ray.questions.read_questions`,
+        as dicts), read and checked by the driver; each is amplified once over the run."""
         self.cfg = IDAConfig.from_dict(cfg).validate()
+        self.user_questions = [UserQuestion(**q) for q in user_questions or []]
+        self.questions_file = questions_file
         self.resources = ClusterResources.from_dict(resources)
         self.run_dir = Path(self.cfg.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +200,7 @@ class IDACoordinator:
         self.replicas: list = []
         self.expanders: list = []
         self.pool = None
+        self.latest_weights: tuple[object, int] | None = None  # (payload ref, version) last swapped
         self.buffer = None
         self.learner: Learner | None = None
         self.setup_seconds: dict[str, float] = {}
@@ -226,7 +254,9 @@ class IDACoordinator:
         self.setup_seconds["replicas"] = round(time.time() - t1, 2)
         self.pool = ReplicaPool(self.replicas)
         if self.state:  # the checkpoint's weights are served; give them their version number
-            await self.pool.swap_weights(WeightsPayload.from_dirs(model_dir, adversary_dir), self.completed)
+            ref = ray.put(WeightsPayload.from_dirs(model_dir, adversary_dir))
+            await self.pool.swap_weights(ref, self.completed)
+            self.latest_weights = (ref, self.completed)
         per_expander = max(1, math.ceil(cfg.trees_in_flight / cfg.expanders))
         self.expanders = start_expanders(cfg.expanders, self.replicas, num_cpus=res.expander_cpus, task=cfg.task,
                                          task_kwargs=cfg.task_kwargs, amplify=cfg.amplify,
@@ -244,42 +274,71 @@ class IDACoordinator:
                 "replay_buffer": buffer_stats, "replicas": [await r.health.remote() for r in self.replicas]}
 
     # -- one iteration -------------------------------------------------------------------
-    async def _expand(self, it: int, jobs: list[dict]) -> list[dict]:
-        """Expand all jobs over the expanders in chunks (so progress shows); returns the
-        results in job order, their examples and trees already in the replay buffer."""
+    async def _expand(self, it: int, jobs: list[dict], rejected: list[dict] | None = None) -> tuple[list[dict], dict]:
+        """Expand all jobs over the expanders in chunks (so progress shows), re-issuing the
+        chunks of an expander that dies (actors/job_dispatch.py); returns one result per job in
+        job order, then `rejected` (failure records made without expanding), all already in the
+        replay buffer, and the dispatch stats."""
         n_exp = len(self.expanders)
         chunk = max(4, math.ceil(len(jobs) / (n_exp * 8)))
-        chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
         self._phase("expanding trees", len(jobs))
 
-        async def run(i: int, part: list[dict]) -> list[dict]:
-            out = await self.expanders[i % n_exp].expand.remote(part)
-            self.progress_info["done"] += len(part)
-            return out
+        def done(n: int) -> None:
+            self.progress_info["done"] += n
 
+        async def tell_weights(handle) -> None:  # a restarted expander's pool starts without them
+            if self.latest_weights is not None:
+                ref, version = self.latest_weights
+                await handle.remember_weights.remote([ref], version)
+
+        await asyncio.gather(*(tell_weights(e) for e in self.expanders), return_exceptions=True)
         watcher = asyncio.ensure_future(self._watch_replicas())
         try:
-            results = [r for part in await asyncio.gather(*(run(i, p) for i, p in enumerate(chunks))) for r in part]
+            results, stats = await dispatch_jobs(self.expanders, jobs, self.task, chunk_size=chunk,
+                                                 on_chunk_done=done, on_reissue=tell_weights)
         finally:
             watcher.cancel()
+        results += rejected or []
         # Added in job order, not completion order: seeded sampling then draws the same
         # examples on every run of the same configuration (and on a resumed run).
         await asyncio.gather(self.buffer.add.remote([e for r in results for e in r["examples"]]),
                              self.buffer.add_trees.remote(it, [r["tree"] for r in results]))
-        return results
+        return results, dict(stats.to_dict(), rejected=len(rejected or []))
+
+    def _user_jobs(self, it: int) -> tuple[list[dict], list[dict]]:
+        """This iteration's share of the questions file: amplification jobs for the well-formed
+        entries, failure records (kind malformed_question) for the others."""
+        jobs, rejected = [], []
+        for q in for_iteration(self.user_questions, it, self.cfg.iterations):
+            job = {"question": q.question, "mode": "amplify", "iteration": it, "source": "user",
+                   "job_id": f"u{q.index}",
+                   # Seeded by the entry alone: the run's own draws are unchanged by the file.
+                   "seed": random.Random(f"user-{self.cfg.seed}-{q.index}").randrange(2**31)}
+            if q.problem is None:
+                jobs.append(job)
+            else:
+                where = Path(self.questions_file).name if self.questions_file else "questions file"
+                rejected.append(failure_result(self.task, job, {"kind": "malformed_question",
+                                                                "message": f"{where} line {q.line}: {q.problem}"}))
+        return jobs, rejected
 
     async def _watch_replicas(self, every_s: float = 2.0) -> None:
         """While trees expand, send each replica's queue depth and weight version to the
         dashboard and keep the deepest queue seen (an idle replica's queue is always empty)."""
         while True:
-            try:
-                health = await asyncio.gather(*(r.health.remote() for r in self.replicas))
-            except Exception:  # a replica restarting; the pool handles it, the next poll retries
-                health = []
+            health = await self._replica_health()
             self.metrics.record_replicas(health)
             for h in health:
                 self.max_queue_depth[h["name"]] = max(self.max_queue_depth.get(h["name"], 0), h.get("queue_depth", 0))
             await asyncio.sleep(every_s)
+
+    async def _replica_health(self, timeout_s: float = 10.0) -> list[dict]:
+        """health() of every replica that answers; one that is dead or restarting is left out
+        (the pools route around it), so a lost replica never stops the loop."""
+        async def one(r):
+            return await asyncio.wait_for(r.health.remote(), timeout_s)
+        got = await asyncio.gather(*(one(r) for r in self.replicas), return_exceptions=True)
+        return [h for h in got if isinstance(h, dict)]
 
     async def run_iteration(self, it: int) -> dict:
         if it != self.completed:
@@ -304,9 +363,11 @@ class IDACoordinator:
                 for i, ((q, src), s) in enumerate(zip(questions, seeds))]
         jobs += [{"question": q, "mode": "distill", "seed": 0, "iteration": it, "source": "train", "job_id": f"d{i}"}
                  for i, q in enumerate(distill_qs)]
+        user_jobs, rejected = self._user_jobs(it)
+        jobs += user_jobs
         lap("questions")
 
-        results = await self._expand(it, jobs)
+        results, dispatch = await self._expand(it, jobs, rejected)
         trees = [Tree.from_dict(r["tree"]) for r in results]
         n_examples = sum(len(r["examples"]) for r in results)
         lap("expand")
@@ -317,6 +378,7 @@ class IDACoordinator:
 
         self._phase("swapping weights")
         swapped = await self.pool.swap_weights(trained.payload_ref, trained.weight_version)
+        self.latest_weights = (trained.payload_ref, trained.weight_version)
         for e in self.expanders:  # their pools resync replicas that Ray restarts
             e.remember_weights.remote([trained.payload_ref], trained.weight_version)
         lap("swap")
@@ -326,7 +388,7 @@ class IDACoordinator:
         lap("eval")
 
         self._phase("recording")
-        health = list(await asyncio.gather(*(r.health.remote() for r in self.replicas)))
+        health = await self._replica_health()
         buffer_stats = await self.buffer.stats.remote()
         m = tree_metrics(trees)
         m.update(
@@ -335,7 +397,7 @@ class IDACoordinator:
             model_steps=trained.model_steps, adversary_steps=trained.adversary_steps,
             learner_ranks_in_sync=trained.ranks_in_sync, accuracy_by_size=accuracy,
             replica_versions={h["name"]: h["version"] for h in health}, swapped=swapped,
-            replica_max_queue_depth=dict(self.max_queue_depth),
+            replica_max_queue_depth=dict(self.max_queue_depth), jobs=dispatch,
             nodes_per_second=round(m["nodes"] / phases["expand"], 2) if phases["expand"] else 0.0,
             learner_round={k: trained.rank_metrics[0].get(k) for k in
                            ("model_train_seconds", "train_seconds", "checkpoint_seconds", "round_seconds")},
@@ -352,7 +414,7 @@ class IDACoordinator:
         write_json_atomic(self.run_dir / STATE_FILE, {
             "completed_iterations": self.completed, "checkpoint": trained.checkpoint_path,
             "rng_state": _rng_state_to_json(self.rng.getstate()), "config": cfg.to_dict(),
-            "initial_accuracy": self.initial_accuracy,
+            "initial_accuracy": self.initial_accuracy, "questions_file": self.questions_file,
             "weight_version": trained.weight_version, "time": time.time()})
         self._phase("iteration done")
         return m
@@ -377,7 +439,7 @@ class IDACoordinator:
 
     async def health(self) -> dict:
         return {"completed": self.completed, "progress": self.progress(),
-                "replicas": list(await asyncio.gather(*(r.health.remote() for r in self.replicas))),
+                "replicas": await self._replica_health(),
                 "expanders": list(await asyncio.gather(*(e.health.remote() for e in self.expanders))),
                 "replay_buffer": await self.buffer.stats.remote() if self.buffer else None,
                 "learner_start_seconds": self.learner.start_seconds if self.learner else None}
@@ -402,10 +464,12 @@ class IDACoordinator:
 
 
 def start_coordinator(cfg: IDAConfig, resume: bool = False, resources: ClusterResources | None = None,
-                      name: str = COORDINATOR_NAME):
+                      name: str = COORDINATOR_NAME, user_questions: list[UserQuestion] | None = None,
+                      questions_file: str | None = None):
     # The learner's fit() thread blocks in ray.get by design (it is not the event loop);
     # Ray's warning about blocking gets in async actors would only mislead.
     env = {"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}
     cls = ray.remote(num_cpus=0, max_concurrency=1000)(IDACoordinator)
-    return cls.options(name=name, runtime_env=env).remote(cfg.to_dict(), resume,
-                                                          asdict(resources or ClusterResources()))
+    return cls.options(name=name, runtime_env=env).remote(
+        cfg.to_dict(), resume, asdict(resources or ClusterResources()),
+        [q.to_dict() for q in user_questions or []], None if questions_file is None else str(questions_file))

@@ -1,0 +1,130 @@
+"""Tree jobs spread over TreeExpander actors with nothing lost and nothing counted twice.
+
+    results, stats = await dispatch_jobs(expanders, jobs, task, chunk_size=8)
+
+Jobs go out in chunks, chunk i to expander i mod n. An expander returns a chunk's results all
+at once, so a chunk is either wholly answered or wholly lost: when its expander dies (Ray
+raises RayActorError: ActorDiedError, or ActorUnavailableError while it restarts), the whole
+chunk is sent again, to the next expander in turn (which may be the same one once Ray has
+restarted it). Trees are seeded per job, so a re-issued tree is the tree the first attempt
+would have built. After `max_attempts` tries, or when an expander raises inside `expand` (a
+bug or an invalid job: retrying would fail the same way), each job of the chunk gets a failed
+tree record instead, with the error's kind, so the caller still gets exactly one record per
+job. Results are checked by job_id: a duplicate or a missing id is a bug and raises.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+
+from ray.exceptions import RayActorError, RayTaskError
+
+from ida_ray.errors import IDAError
+from ida_ray.tasks.base import Task
+from ida_ray.tree import Node, Tree, error_record
+
+log = logging.getLogger(__name__)
+
+
+class ExpanderLost(IDAError):
+    """A chunk of jobs found no live expander after every attempt."""
+
+    kind = "expander_lost"
+
+
+class ExpanderError(IDAError):
+    """An expander raised inside `expand` (not a tree's own, recorded, failure)."""
+
+    kind = "expander_error"
+
+
+@dataclass
+class DispatchStats:
+    submitted: int = 0
+    chunks: int = 0
+    reissued_chunks: int = 0  # re-sends after an expander died
+    reissued_jobs: int = 0
+    failed_chunks: int = 0  # chunks given failure records (no expander answered, or it raised)
+    lost_jobs: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def failure_result(task: Task, job: dict, error: dict) -> dict:
+    """A result in the expander's format for a job that produced no tree: a record with the
+    error on the tree and its root, and no training examples."""
+    try:
+        size = task.size(job["question"])
+    except Exception:  # noqa: BLE001 - the question may be the reason it failed
+        size = -1
+    root = Node(question=job["question"], depth=0, error=error)
+    tree = Tree(tree_id=uuid.uuid4().hex, task=task.name, question=job["question"], size=size,
+                mode=job.get("mode", "amplify"), iteration=job.get("iteration", 0), root=root, error=error,
+                source=job.get("source", "train"))
+    return {"job_id": job["job_id"], "tree": tree.to_dict(), "examples": []}
+
+
+async def _run_chunk(expanders: list, index: int, chunk: list[dict], task: Task, max_attempts: int,
+                     stats: DispatchStats, on_reissue: Callable[[object], Awaitable] | None) -> list[dict]:
+    ids = [j["job_id"] for j in chunk]
+    for attempt in range(max_attempts):
+        handle = expanders[(index + attempt) % len(expanders)]
+        if attempt:
+            stats.reissued_chunks += 1
+            stats.reissued_jobs += len(chunk)
+            if on_reissue is not None:
+                try:  # e.g. tell a restarted expander the latest weights; best effort
+                    await on_reissue(handle)
+                except RayActorError:
+                    pass
+        try:
+            results = await handle.expand.remote(chunk)
+        except RayActorError as exc:
+            log.warning("chunk %d (%d jobs): expander died (%s); %s", index, len(chunk), type(exc).__name__,
+                        "re-issuing" if attempt + 1 < max_attempts else "giving up")
+            last = ExpanderLost(f"no expander answered after {attempt + 1} tries: {type(exc).__name__}: "
+                                f"{str(exc)[:200]}")
+            continue
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            last = cause if isinstance(cause, IDAError) else ExpanderError(f"{type(cause or exc).__name__}: {cause or exc}")
+            break
+        got = [r["job_id"] for r in results]
+        if got != ids:
+            raise RuntimeError(f"expander answered jobs {got[:5]}... for {ids[:5]}...: job bookkeeping is broken")
+        return results
+    stats.failed_chunks += 1
+    stats.lost_jobs += len(chunk)
+    err = error_record(last)
+    return [failure_result(task, j, err) for j in chunk]
+
+
+async def dispatch_jobs(expanders: list, jobs: list[dict], task: Task, *, chunk_size: int, max_attempts: int | None = None,
+                        on_chunk_done: Callable[[int], None] | None = None,
+                        on_reissue: Callable[[object], Awaitable] | None = None) -> tuple[list[dict], DispatchStats]:
+    """Expand every job; returns one result per job, in job order, and what it took."""
+    if not expanders:
+        raise ValueError("dispatch_jobs needs at least one expander")
+    ids = [j["job_id"] for j in jobs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("job ids must be unique")
+    max_attempts = max_attempts or len(expanders) + 2
+    stats = DispatchStats(submitted=len(jobs))
+    chunks = [jobs[i:i + chunk_size] for i in range(0, len(jobs), max(1, chunk_size))]
+    stats.chunks = len(chunks)
+
+    async def run(i: int, chunk: list[dict]) -> list[dict]:
+        out = await _run_chunk(expanders, i, chunk, task, max_attempts, stats, on_reissue)
+        if on_chunk_done is not None:
+            on_chunk_done(len(chunk))
+        return out
+
+    parts = await asyncio.gather(*(run(i, c) for i, c in enumerate(chunks)))
+    results = [r for part in parts for r in part]
+    if [r["job_id"] for r in results] != ids:
+        raise RuntimeError("dispatch lost or duplicated a job")  # cannot happen: each chunk answers its own ids
+    return results, stats

@@ -1,0 +1,100 @@
+"""User-supplied questions: a file of questions that a run amplifies alongside its own draws.
+
+Two formats, chosen by the file's suffix:
+  *.jsonl  one JSON value per line: a string ("3,5,7") or an object {"question": "3,5,7"}
+  other    plain text, one question per line; blank lines and lines starting with '#' skipped
+
+The file is checked before any cluster resource is taken: a file that is missing, not UTF-8,
+too large or holds no question at all is a ConfigError. A single bad line is not: it becomes
+an entry with a `problem` (unreadable JSON, not a string, a question the task's parser
+rejects, a question too long for the model's context), and the run records it as a tree
+whose error kind is `malformed_question`, so every line of the file is accounted for.
+
+Each question is amplified once over the run, in file order: iteration i takes the i-th slice
+of ceil(n / iterations) entries (`for_iteration`), so a resumed run picks up where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ida_ray.errors import ConfigError
+from ida_ray.tasks.base import Task
+
+MAX_FILE_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class UserQuestion:
+    index: int  # position among the file's entries (skipped lines not counted); names the job
+    line: int  # 1-based line number in the file, for messages
+    question: str  # the question, or the raw line when it could not be read as one
+    problem: str | None = None  # why it is malformed; None when it is a well-formed question
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def max_question_chars(max_positions: int, max_new_tokens: int) -> int:
+    """The longest question whose prompts fit the model's context. The tokenizer has one token
+    per character, and the longest prompt is a fan-in: the question, two subquestions (together
+    about as long as the question) and two answers (each at most max_new_tokens), plus about
+    nine format characters and BOS; generation then needs max_new_tokens more positions."""
+    return max(0, (max_positions - 3 * max_new_tokens - 9) // 2)
+
+
+def _entry(task: Task, index: int, line: int, raw: str, jsonl: bool, max_chars: int) -> UserQuestion:
+    text = raw
+    if jsonl:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            return UserQuestion(index, line, raw, f"not valid JSON ({exc.msg})")
+        if isinstance(value, dict):
+            value = value.get("question")
+        if not isinstance(value, str):
+            return UserQuestion(index, line, raw, 'expected a JSON string or {"question": "..."}')
+        text = value
+    if len(text) > max_chars:
+        return UserQuestion(index, line, text[:200], f"{len(text)} characters, more than the {max_chars} that fit "
+                            "the model's context")
+    try:
+        task.parse(text)
+    except Exception as exc:  # noqa: BLE001 - any parser failure on user input is a malformed question
+        return UserQuestion(index, line, text, f"{task.name} cannot parse it: {exc}")
+    return UserQuestion(index, line, text)
+
+
+def read_questions(path: str | Path, task: Task, max_chars: int) -> list[UserQuestion]:
+    """Every entry of the file, well-formed or not; ConfigError when the file itself is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"questions file {path} does not exist or is not a file")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ConfigError(f"questions file {path} is larger than {MAX_FILE_BYTES // 2**20} MiB")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"questions file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"questions file {path} cannot be read: {exc}") from None
+    jsonl = path.suffix.lower() == ".jsonl"
+    entries = []
+    for number, raw in enumerate(lines, 1):
+        raw = raw.strip()
+        if not raw or (not jsonl and raw.startswith("#")):
+            continue
+        entries.append(_entry(task, len(entries), number, raw, jsonl, max_chars))
+    if not entries:
+        raise ConfigError(f"questions file {path} holds no questions")
+    return entries
+
+
+def for_iteration(entries: list[UserQuestion], iteration: int, iterations: int) -> list[UserQuestion]:
+    """The entries amplified in one iteration: consecutive slices, each entry exactly once."""
+    if iterations < 1:
+        raise ValueError("iterations must be >= 1")
+    per = math.ceil(len(entries) / iterations)
+    return entries[iteration * per:(iteration + 1) * per]
