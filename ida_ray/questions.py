@@ -7,8 +7,9 @@ Two formats, chosen by the file's suffix:
 The file is checked before any cluster resource is taken: a file that is missing, not UTF-8,
 too large or holds no question at all is a ConfigError. A single bad line is not: it becomes
 an entry with a `problem` (unreadable JSON, not a string, a question the task's parser
-rejects, a question too long for the model's context), and the run records it as a tree
-whose error kind is `malformed_question`, so every line of the file is accounted for.
+rejects, a question whose tree's prompts would not fit the model's context), and the run
+records it as a tree whose error kind is `malformed_question`, so every line of the file is
+accounted for.
 
 Each question is amplified once over the run, in file order: iteration i takes the i-th slice
 of ceil(n / iterations) entries (`for_iteration`), so a resumed run picks up where it stopped.
@@ -21,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ida_ray.errors import ConfigError
+from ida_ray.prompts import answer_prompt, fan_in_prompt, fan_out_prompt
+from ida_ray.steps import Answer
 from ida_ray.tasks.base import Task
 
 MAX_FILE_BYTES = 64 * 2**20
@@ -37,15 +40,38 @@ class UserQuestion:
         return asdict(self)
 
 
-def max_question_chars(max_positions: int, max_new_tokens: int) -> int:
-    """The longest question whose prompts fit the model's context. The tokenizer has one token
-    per character, and the longest prompt is a fan-in: the question, two subquestions (together
-    about as long as the question) and two answers (each at most max_new_tokens), plus about
-    nine format characters and BOS; generation then needs max_new_tokens more positions."""
-    return max(0, (max_positions - 3 * max_new_tokens - 9) // 2)
+def longest_prompt(task: Task, question: str, max_depth: int = 64, max_rounds: int = 8) -> int:
+    """Characters in the longest prompt of the question's expert tree: the answer, fan-out
+    and fan-in prompts a run shows the model once its answers are right (the tokenizer has one
+    token per character). A question whose expert tree cannot be built is measured by its own
+    prompts; the run records whatever then goes wrong."""
+    def walk(q: str, depth: int) -> tuple[str, int]:
+        longest = max(len(answer_prompt(q)), len(fan_out_prompt(q)))
+        if depth > max_depth:
+            raise RecursionError(f"expert tree deeper than {max_depth}")
+        step = task.expert_fan_out(q)
+        for _ in range(max_rounds):
+            if isinstance(step, Answer):
+                return step.text, longest
+            (a1, l1), (a2, l2) = walk(step.q1, depth + 1), walk(step.q2, depth + 1)
+            sub = ((step.q1, a1), (step.q2, a2))
+            longest = max(longest, l1, l2, len(fan_in_prompt(q, sub)))
+            step = task.expert_fan_in(q, sub)
+        raise RecursionError(f"expert fan-in did not finish within {max_rounds} rounds")
+
+    try:
+        return walk(question, 0)[1]
+    except Exception:  # noqa: BLE001 - see above
+        return len(fan_out_prompt(question))
 
 
-def _entry(task: Task, index: int, line: int, raw: str, jsonl: bool, max_chars: int) -> UserQuestion:
+def context_needed(task: Task, question: str, max_new_tokens: int) -> int:
+    """Positions the question's longest step needs: BOS, the prompt, the completion."""
+    return 1 + longest_prompt(task, question) + max_new_tokens
+
+
+def _entry(task: Task, index: int, line: int, raw: str, jsonl: bool, max_positions: int,
+           max_new_tokens: int) -> UserQuestion:
     text = raw
     if jsonl:
         try:
@@ -57,17 +83,21 @@ def _entry(task: Task, index: int, line: int, raw: str, jsonl: bool, max_chars: 
         if not isinstance(value, str):
             return UserQuestion(index, line, raw, 'expected a JSON string or {"question": "..."}')
         text = value
-    if len(text) > max_chars:
-        return UserQuestion(index, line, text[:200], f"{len(text)} characters, more than the {max_chars} that fit "
-                            "the model's context")
+    if len(text) + max_new_tokens + 3 > max_positions:  # not even its answer prompt fits
+        return UserQuestion(index, line, text[:200], f"{len(text)} characters: too long for the model's context "
+                            f"of {max_positions} positions")
     try:
         task.parse(text)
     except Exception as exc:  # noqa: BLE001 - any parser failure on user input is a malformed question
         return UserQuestion(index, line, text, f"{task.name} cannot parse it: {exc}")
+    need = context_needed(task, text, max_new_tokens)
+    if need > max_positions:
+        return UserQuestion(index, line, text, f"its tree's prompts need {need} positions, more than the model's "
+                            f"context of {max_positions}")
     return UserQuestion(index, line, text)
 
 
-def read_questions(path: str | Path, task: Task, max_chars: int) -> list[UserQuestion]:
+def read_questions(path: str | Path, task: Task, max_positions: int, max_new_tokens: int) -> list[UserQuestion]:
     """Every entry of the file, well-formed or not; ConfigError when the file itself is unusable."""
     path = Path(path)
     if not path.is_file():
@@ -86,7 +116,7 @@ def read_questions(path: str | Path, task: Task, max_chars: int) -> list[UserQue
         raw = raw.strip()
         if not raw or (not jsonl and raw.startswith("#")):
             continue
-        entries.append(_entry(task, len(entries), number, raw, jsonl, max_chars))
+        entries.append(_entry(task, len(entries), number, raw, jsonl, max_positions, max_new_tokens))
     if not entries:
         raise ConfigError(f"questions file {path} holds no questions")
     return entries

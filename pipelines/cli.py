@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="random seed")
     t.add_argument("--run-dir", help="run directory (default: runs/latest)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--questions-file", metavar="FILE", help="questions to amplify besides the run's own draws, "
+                   "each once over the run: one per line, or JSONL (\"3,5\" or {\"question\": \"3,5\"}); a malformed "
+                   "line is recorded as a failed tree (malformed_question)")
     t.add_argument("--address", help="join a running Ray cluster ('auto', or host:port); default: start a local one")
     t.add_argument("--no-dashboard", action="store_true", help="local cluster without the Ray dashboard")
     t.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
@@ -72,6 +75,7 @@ def _check_engine(engine: str) -> None:
 
 
 def run_train(args) -> int:
+    from pipelines.preflight import check_config
     from pipelines.train import load_config, train, with_overrides
 
     cfg, resources = load_config(args.config)
@@ -80,9 +84,9 @@ def run_train(args) -> int:
     cfg = with_overrides(cfg, task=args.task, iterations=args.iterations, replicas=args.replicas,
                          expanders=args.expanders, learner_workers=args.learner_workers, engine=args.engine,
                          use_gpu=args.gpu, seed=args.seed, run_dir=args.run_dir)
-    cfg.validate()
+    check_config(cfg, address=args.address)
     _check_engine(cfg.engine)
-    train(cfg, resume=args.resume, address=args.address, resources=resources,
+    train(cfg, resume=args.resume, address=args.address, resources=resources, questions_file=args.questions_file,
           progress=not args.no_progress, dashboard=not args.no_dashboard, actor_logs=args.verbose)
     return 0
 

@@ -133,15 +133,23 @@ def summary(history: list[dict], run_dir: str | Path, initial_accuracy: dict | N
 
 def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
           resources: ClusterResources | None = None, progress: bool = True, dashboard: bool = True,
-          actor_logs: bool = False, log=print) -> list[dict]:
-    """Run (or resume) a distributed IDA run; returns the metrics of every iteration."""
+          actor_logs: bool = False, questions_file: str | Path | None = None, log=print) -> list[dict]:
+    """Run (or resume) a distributed IDA run; returns the metrics of every iteration.
+
+    questions_file: questions to amplify besides the run's own draws (ida_ray/questions.py);
+    a resumed run reuses the file it was started with unless given another."""
     import ray
 
     from actors.coordinator import start_coordinator
+    from pipelines.preflight import check_config, check_questions_file
 
-    cfg = cfg.validate()
-    resources = resources or ClusterResources()
-    state = check_run_dir(cfg, resume)  # a clear error before any Ray resource is taken
+    # Every input is checked before any Ray resource is taken: a mistake costs no cluster time.
+    cfg = check_config(cfg, address=address)
+    resources = (resources or ClusterResources()).validate()
+    state = check_run_dir(cfg, resume)
+    if questions_file is None and state:
+        questions_file = state.get("questions_file")
+    user_questions = check_questions_file(cfg, questions_file)
     if state and state["completed_iterations"] >= cfg.iterations:  # nothing to run: no cluster needed
         history = read_history(cfg.run_dir, state["completed_iterations"])[:cfg.iterations]
         log(f"{cfg.run_dir}: {state['completed_iterations']} iterations already done (asked for {cfg.iterations})")
@@ -151,7 +159,9 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
     coordinator = None
     t0 = time.time()
     try:
-        coordinator = start_coordinator(cfg, resume, resources)
+        coordinator = start_coordinator(cfg, resume, resources, user_questions=user_questions,
+                                        questions_file=None if questions_file is None else
+                                        str(Path(questions_file).resolve()))
         log(f"starting {cfg.replicas} {cfg.engine} replica(s), {cfg.expanders} expander(s), "
             f"{cfg.learner_workers} learner worker(s) ...")
         info = ray.get(coordinator.setup.remote())
