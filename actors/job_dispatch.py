@@ -6,7 +6,9 @@ Jobs go out in chunks, chunk i to expander i mod n. An expander returns a chunk'
 at once, so a chunk is either wholly answered or wholly lost: when its expander dies (Ray
 raises RayActorError: ActorDiedError, or ActorUnavailableError while it restarts), the whole
 chunk is sent again, to the next expander in turn (which may be the same one once Ray has
-restarted it). Trees are seeded per job, so a re-issued tree is the tree the first attempt
+restarted it). Calls to an actor that Ray is restarting fail at once rather than wait, so
+before a re-send the expander is probed with back-off until it answers (up to
+`restart_timeout_s`); one that is dead for good (ActorDiedError) is passed over. Trees are seeded per job, so a re-issued tree is the tree the first attempt
 would have built. After `max_attempts` tries, or when an expander raises inside `expand` (a
 bug or an invalid job: retrying would fail the same way), each job of the chunk gets a failed
 tree record instead, with the error's kind, so the caller still gets exactly one record per
@@ -20,7 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from ida_ray.errors import IDAError
 from ida_ray.tasks.base import Task
@@ -68,12 +70,35 @@ def failure_result(task: Task, job: dict, error: dict) -> dict:
     return {"job_id": job["job_id"], "tree": tree.to_dict(), "examples": []}
 
 
+async def _reachable(handle, timeout_s: float) -> bool:
+    """Whether the expander answers within timeout_s (it may be restarting); False at once if
+    it is dead for good."""
+    loop = asyncio.get_running_loop()
+    deadline, delay = loop.time() + timeout_s, 0.2
+    while True:
+        try:
+            await asyncio.wait_for(handle.health.remote(), max(0.1, deadline - loop.time()))
+            return True
+        except ActorDiedError:
+            return False
+        except (RayActorError, asyncio.TimeoutError):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
+
+
 async def _run_chunk(expanders: list, index: int, chunk: list[dict], task: Task, max_attempts: int,
-                     stats: DispatchStats, on_reissue: Callable[[object], Awaitable] | None) -> list[dict]:
+                     stats: DispatchStats, on_reissue: Callable[[object], Awaitable] | None,
+                     restart_timeout_s: float) -> list[dict]:
     ids = [j["job_id"] for j in chunk]
     for attempt in range(max_attempts):
         handle = expanders[(index + attempt) % len(expanders)]
         if attempt:
+            if not await _reachable(handle, restart_timeout_s):
+                last = ExpanderLost(f"no expander answered after {attempt + 1} tries (the last did not come back "
+                                    f"within {restart_timeout_s:.0f}s)")
+                continue
             stats.reissued_chunks += 1
             stats.reissued_jobs += len(chunk)
             if on_reissue is not None:
@@ -105,7 +130,8 @@ async def _run_chunk(expanders: list, index: int, chunk: list[dict], task: Task,
 
 async def dispatch_jobs(expanders: list, jobs: list[dict], task: Task, *, chunk_size: int, max_attempts: int | None = None,
                         on_chunk_done: Callable[[int], None] | None = None,
-                        on_reissue: Callable[[object], Awaitable] | None = None) -> tuple[list[dict], DispatchStats]:
+                        on_reissue: Callable[[object], Awaitable] | None = None,
+                        restart_timeout_s: float = 300.0) -> tuple[list[dict], DispatchStats]:
     """Expand every job; returns one result per job, in job order, and what it took."""
     if not expanders:
         raise ValueError("dispatch_jobs needs at least one expander")
@@ -118,7 +144,7 @@ async def dispatch_jobs(expanders: list, jobs: list[dict], task: Task, *, chunk_
     stats.chunks = len(chunks)
 
     async def run(i: int, chunk: list[dict]) -> list[dict]:
-        out = await _run_chunk(expanders, i, chunk, task, max_attempts, stats, on_reissue)
+        out = await _run_chunk(expanders, i, chunk, task, max_attempts, stats, on_reissue, restart_timeout_s)
         if on_chunk_done is not None:
             on_chunk_done(len(chunk))
         return out
