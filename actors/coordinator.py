@@ -340,6 +340,14 @@ class IDACoordinator:
         got = await asyncio.gather(*(one(r) for r in self.replicas), return_exceptions=True)
         return [h for h in got if isinstance(h, dict)]
 
+    async def _pool_faults(self) -> dict:
+        """Replica faults the expanders' pools handled so far (batches re-sent after a replica
+        died, items failed for good, restarted replicas brought back to the latest weights),
+        summed over the expanders that answer; an expander restarted by Ray starts from 0."""
+        got = await asyncio.gather(*(e.health.remote() for e in self.expanders), return_exceptions=True)
+        pools = [h["pool"] for h in got if isinstance(h, dict)]
+        return {k: sum(p.get(k, 0) for p in pools) for k in ("resent", "failed_items", "resyncs")}
+
     async def run_iteration(self, it: int) -> dict:
         if it != self.completed:
             raise ValueError(f"iteration {it} requested, but {self.completed} iterations are complete")
@@ -389,6 +397,7 @@ class IDACoordinator:
 
         self._phase("recording")
         health = await self._replica_health()
+        pool_faults = await self._pool_faults()
         buffer_stats = await self.buffer.stats.remote()
         m = tree_metrics(trees)
         m.update(
@@ -397,7 +406,7 @@ class IDACoordinator:
             model_steps=trained.model_steps, adversary_steps=trained.adversary_steps,
             learner_ranks_in_sync=trained.ranks_in_sync, accuracy_by_size=accuracy,
             replica_versions={h["name"]: h["version"] for h in health}, swapped=swapped,
-            replica_max_queue_depth=dict(self.max_queue_depth), jobs=dispatch,
+            replica_max_queue_depth=dict(self.max_queue_depth), jobs=dispatch, replica_faults=pool_faults,
             nodes_per_second=round(m["nodes"] / phases["expand"], 2) if phases["expand"] else 0.0,
             learner_round={k: trained.rank_metrics[0].get(k) for k in
                            ("model_train_seconds", "train_seconds", "checkpoint_seconds", "round_seconds")},
