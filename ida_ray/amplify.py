@@ -256,7 +256,9 @@ async def distill_tree(task: Task, engine: Engine, question: str, cfg: AmplifyCo
                        source: str = "train") -> Tree:
     """The model-only tree for one question: M_fan_out, M on both subquestions, M_fan_in.
 
-    Its answer A is the distillation target for M(question)."""
+    Its answer A is the distillation target for M(question), when the tree is confident:
+    `tree.confidence` is the probability of the tree's whole path (fan-out, both subanswers,
+    fan-in), and below `cfg.distill_min_confidence` the target is dropped (see examples.py)."""
     ctx = _TreeContext(task, engine, cfg, random.Random(0), hprime=False)
     tree = _new_tree(task, question, "distill", iteration, source)
     node = tree.root
@@ -271,6 +273,7 @@ async def distill_tree(task: Task, engine: Engine, question: str, cfg: AmplifyCo
         node.fan_out = StepRecord(role="fan_out", prompt=fo_prompt, output=fo.text, who=MODEL,
                                   logprob=fo.logprob, weight_version=fo.weight_version, model_output=fo.text)
         step = ctx.parse_model_step(question, fo)
+        logprob = fo.logprob  # of the whole model-only tree: every step it took
         while isinstance(step, Split):
             if len(node.rounds) >= cfg.max_fan_in_rounds:
                 raise FanInRoundsExceeded(f"more than {cfg.max_fan_in_rounds} fan-in rounds at {question!r}")
@@ -278,14 +281,18 @@ async def distill_tree(task: Task, engine: Engine, question: str, cfg: AmplifyCo
             node.rounds.append(rnd)
             gens = await ctx.generate([answer_prompt(s) for s in rnd.subquestions])
             rnd.model_answers = rnd.answers = [g.text for g in gens]
+            logprob += sum(g.logprob for g in gens)
             sub = ((step.q1, rnd.answers[0]), (step.q2, rnd.answers[1]))
             fi_prompt = fan_in_prompt(question, sub)
             (fi,) = await ctx.generate([fi_prompt])
             rnd.fan_in = StepRecord(role="fan_in", prompt=fi_prompt, output=fi.text, who=MODEL,
                                     logprob=fi.logprob, weight_version=fi.weight_version, model_output=fi.text)
             step = ctx.parse_model_step(question, fi)
+            logprob += fi.logprob
         node.answer = parse_answer(step.text, task, question)
         node.answered_by = MODEL
+        tree.confidence = math.exp(logprob)
+        tree.distill_target = tree.confidence >= cfg.distill_min_confidence
         node.answer_step.output = node.answer
         await _target_logprobs(ctx, [node.answer_step])
     except IDAError as exc:

@@ -26,6 +26,10 @@ class AmplifyConfig:
     # though the model is confident. Without these audits a confidently wrong model is never
     # contradicted: H' would hand its own answer back to it as a label.
     audit_fraction: float = 0.1
+    # A model-only (distillation) tree's answer becomes M's target only when the model is this
+    # sure of the tree's whole path. Early on the model's fan-in is poor and unconfident, and
+    # its trees' answers (often wrong) would outnumber the amplified ones.
+    distill_min_confidence: float = 0.5
     adversarial_fraction: float = 0.25  # share of questions drawn by the adversary
     adversarial_candidates: int = 8  # k candidates per adversarial question
 
@@ -81,6 +85,8 @@ class IDAConfig:
             problems.append(f"amplify.branch_choice must be 'adversary' or 'uniform', got {a.branch_choice!r}")
         if a.confidence not in ("model", "adversary"):
             problems.append(f"amplify.confidence must be 'model' or 'adversary', got {a.confidence!r}")
+        if not 0 <= a.distill_min_confidence <= 1:
+            problems.append(f"amplify.distill_min_confidence must be in [0, 1], got {a.distill_min_confidence}")
         if not 0 <= a.audit_fraction <= 1:
             problems.append(f"amplify.audit_fraction must be in [0, 1], got {a.audit_fraction}")
         if not 0 < a.eps < 1:

@@ -2,7 +2,8 @@
 
 Model examples are (prompt, completion) pairs trained by -log M(completion + EOS | prompt):
   answer   L_M       = -log M(A | q) at every completed node (amplified or distilled A), except
-                       where H' returned the model's own confident answer unexamined
+                       where H' returned the model's own confident answer unexamined, and
+                       distilled answers of trees the model was unsure of (Tree.distill_target)
   fan_out  L_fan_out = -log M_fan_out(H_fan_out(q) | q), only where the expert took the step
   fan_in   L_fan_in  = -log M_fan_in(H_fan_in(...) | ...), only where the expert took the step
 Adversary examples regress Adv(prompt, M's greedy output) onto log M(target | prompt).
@@ -45,7 +46,7 @@ def tree_examples(tree: Tree) -> list[Example]:
         v = node.answer_step.weight_version if node.answer_step else 0
         # An answer H' took straight from the confident model carries no new information;
         # training on it would only reinforce the model's own (possibly wrong) belief.
-        if node.answer_step.who != HPRIME:
+        if node.answer_step.who != HPRIME and tree.distill_target is not False:
             out.append(Example("answer", node.answer_step.prompt, node.answer, None, v or 0, tree.tree_id))
         out += _adversary_example(node.answer_step, tree.tree_id)
         for rec in [node.fan_out] + [r.fan_in for r in node.rounds]:

@@ -78,6 +78,10 @@ class Tree:
     weight_versions: list[int] = field(default_factory=list)
     error: dict | None = None
     source: str = "train"  # "train" | "adversarial" | "user"
+    # Distillation trees: probability of the model-only tree's path, and whether it was high
+    # enough for its answer to become a training target.
+    confidence: float | None = None
+    distill_target: bool | None = None
 
     @property
     def answer(self) -> str | None:

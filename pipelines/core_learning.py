@@ -20,10 +20,10 @@ from ida_ray.local_loop import LocalIDA
 
 def core_config(iterations: int, run_dir: str, seed: int = 0) -> IDAConfig:
     return IDAConfig(
-        task="sum", task_kwargs={"base_size": 2}, iterations=iterations, seed=seed,
-        amplify_trees_per_iteration=256, distill_trees_per_iteration=256, eval_questions_per_size=100,
+        task="sum", task_kwargs={"base_size": 1, "max_digit": 3}, iterations=iterations, seed=seed,
+        amplify_trees_per_iteration=384, distill_trees_per_iteration=768, eval_questions_per_size=100,
         amplify=AmplifyConfig(max_new_tokens=24),
-        train=TrainConfig(steps_per_iteration=400, adversary_steps_per_iteration=50, replay_capacity=6000),
+        train=TrainConfig(steps_per_iteration=300, adversary_steps_per_iteration=50, replay_capacity=10000),
         run_dir=run_dir, engine="torch")
 
 

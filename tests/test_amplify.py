@@ -170,12 +170,23 @@ def test_audit_switches_hprime_off_so_the_expert_checks_a_confident_model():
 
 
 def test_distill_tree_uses_model_in_every_role():
-    eng = ScriptedEngine(oracle_policy(TASK, logprob=-3.0))
+    eng = ScriptedEngine(oracle_policy(TASK, logprob=-0.01))
     tree = run(distill_tree(TASK, eng, "3,1,4,1,5,9,2,6", AmplifyConfig()))
     assert tree.ok and tree.answer == "31" and tree.expert_calls == 0
     assert tree.root.answered_by == MODEL and len(tree.root.rounds) == 1
+    assert tree.confidence == pytest.approx(math.exp(-0.04)) and tree.distill_target
     (ex,) = [e for e in tree_examples(tree) if e.kind == "answer"]
     assert ex.completion == "31"
+
+
+def test_unconfident_distill_tree_gives_no_answer_target():
+    eng = ScriptedEngine(oracle_policy(TASK, logprob=-0.5))  # 4 steps: path probability e^-2
+    tree = run(distill_tree(TASK, eng, "3,1,4,1,5,9,2,6", AmplifyConfig(distill_min_confidence=0.5)))
+    assert tree.ok and tree.confidence == pytest.approx(math.exp(-2.0)) and tree.distill_target is False
+    ex = tree_examples(tree)
+    assert not [e for e in ex if e.kind == "answer"] and [e for e in ex if e.kind == "adversary"]
+    lenient = run(distill_tree(TASK, eng, "3,1,4,1,5,9,2,6", AmplifyConfig(distill_min_confidence=0.1)))
+    assert [e.completion for e in tree_examples(lenient) if e.kind == "answer"] == ["31"]
 
 
 def test_distill_tree_records_unparseable_model_output():
