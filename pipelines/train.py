@@ -30,14 +30,15 @@ NAMESPACE = "ida-ray"
 
 
 def default_config(run_dir: str = "runs/latest") -> IDAConfig:
-    """The embedded default run. The coded expert adds at most 2 digits; training and
-    evaluation use lists of 1 to 8 digits, so the model must learn sizes the expert never
-    answers directly from IDA's trees alone (no ground-truth label reaches training)."""
+    """The embedded default run: the `sum` task over digits 0..3 with the weakest expert that
+    can still do it (it reads a single digit and adds two numbers). Training and evaluation
+    use lists of 1 to 4 digits, so the model must learn sizes the expert never answers
+    directly from IDA's trees alone (no ground-truth label reaches training)."""
     return IDAConfig(
-        task="sum", task_kwargs={"base_size": 2}, iterations=8, seed=0, run_dir=run_dir,
-        amplify_trees_per_iteration=192, distill_trees_per_iteration=128, eval_questions_per_size=40,
+        task="sum", task_kwargs={"base_size": 1, "max_digit": 3}, iterations=8, seed=0, run_dir=run_dir,
+        amplify_trees_per_iteration=384, distill_trees_per_iteration=768, eval_questions_per_size=100,
         amplify=AmplifyConfig(max_new_tokens=16),
-        train=TrainConfig(steps_per_iteration=200, adversary_steps_per_iteration=30, replay_capacity=6000),
+        train=TrainConfig(steps_per_iteration=300, adversary_steps_per_iteration=50, replay_capacity=10000),
         replicas=1, expanders=1, learner_workers=1, engine="vllm", use_gpu=False)
 
 
