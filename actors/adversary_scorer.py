@@ -6,12 +6,19 @@
 - `TorchAdversaryScorer`: the transformers module in the replica process, with concurrent
   requests gathered by `ida_ray.engine.MicroBatcher`.
 
-Measured on this project's tiny model (2 shared CPU cores, one batch of 256 concurrent
-requests; see `pipelines.throughput --adversary-only`): the pooling engine scores several
-times more calls per second than the torch module, because it runs unpadded, continuously
-batched sequences in a separate process. The replica therefore uses the pooling engine with
-engine="vllm"; the torch scorer remains for engine="torch" and as an option (it saves one
-engine start-up, ~30 s on CPU).
+Measured with `python -m pipelines.throughput --adversary-only` (the project's default tiny
+model, 2 CPU cores shared with other jobs; adversary calls per second for a batch of 256
+pairs, median of 5, the two backends interleaved), in two runs:
+
+                                                   vLLM pooling     torch + MicroBatcher
+    one actor call with 256 pairs (what the pool     1468 / 1436        1135 / 1683
+      sends)
+    256 concurrent single-pair actor calls            641 /  520         952 /  902
+
+On CPU the two are the same within the noise of a shared machine, and torch needs no second
+engine (one start-up, ~30-90 s, and its memory saved), so on CPU a replica serves the
+adversary with torch by default. On GPU the pooling engine keeps the adversary on the
+accelerator with vLLM's batching and memory management, so it is the default there.
 
 Both score [BOS] prompt completion (no EOS), as `ida_ray.losses.collate_adversary` does for
 training.

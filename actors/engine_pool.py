@@ -65,6 +65,7 @@ class ReplicaPool(Engine):
         self.probe_give_up_s = probe_give_up_s
         self._pending: dict[str, list[tuple[tuple, asyncio.Future]]] = {k: [] for k in KINDS}
         self._flush_scheduled: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._changed: asyncio.Event | None = None  # set when capacity frees or a replica comes up
         self._latest: tuple[object, int] | None = None  # (payload ref, version) of the last swap
         self._target_version = 0
@@ -104,7 +105,9 @@ class ReplicaPool(Engine):
         self._flush_scheduled.discard(kind)
         pending, self._pending[kind] = self._pending[kind], []
         for i in range(0, len(pending), self.max_batch):
-            asyncio.ensure_future(self._dispatch(kind, pending[i: i + self.max_batch]))
+            task = asyncio.ensure_future(self._dispatch(kind, pending[i: i + self.max_batch]))
+            self._tasks.add(task)  # the loop holds tasks weakly: keep each until it is done
+            task.add_done_callback(self._tasks.discard)
 
     async def _dispatch(self, kind: str, batch: list[tuple[tuple, asyncio.Future]], attempt: int = 0) -> None:
         try:
@@ -138,6 +141,9 @@ class ReplicaPool(Engine):
             self._fail(batch, EngineFailure(f"{kind} on {rep.name}: {type(exc).__name__}: {exc}"))
             return
         self._release(rep, len(batch))
+        if len(results) != len(batch):  # never leave a waiter without an answer
+            self._fail(batch, EngineFailure(f"{kind} on {rep.name}: {len(results)} results for {len(batch)} items"))
+            return
         if kind == "generate":
             self._note_versions(rep, results)
         for (_, fut), res in zip(batch, results):

@@ -5,10 +5,11 @@
     ray.get(handles[0].load_weights.remote(ray.put(WeightsPayload.from_modules(m, a)), 1))
 
 engine="vllm" serves the model on vLLM's AsyncLLM (actors/vllm_engine.py) and the adversary
-on a second vLLM engine with the pooling runner (adversary_backend="vllm", the default: it was
-the faster of the two measured, see actors/adversary_scorer.py) or on a torch module batched
-by MicroBatcher (adversary_backend="torch"). engine="torch" serves both with
-ida_ray.engine.TorchEngine, the in-process fallback where vLLM is absent.
+either on a second vLLM engine with the pooling runner (adversary_backend="vllm", the default
+on GPU) or on a torch module batched by MicroBatcher (adversary_backend="torch", the default on
+CPU, where the two measured the same and torch saves an engine; see
+actors/adversary_scorer.py). engine="torch" serves both with ida_ray.engine.TorchEngine, the
+in-process fallback where vLLM is absent.
 
 Weights. The initial model directories are packed into bytes by `start_replicas` and unpacked
 by each replica on its own node, so nothing assumes a shared filesystem, and a replica that
@@ -69,7 +70,9 @@ class ModelReplica:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.name = name
         self.engine_kind = engine
-        self.adversary_backend = adversary_backend or ("vllm" if engine == "vllm" else "torch")
+        # Default: the pooling engine on GPU; on CPU the torch module (measured as fast, and it
+        # saves a second engine: see actors/adversary_scorer.py).
+        self.adversary_backend = adversary_backend or ("vllm" if engine == "vllm" and use_gpu else "torch")
         if engine == "torch" and self.adversary_backend != "torch":
             raise ValueError("engine='torch' serves the adversary with torch too")
         self.max_new_tokens = max_new_tokens

@@ -152,8 +152,15 @@ class VllmEngine(Engine):
             try:
                 self.llm = AsyncLLM.from_engine_args(
                     engine_args(model_dir, s), stat_loggers=[_batch_logger_factory(self.model_batches)])
-            finally:
+            except BaseException:
+                if scorer.exception() is None and scorer.result() is not None:
+                    scorer.result().shutdown()  # leave no engine process behind
+                raise
+            try:
                 self.scorer = scorer.result()
+            except BaseException:
+                self.llm.shutdown()
+                raise
         self.max_model_len = self.llm.model_config.max_model_len
         self.adversary_backend = adversary_backend
         self.gate = SwapGate()

@@ -121,8 +121,11 @@ def best_sequential(model_dir, adversary_dir, jobs, amplify, max_new_tokens) -> 
     return max(runs, key=lambda r: r["nodes_per_s"]), runs
 
 
-def measure_adversary(replica, n: int = 256, repeats: int = 5) -> float:
-    """Adversary calls/s for n concurrent single-pair calls on one replica (median of repeats)."""
+def measure_adversary(replicas: dict, n: int = 256, repeats: int = 5) -> dict:
+    """Adversary calls/s for a batch of n pairs on replicas serving it different ways (median of
+    repeats, the backends interleaved so a busy spell hits both): sent as one actor call (what
+    the ReplicaPool sends: the serving backend's own throughput), and as n concurrent
+    single-pair actor calls (adds one actor round trip per call)."""
     import ray
 
     from ida_ray.prompts import answer_prompt
@@ -130,12 +133,19 @@ def measure_adversary(replica, n: int = 256, repeats: int = 5) -> float:
     rng = random.Random(0)
     pairs = [(answer_prompt(",".join(str(rng.randrange(10)) for _ in range(rng.randint(1, 8)))), str(rng.randrange(50)))
              for _ in range(n)]
-    rates = []
-    for _ in range(repeats + 1):  # the first round warms up
-        t0 = time.perf_counter()
-        ray.get([replica.adversary.remote([p], [c]) for p, c in pairs])
-        rates.append(n / (time.perf_counter() - t0))
-    return round(statistics.median(rates[1:]), 1)
+    prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
+    rates = {name: {"one_call": [], "separate_calls": []} for name in replicas}
+    for name, replica in replicas.items():
+        ray.get(replica.adversary.remote(prompts, completions))  # warm-up
+    for _ in range(repeats):
+        for name, replica in replicas.items():
+            t0 = time.perf_counter()
+            ray.get(replica.adversary.remote(prompts, completions))
+            rates[name]["one_call"].append(n / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            ray.get([replica.adversary.remote([p], [c]) for p, c in pairs])
+            rates[name]["separate_calls"].append(n / (time.perf_counter() - t0))
+    return {name: {k: round(statistics.median(v), 1) for k, v in r.items()} for name, r in rates.items()}
 
 
 def main(argv=None) -> dict:
@@ -148,6 +158,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the local Ray cluster")
     ap.add_argument("--skip-adversary", action="store_true")
+    ap.add_argument("--adversary-only", action="store_true", help="only compare the adversary backends")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     counts = args.trees_per_level or [max(4, 2 * n) for n in args.levels]
@@ -166,7 +177,8 @@ def main(argv=None) -> dict:
     baseline_jobs = make_jobs(args.baseline_trees, args.size, seed=99)
     # The baseline runs before and after the replica (never beside it); the best run counts, so
     # a busy spell on a shared machine cannot inflate the speed-up.
-    _, baseline_runs = best_sequential(model_dir, adversary_dir, baseline_jobs, amplify, args.max_new_tokens)
+    baseline_runs = [] if args.adversary_only else \
+        best_sequential(model_dir, adversary_dir, baseline_jobs, amplify, args.max_new_tokens)[1]
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
@@ -176,23 +188,25 @@ def main(argv=None) -> dict:
         start_s = time.perf_counter() - t0
         print(f"vLLM replica started in {start_s:.0f}s", flush=True)
         rows = []
-        for level, count in zip(args.levels, counts):
+        for level, count in zip([] if args.adversary_only else args.levels, counts):
             row = measure_replica(replica, level, make_jobs(count, args.size, seed=level), amplify)
             rows.append(row)
             print(f"  {level:>4} trees in flight: {row['nodes_per_s']:8.2f} nodes/s {row['model_calls_per_s']:8.1f} "
                   f"model calls/s  (batch mean {row['replica_mean_batch']}, {row['seconds']}s)", flush=True)
         adversary = {}
         if not args.skip_adversary:
-            adversary["vllm_pooling"] = measure_adversary(replica)
             (torch_replica,) = start_replicas(1, model_dir, adversary_dir, engine="torch",
                                               max_new_tokens=args.max_new_tokens, name_prefix="throughput-torch")
-            adversary["torch_microbatch"] = measure_adversary(torch_replica)
+            adversary = measure_adversary({"vllm_pooling": replica, "torch_microbatch": torch_replica})
             ray.kill(torch_replica, no_restart=True)
-            print(f"  adversary calls/s at 256 concurrent: {adversary}", flush=True)
+            adversary["load_average"] = round(os.getloadavg()[0], 1)
+            print(f"  adversary calls/s at a batch of 256: {adversary}", flush=True)
         ray.get(replica.shutdown.remote())
         ray.kill(replica, no_restart=True)
     finally:
         ray.shutdown()
+    if args.adversary_only:
+        return adversary
     baseline_runs += best_sequential(model_dir, adversary_dir, baseline_jobs, amplify, args.max_new_tokens)[1]
     baseline = max(baseline_runs, key=lambda r: r["nodes_per_s"])
     print(f"  sequential transformers baseline: {baseline['nodes_per_s']} nodes/s "
@@ -205,6 +219,7 @@ def main(argv=None) -> dict:
                      "max_new_tokens": args.max_new_tokens, "model": vars(spec), "untrained": True,
                      "result_cache": "off"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu"},
+        "replica": {"engine": "vllm", "adversary_backend": "vllm", "max_num_seqs": 256},
         "replica_start_seconds": round(start_s, 1),
         "nodes_per_s": {k: r["nodes_per_s"] for k, r in by_level.items()},
         "model_calls_per_s": {k: r["model_calls_per_s"] for k, r in by_level.items()},
