@@ -2,7 +2,7 @@
 choosing which branch to expand (AmplifyConfig.branch_choice="adversary") against a fair coin
 ("uniform"), on the same seeds.
 
-    python -m pipelines.adversary_ablation [--seeds 0 1] [--task sum] [--metric mean --threshold 0.6]
+    python -m pipelines.adversary_ablation [--seeds 0 1] [--task sum] [--metric mean --threshold 0.35]
                                            [--minutes-per-run 11] [--workers 2] [--quick]
 
 Each run is the single-process IDA loop (pipelines.evidence_learning.run_ida, the learning
@@ -59,6 +59,17 @@ def calls_to_threshold(cumulative_calls: list[float], scores: list[float], thres
     return None
 
 
+def ablation_config(task: str, seed: int, quick: bool, run_dir: str):
+    """The learning evidence's configuration for the task, in smaller iterations (fewer trees and
+    steps each), so the threshold crossing is located more finely in expert calls."""
+    cfg = task_config(task, quick=quick, seed=seed, run_dir=run_dir)
+    if not quick:
+        cfg.iterations = 20
+        cfg.amplify_trees_per_iteration = cfg.distill_trees_per_iteration = 64
+        cfg.train.steps_per_iteration, cfg.train.adversary_steps_per_iteration = 60, 15
+    return cfg
+
+
 def run_arm(arm: str, seed: int, task: str, metric: str, threshold: float, budget_s: float, quick: bool,
             log_dir: str) -> dict:
     """One IDA run with the given branch choice; runs in a worker process."""
@@ -66,7 +77,7 @@ def run_arm(arm: str, seed: int, task: str, metric: str, threshold: float, budge
 
     torch.set_num_threads(1)
     t0 = time.time()
-    cfg = task_config(task, quick=quick, seed=seed, run_dir=f"{log_dir}/{arm}-{seed}")
+    cfg = ablation_config(task, seed, quick, f"{log_dir}/{arm}-{seed}")
     cfg.amplify.branch_choice = arm
     log = task_logger(f"{arm}-seed{seed}", log_dir)
     _, history, stopped_by = run_ida(
@@ -143,8 +154,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--task", default="sum", choices=TASK_NAMES)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--metric", default="mean", choices=("mean", "largest"))
-    ap.add_argument("--threshold", type=float, default=0.6)
-    ap.add_argument("--minutes-per-run", type=float, default=11.0)
+    ap.add_argument("--threshold", type=float, default=0.35)
+    ap.add_argument("--minutes-per-run", type=float, default=12.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--log-dir", default=str(ROOT / "runs" / "adversary_ablation"))
@@ -165,7 +176,7 @@ def main(argv=None) -> dict:
         for fut in as_completed(futures):
             runs.append(fut.result())
     runs.sort(key=lambda r: (r["seed"], ARMS.index(r["arm"])))
-    sample = task_config(args.task, quick=args.quick)
+    sample = ablation_config(args.task, args.seeds[0], args.quick, args.log_dir)
     sample.amplify.branch_choice = "varied: adversary | uniform"
     result = {
         "config": {"task": args.task, "metric": args.metric, "threshold": args.threshold,

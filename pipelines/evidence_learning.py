@@ -35,7 +35,7 @@ DEFAULT_OUT = ROOT / "docs" / "results" / "learning.json"
 TASK_NAMES = ("sum", "perm", "assign", "path")
 # The share of a task's budget IDA may take; the baseline's steps are cheaper (short answer
 # prompts only, no tree expansion, no adversary), so the rest covers them.
-IDA_SHARE = 0.62
+IDA_SHARE = 0.65
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,20 @@ class TaskSetup:
     # Longest expert completion at size 8 plus a margin (sum 16, perm 22, assign 42, path 40
     # characters): generations that run on cost time on every model call.
     max_new_tokens: int
+    # Per iteration: amplification trees (as many distillation trees) and model steps. Tasks
+    # with long prompts (fan-in prompts of assign and path run to ~130 tokens) get smaller
+    # iterations, so a time budget still holds several of them: IDA climbs sizes an iteration
+    # at a time.
+    trees: int = 128
+    steps: int = 120
 
 
 TASK_SETUPS = {
     # Digits 0..3: with 0..9 the tiny model needs far more steps (see pipelines/core_learning.py).
     "sum": TaskSetup({"base_size": 2, "max_digit": 3}, 20),
-    "perm": TaskSetup({"base_size": 2}, 26),
-    "assign": TaskSetup({"base_size": 2}, 46),
-    "path": TaskSetup({"base_size": 2}, 44),
+    "perm": TaskSetup({"base_size": 2}, 26, trees=96, steps=100),
+    "assign": TaskSetup({"base_size": 2}, 46, trees=64, steps=80),
+    "path": TaskSetup({"base_size": 2}, 44, trees=64, steps=80),
 }
 
 
@@ -66,9 +72,10 @@ def task_config(name: str, *, quick: bool, seed: int = 0, run_dir: str = "runs/e
                          train=TrainConfig(steps_per_iteration=10, adversary_steps_per_iteration=3, batch_size=32),
                          run_dir=f"{run_dir}/{name}")
     return IDAConfig(task=name, task_kwargs=setup.task_kwargs, iterations=12, seed=seed, engine="torch",
-                     amplify_trees_per_iteration=128, distill_trees_per_iteration=128, eval_questions_per_size=100,
-                     amplify=AmplifyConfig(max_new_tokens=setup.max_new_tokens),
-                     train=TrainConfig(steps_per_iteration=120, adversary_steps_per_iteration=25, replay_capacity=6000),
+                     amplify_trees_per_iteration=setup.trees, distill_trees_per_iteration=setup.trees,
+                     eval_questions_per_size=100, amplify=AmplifyConfig(max_new_tokens=setup.max_new_tokens),
+                     train=TrainConfig(steps_per_iteration=setup.steps, adversary_steps_per_iteration=setup.steps // 5,
+                                       replay_capacity=6000),
                      run_dir=f"{run_dir}/{name}")
 
 
