@@ -22,14 +22,14 @@ def core_config(iterations: int, run_dir: str, seed: int = 0) -> IDAConfig:
     return IDAConfig(
         task="sum", task_kwargs={"base_size": 1, "max_digit": 3}, iterations=iterations, seed=seed,
         amplify_trees_per_iteration=384, distill_trees_per_iteration=768, eval_questions_per_size=100,
-        amplify=AmplifyConfig(max_new_tokens=24),
+        amplify=AmplifyConfig(max_new_tokens=24, adversarial_fraction=0.75),
         train=TrainConfig(steps_per_iteration=300, adversary_steps_per_iteration=50, replay_capacity=10000),
         run_dir=run_dir, engine="torch")
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=14)
+    ap.add_argument("--iterations", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", default="runs/core_learning")
     ap.add_argument("--out", default="docs/results/core_learning.json")
