@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from ida_ray.engine import Engine, Generation
 from ida_ray.errors import EngineFailure, IDAError
@@ -232,7 +232,10 @@ class ReplicaPool(Engine):
                     ref, target = self._latest
                     version = await rep.handle.load_weights.remote(ref, target)
                     self.stats["resyncs"] += 1
-            except (RayActorError, RayTaskError) as exc:
+            except (RayActorError, RayTaskError, ObjectLostError) as exc:
+                # ObjectLostError: the latest payload died with its owner (a learner worker that
+                # Ray Train restarted); keep probing, the next swap or remember_weights gives a
+                # live one.
                 log.debug("%s still down: %s", rep.name, exc)
                 continue
             rep.version, rep.up = version, True
