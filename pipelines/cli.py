@@ -111,12 +111,26 @@ def main(argv: list[str] | None = None) -> int:
         # A run that fails inside an actor arrives as a RayTaskError whose cause is ours.
         cause = exc if isinstance(exc, IDAError) else getattr(exc, "cause", None)
         if isinstance(cause, IDAError):
-            print(f"ida-ray: run failed ({cause.kind}): {cause}", file=sys.stderr)
+            print(f"ida-ray: run failed ({cause.kind}): {cause}{_resume_hint(args)}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+        ray_exceptions = sys.modules.get("ray.exceptions")
+        if ray_exceptions is not None and isinstance(exc, ray_exceptions.RayActorError):
+            # The coordinator itself died (out of memory, its node lost): no IDAError to show.
+            print(f"ida-ray: run failed: an actor of the run died ({type(exc).__name__}: {str(exc)[:300]})"
+                  f"{_resume_hint(args)}", file=sys.stderr)
             return EXIT_RUN_FAILED
         raise
     except KeyboardInterrupt:
-        print("ida-ray: interrupted", file=sys.stderr)
+        print(f"ida-ray: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str:
+    """Completed iterations are kept in the run directory: say how to continue."""
+    if getattr(args, "command", None) != "train":
+        return ""
+    run_dir = args.run_dir or "runs/latest"
+    return f"\n  completed iterations are kept: add --resume (with --run-dir {run_dir}) to continue from the last one"
 
 
 if __name__ == "__main__":

@@ -227,6 +227,21 @@ def test_run_dir_that_is_a_file_exits_2(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("error, message", [
+    (ActorDiedError(), "an actor of the run died (ActorDiedError"),
+    (RayTaskError("run_iteration", "tb", ParseError("x")), "run failed (parse_error)"),
+])
+def test_a_run_that_dies_says_how_to_resume(tmp_path, capsys, monkeypatch, error, message):
+    import pipelines.train
+
+    def dies(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(pipelines.train, "train", dies)
+    rc = cli.main(["train", "--engine", "torch", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_RUN_FAILED and message in err and f"--resume (with --run-dir {tmp_path / 'run'})" in err
+
+
 # -- security: what binds where, and what is unpickled --------------------------------------
 def test_local_cluster_dashboard_binds_to_localhost(monkeypatch):
     from pipelines.train import init_ray
