@@ -2,7 +2,7 @@
 choosing which branch to expand (AmplifyConfig.branch_choice="adversary") against a fair coin
 ("uniform"), on the same seeds.
 
-    python -m pipelines.adversary_ablation [--seeds 0 1] [--task sum] [--metric mean --threshold 0.35]
+    python -m pipelines.adversary_ablation [--seeds 0 1] [--task sum] [--metric mean --threshold 0.5]
                                            [--minutes-per-run 11] [--workers 2] [--quick]
 
 Each run is the single-process IDA loop (pipelines.evidence_learning.run_ida, the learning
@@ -154,8 +154,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--task", default="sum", choices=TASK_NAMES)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--metric", default="mean", choices=("mean", "largest"))
-    ap.add_argument("--threshold", type=float, default=0.35)
-    ap.add_argument("--minutes-per-run", type=float, default=12.0)
+    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--minutes-per-run", type=float, default=16.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--log-dir", default=str(ROOT / "runs" / "adversary_ablation"))

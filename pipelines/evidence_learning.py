@@ -194,8 +194,21 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = result["tasks"]
-    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.8), squeeze=False)
-    axes = axes[0]
+    n_panels = len(tasks) + 1
+    cols = min(3, n_panels)
+    rows = -(-n_panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[n_panels:]:
+        ax.axis("off")
+    if len(axes) > n_panels:  # a spare panel: the numbers the goals are judged on
+        lines = [f"{'task':<7}{'IDA':>6}{'sup.':>6}{'calls':>14}{'iters':>6}"]
+        for name, r in tasks.items():
+            c = r["expert_calls_per_tree"]
+            lines.append(f"{name:<7}{r['ida_accuracy_largest']:>6.2f}{r['supervised_accuracy_largest']:>6.2f}"
+                         f"{c[0]:>7.1f}->{c[-1]:<5.1f}{r['iterations']:>6}")
+        axes[n_panels].text(0.0, 0.95, "accuracy at the largest size\n\n" + "\n".join(lines), family="monospace",
+                            fontsize=9, va="top", transform=axes[n_panels].transAxes)
     for ax, (name, r) in zip(axes, tasks.items()):
         bs, spi = r["batch_size"], r["config"]["train"]["steps_per_iteration"]
         largest = str(r["largest_size"])
@@ -210,9 +223,10 @@ def plot(result: dict, path: Path) -> None:
                 label=f"supervised, size {largest}")
         ax.plot(x_sup, [_mean(c["accuracy_by_size"]) for c in sup], "s--", color="C1", alpha=0.5,
                 label="supervised, mean")
-        ax.set(title=name, xlabel="training examples (steps x batch)", ylabel="held-out accuracy", ylim=(-0.02, 1.02))
+        ax.set(title=name, xlabel="training examples (steps x batch)", ylabel="held-out accuracy", ylim=(-0.02, 1.02),
+               xlim=(0, 1.05 * max(x_ida + x_sup)))
         ax.legend(fontsize=7)
-    ax = axes[-1]
+    ax = axes[len(tasks)]
     for i, (name, r) in enumerate(tasks.items()):
         ax.plot(range(len(r["expert_calls_per_tree"])), r["expert_calls_per_tree"], "o-", color=f"C{i}", label=name)
     ax.set(title="expert calls per amplification tree", xlabel="iteration", ylabel="expert calls")
