@@ -78,17 +78,17 @@ def train_single_head(items: list[Labelled], label: str, cfg: HonestConfig, seed
 
 
 def run_single(name, label, data, task, cfg, seed, log) -> dict:
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     lm, tok = train_single_head(data.large, label, cfg, seed)
     answer = lambda qs: [c[0] for c in decode(lm, tok, [answer_prompt(q) for q in qs])]  # noqa: E731
     row = {"method": name, "seed": seed, **evaluate_answers(answer, data, task),
-           "train_seconds": round(time.time() - t0, 1)}
+           "train_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
     log(f"{name} seed {seed}: {row}")
     return row
 
 
 def run_two_headed(name, data, task, cfg: HonestConfig, seed, log) -> dict:
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     model, tok = build_two_headed(SPEC, seed)
     trainer = HonestTrainer(model, cfg)
     rng = random.Random(seed)
@@ -112,9 +112,19 @@ def run_two_headed(name, data, task, cfg: HonestConfig, seed, log) -> dict:
     row = {"method": name, "seed": seed, **intended,
            **{f"instrumental_{k}": v for k, v in instrumental.items()},
            "c_small_set": round(trainer.disagreement_on(small), 4), **extra,
-           "train_seconds": round(time.time() - t0, 1)}
+           "train_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
     log(f"{name} seed {seed}: {row}")
     return row
+
+
+def by_method(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean of every numeric column over seeds, per method."""
+    out: dict[str, dict[str, float]] = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == m]
+        keys = [k for k, v in group[0].items() if isinstance(v, (int, float)) and k != "seed"]
+        out[m] = {k: round(sum(r[k] for r in group) / len(group), 4) for k in keys}
+    return out
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -166,8 +176,8 @@ def main(argv=None) -> dict:
     data = build_datasets(task, simple, ComplexLabeller(task), args.n_small, error_fraction=0.1, sizes=(2, 3, 4),
                           n_heldout=300, seed=0)
     cfg = HonestConfig(steps=args.steps)
-    ccfg = ComparisonConfig(samples=6, temperature=1.5, pretrain_steps=args.steps // 3, refresh_every=100,
-                            questions_per_round=400)
+    ccfg = ComparisonConfig(samples=6, temperature=1.5, pretrain_steps=args.steps // 3, refresh_every=200,
+                            questions_per_round=300)
     variants = [("two_headed", cfg),
                 ("two_headed_comparisons", replace(cfg, mode="comparisons", steps=args.steps - ccfg.pretrain_steps,
                                                    comparison=ccfg))]
@@ -192,7 +202,9 @@ def main(argv=None) -> dict:
             "agree_acc": "answering head = truth, on inputs where simple is right",
             "instrumental_*": "the same for the instrumental head",
             "c_small_set": "C on the whole small set at the end (nats per answer)"},
-        "rows": rows, "wall_seconds": round(time.time() - t0, 1)}
+        "by_method": by_method(rows), "rows": rows, "wall_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time(), 1),
+        "note": "wall_seconds were measured on a 2-core machine shared with other jobs (load 7-20); cpu_seconds "
+                "is the process's own CPU time, about the wall time on an idle core with --threads 1"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -39,9 +39,10 @@ Choices the seed leaves open, and why:
   form is not implemented.
 * The seed puts both heads in stage 1. Then the instrumental head is moved by C only through
   the C-difference, and a trunk narrower than the vocabulary cannot make two unrelated linear
-  heads agree: measured on the sum task (hidden 64), C stayed at ~2.8 nats per answer for 300
-  steps. So the default puts the instrumental head in θ₂, where conditioning on agreement can
-  act on it; put "instrumental_head." in `theta1_prefixes` to get the seed's placement.
+  heads agree: on the sum task (hidden 64, docs/results/honest.json) C ended at 5-7 nats per
+  answer, the C-difference pushing the heads apart, against ~0.01 with the instrumental head
+  in θ₂. So the default puts the instrumental head in θ₂, where conditioning on agreement can
+  act on it; `SEED_THETA1` gives the seed's placement.
 """
 from __future__ import annotations
 
