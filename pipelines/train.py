@@ -35,9 +35,9 @@ def default_config(run_dir: str = "runs/latest") -> IDAConfig:
     use lists of 1 to 4 digits, so the model must learn sizes the expert never answers
     directly from IDA's trees alone (no ground-truth label reaches training)."""
     return IDAConfig(
-        task="sum", task_kwargs={"base_size": 1, "max_digit": 3}, iterations=8, seed=0, run_dir=run_dir,
+        task="sum", task_kwargs={"base_size": 1, "max_digit": 3}, iterations=12, seed=0, run_dir=run_dir,
         amplify_trees_per_iteration=384, distill_trees_per_iteration=768, eval_questions_per_size=100,
-        amplify=AmplifyConfig(max_new_tokens=16),
+        amplify=AmplifyConfig(max_new_tokens=16, adversarial_fraction=0.75),
         train=TrainConfig(steps_per_iteration=300, adversary_steps_per_iteration=50, replay_capacity=10000),
         replicas=1, expanders=1, learner_workers=1, engine="vllm", use_gpu=False)
 
