@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import random
 import time
 
@@ -114,7 +115,7 @@ class TreeExpander:
         self.cfg = amplify if isinstance(amplify, AmplifyConfig) else dataclasses.replace(self.cfg, **amplify)
 
     def health(self) -> dict:
-        return {"trees_in_flight": self.in_flight, "trees_completed": self.completed, "trees_failed": self.failed,
+        return {"pid": os.getpid(), "trees_in_flight": self.in_flight, "trees_completed": self.completed, "trees_failed": self.failed,
                 "nodes": self.nodes, "model_calls": self.model_calls, "busy_s": round(self.busy_s, 2),
                 "weight_version": self.pool.weight_version, "pool": self.pool.health()}
 

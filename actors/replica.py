@@ -38,6 +38,7 @@ the actor's runtime_env by `start_replicas`.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import time
@@ -224,7 +225,8 @@ class ModelReplica:
     # -- status --------------------------------------------------------------------
     def health(self) -> dict:
         e = self.engine
-        out = {"name": self.name, "engine": self.engine_kind, "adversary_backend": self.adversary_backend,
+        out = {"name": self.name, "pid": os.getpid(), "engine": self.engine_kind,
+               "adversary_backend": self.adversary_backend,
                "started": e is not None, "version": self.weight_version(), "in_flight": self.in_flight,
                "queue_depth": 0, "calls": dict(self.calls), "requests": dict(self.requests),
                "swaps": self.swaps, "last_swap_s": self.last_swap_s,
