@@ -3,13 +3,16 @@ choosing which branch to expand (AmplifyConfig.branch_choice="adversary") agains
 ("uniform"), on the same seeds.
 
     python -m pipelines.adversary_ablation [--seeds 0 1] [--task sum] [--metric mean --threshold 0.5]
-                                           [--minutes-per-run 11] [--workers 2] [--quick]
+                                           [--minutes-per-run 20] [--workers 2] [--quick]
 
 Each run is the single-process IDA loop (pipelines.evidence_learning.run_ida, the learning
-evidence's per-task configuration). Everything but the branch choice is the same between
+evidence's per-task configuration in smaller iterations: 64 + 64 trees and 60 model steps).
+Everything but the branch choice is the same between
 the two arms of a seed: model and adversary initialisation, question stream, training. In
 the uniform arm the adversary is still trained and still picks the adversarial share of the
-questions; only the split decision ignores it. A run stops once it reaches the threshold.
+questions; only the split decision ignores it. A run stops once it reaches the threshold, or
+after the iteration cap (the same for both arms), or at its time bound (a safety net: a run it
+stops is censored like one that never got there, so compare `stopped_by`).
 
 Expert calls are counted cumulatively over amplification trees (every H step: fan-out,
 fan-in, direct answer). The calls needed to reach the threshold are interpolated linearly in
@@ -64,7 +67,7 @@ def ablation_config(task: str, seed: int, quick: bool, run_dir: str):
     steps each), so the threshold crossing is located more finely in expert calls."""
     cfg = task_config(task, quick=quick, seed=seed, run_dir=run_dir)
     if not quick:
-        cfg.iterations = 20
+        cfg.iterations = 12
         cfg.amplify_trees_per_iteration = cfg.distill_trees_per_iteration = 64
         cfg.train.steps_per_iteration, cfg.train.adversary_steps_per_iteration = 60, 15
     return cfg
@@ -155,7 +158,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--metric", default="mean", choices=("mean", "largest"))
     ap.add_argument("--threshold", type=float, default=0.5)
-    ap.add_argument("--minutes-per-run", type=float, default=16.0)
+    ap.add_argument("--minutes-per-run", type=float, default=20.0,
+                    help="safety bound on one run; both arms get the same iteration cap (12)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--log-dir", default=str(ROOT / "runs" / "adversary_ablation"))
