@@ -74,17 +74,13 @@ class TorchAdversaryScorer:
 
 
 class VllmAdversaryScorer:
-    def __init__(self, engine_args, tokenizer, stat_loggers=None, batch_log: deque | None = None):
+    def __init__(self, engine_args, tokenizer):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.tokenizer = tokenizer
-        self.llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
+        self.llm = AsyncLLM.from_engine_args(engine_args)
         self._ids = itertools.count()
-        self._batch_log = batch_log if batch_log is not None else deque(maxlen=1)
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        return list(self._batch_log)
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # filled by record_step_sizes
 
     async def _score_one(self, prompt: str, completion: str) -> float:
         from vllm import PoolingParams

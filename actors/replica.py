@@ -255,10 +255,15 @@ def _same_length(prompts, completions) -> None:
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
 
 
-def replica_runtime_env(kv_cache_gib: int = 1) -> dict:
+def replica_runtime_env(kv_cache_gib: int = 1, omp_threads_bind: str | None = None) -> dict:
     # VLLM_CPU_KVCACHE_SPACE sizes the CPU KV cache per engine; without it vLLM-CPU takes a
     # share of all memory per engine, too much with several engines on one node.
-    return {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
+    if omp_threads_bind:
+        # vLLM-CPU's default ("auto") pins every engine's threads to the same cores, which
+        # suits one engine per node; "nobind" lets the OS place several engines sharing a node.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
+    return {"env_vars": env}
 
 
 _CREATION_ARGS: dict[str, tuple] = {}
@@ -267,7 +272,8 @@ _CREATION_ARGS: dict[str, tuple] = {}
 def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm", use_gpu: bool = False,
                    tensor_parallel_size: int = 1, max_new_tokens: int = 48, name_prefix: str = "replica",
                    adversary_backend: str | None = None, num_cpus: float = 1, max_restarts: int = 2,
-                   max_task_retries: int = 0, kv_cache_gib: int = 1, max_num_seqs: int = 256,
+                   max_task_retries: int = 0, kv_cache_gib: int = 1, omp_threads_bind: str | None = None,
+                   max_num_seqs: int = 256,
                    weight_transfer: str | None = None, cache_size: int = 200_000, wait: bool = True,
                    timeout_s: float = 600) -> list:
     """Start n named replica actors (name_prefix-0, ...) and, with wait, block until every
@@ -292,7 +298,7 @@ def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm
         handles.append(actor_cls.options(
             name=name, num_cpus=num_cpus, num_gpus=gpus, max_restarts=max_restarts,
             max_task_retries=max_task_retries, max_concurrency=10_000,
-            runtime_env=replica_runtime_env(kv_cache_gib),
+            runtime_env=replica_runtime_env(kv_cache_gib, omp_threads_bind),
         ).remote(model_files, adversary_files, engine=engine, adversary_backend=adversary_backend,
                  max_new_tokens=max_new_tokens, use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size,
                  max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, name=name, cache_size=cache_size))

@@ -18,9 +18,9 @@ batched engine, so the CPU-time ratio is the steadier figure.
 
 Greedy-result caching is off on both sides, so the figures are engine throughput (vLLM's
 own prefix caching stays on: it is part of the engine). Model calls count every call of M
-(generate and log-prob); adversary calls are counted apart. The adversary serving options
-(vLLM pooling engine vs torch + MicroBatcher) are measured at a batch of 256 concurrent
-calls on replicas of each kind.
+(generate and log-prob); adversary calls are counted apart. The replica runs its defaults
+(on CPU the adversary on torch + MicroBatcher); the other adversary option, a vLLM pooling
+engine, is measured against it at a batch of 256 on a second replica.
 """
 from __future__ import annotations
 
@@ -216,10 +216,10 @@ def main(argv=None) -> dict:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
-        (replica,) = start_replicas(1, model_dir, adversary_dir, engine="vllm", adversary_backend="vllm",
-                                    max_new_tokens=args.max_new_tokens, name_prefix="throughput-replica",
-                                    cache_size=0)
+        (replica,) = start_replicas(1, model_dir, adversary_dir, engine="vllm", max_new_tokens=args.max_new_tokens,
+                                    name_prefix="throughput-replica", cache_size=0)
         start_s = time.perf_counter() - t0
+        replica_info = ray.get(replica.health.remote())
         print(f"vLLM replica started in {start_s:.0f}s", flush=True)
         rows = []
         for level, count in zip([] if args.adversary_only else args.levels, counts):
@@ -229,10 +229,13 @@ def main(argv=None) -> dict:
                   f"model calls/s  (batch mean {row['replica_mean_batch']}, {row['seconds']}s)", flush=True)
         adversary = {}
         if not args.skip_adversary:
-            (torch_replica,) = start_replicas(1, model_dir, adversary_dir, engine="torch",
-                                              max_new_tokens=args.max_new_tokens, name_prefix="throughput-torch")
-            adversary = measure_adversary({"vllm_pooling": replica, "torch_microbatch": torch_replica})
-            ray.kill(torch_replica, no_restart=True)
+            # The main replica serves the adversary with torch (the CPU default); a second one
+            # serves it on a vLLM pooling engine.
+            (pooling_replica,) = start_replicas(1, model_dir, adversary_dir, engine="vllm", adversary_backend="vllm",
+                                                max_new_tokens=args.max_new_tokens, name_prefix="throughput-pooling")
+            adversary = measure_adversary({"vllm_pooling": pooling_replica, "torch_microbatch": replica})
+            ray.get(pooling_replica.shutdown.remote())
+            ray.kill(pooling_replica, no_restart=True)
             adversary["load_average"] = round(os.getloadavg()[0], 1)
             print(f"  adversary calls/s at a batch of 256: {adversary}", flush=True)
         ray.get(replica.shutdown.remote())
@@ -254,7 +257,8 @@ def main(argv=None) -> dict:
                      "max_new_tokens": args.max_new_tokens, "model": vars(spec), "untrained": True,
                      "result_cache": "off"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu"},
-        "replica": {"engine": "vllm", "adversary_backend": "vllm", "max_num_seqs": 256},
+        "replica": {"engine": replica_info["engine"], "adversary_backend": replica_info["adversary_backend"],
+                    "max_num_seqs": 256},
         "replica_start_seconds": round(start_s, 1),
         "nodes_per_s": {k: r["nodes_per_s"] for k, r in by_level.items()},
         "model_calls_per_s": {k: r["model_calls_per_s"] for k, r in by_level.items()},

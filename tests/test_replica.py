@@ -189,3 +189,20 @@ def test_payload_roundtrip_keeps_tensors(tmp_path, weights_v1):
     again = WeightsPayload.from_dirs(mdir, adir)
     assert again.model == payload.model and again.adversary == payload.adversary
     assert again.model_config["hidden_size"] == SPEC.hidden_size
+
+
+def test_fast_prompt_encoding_equals_the_tokenizer():
+    """The replica's char-level fast path gives exactly ida_ray.losses.encode's ids, including
+    text with unknown characters and text that spells a special token."""
+    from actors.vllm_engine import PromptEncoder
+    from ida_ray.losses import encode
+    from ida_ray.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    fast = PromptEncoder(tok)
+    assert fast.chars is not None  # the project's tokenizer takes the fast path
+    cases = [("A1,2=", "3"), ("I1,2[1:1][2:2]=", "!3"), ("O9,9,9=", "?9&9,9"), ("A\u00e9\n=", "x"),
+             ("A<s>1=", "</s>"), ("", "")]
+    for prompt, completion in cases:
+        for eos in (True, False):
+            assert fast(prompt, completion, eos) == encode(tok, prompt, completion, eos=eos), (prompt, completion)
