@@ -2,11 +2,11 @@
 choosing which branch to expand (AmplifyConfig.branch_choice="adversary") against a fair coin
 ("uniform"), on the same seeds.
 
-    python -m pipelines.adversary_ablation [--seeds 0 1] [--task sum] [--metric mean --threshold 0.5]
+    python -m pipelines.adversary_ablation [--seeds 0 1] [--task sum] [--metric largest --threshold 0.8]
                                            [--minutes-per-run 20] [--workers 2] [--quick]
 
 Each run is the single-process IDA loop (pipelines.evidence_learning.run_ida, the learning
-evidence's per-task configuration in smaller iterations: 64 + 64 trees and 60 model steps).
+evidence's per-task configuration in smaller iterations: 128 + 128 trees and 150 model steps).
 Everything but the branch choice is the same between
 the two arms of a seed: model and adversary initialisation, question stream, training. In
 the uniform arm the adversary is still trained and still picks the adversarial share of the
@@ -36,6 +36,7 @@ from pipelines.evidence_learning import ROOT, TASK_NAMES, run_ida, task_config, 
 
 DEFAULT_OUT = ROOT / "docs" / "results" / "adversary.json"
 ARMS = ("adversary", "uniform")
+ITERATION_CAP = 20
 
 
 def accuracy_metric(acc: dict, metric: str) -> float:
@@ -67,9 +68,9 @@ def ablation_config(task: str, seed: int, quick: bool, run_dir: str):
     steps each), so the threshold crossing is located more finely in expert calls."""
     cfg = task_config(task, quick=quick, seed=seed, run_dir=run_dir)
     if not quick:
-        cfg.iterations = 12
-        cfg.amplify_trees_per_iteration = cfg.distill_trees_per_iteration = 64
-        cfg.train.steps_per_iteration, cfg.train.adversary_steps_per_iteration = 60, 15
+        cfg.iterations = ITERATION_CAP
+        cfg.amplify_trees_per_iteration = cfg.distill_trees_per_iteration = 128
+        cfg.train.steps_per_iteration, cfg.train.adversary_steps_per_iteration = 150, 30
     return cfg
 
 
@@ -156,10 +157,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="sum", choices=TASK_NAMES)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--metric", default="mean", choices=("mean", "largest"))
-    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--metric", default="largest", choices=("mean", "largest"))
+    ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--minutes-per-run", type=float, default=20.0,
-                    help="safety bound on one run; both arms get the same iteration cap (12)")
+                    help=f"safety bound on one run; both arms get the same iteration cap ({ITERATION_CAP})")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--log-dir", default=str(ROOT / "runs" / "adversary_ablation"))

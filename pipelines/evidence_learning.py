@@ -6,7 +6,9 @@
 For each task, IDA runs in one process (ida_ray.local_loop.LocalIDA, in-process torch
 engine, coded expert, no ground-truth label in training) and records held-out accuracy by size
 (model alone, greedy) and expert calls per amplification tree at every iteration. IDA iterates
-until its share of the task's time budget is spent or `max_iterations` is reached; then the
+until the next iteration and the baseline it would then owe no longer fit in the task's time
+budget (the baseline's cost per step and per evaluation is measured on a probe model before
+IDA starts), or `max_iterations` is reached; then the
 supervised baseline (ida_ray.supervised) trains the same model spec, from the same seed, for
 the same number of gradient steps x batch size on ground-truth answers drawn from the same
 size distribution, and is scored on the same held-out questions.
@@ -33,16 +35,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "results" / "learning.json"
 TASK_NAMES = ("sum", "perm", "assign", "path")
-# The share of a task's budget IDA may take; the baseline's steps are cheaper (short answer
-# prompts only, no tree expansion, no adversary), so the rest covers them.
-IDA_SHARE = 0.65
 
 
 @dataclass(frozen=True)
 class TaskSetup:
     task_kwargs: dict
-    # Longest expert completion at size 8 plus a margin (sum 16, perm 22, assign 42, path 40
-    # characters): generations that run on cost time on every model call.
+    # Longest expert completion at the largest size plus a margin (sum 8, perm 22, assign 42,
+    # path 40 characters): generations that run on cost time on every model call.
     max_new_tokens: int
     # Per iteration: amplification trees (as many distillation trees) and model steps. Tasks
     # with long prompts (fan-in prompts of assign and path run to ~130 tokens) get smaller
@@ -50,11 +49,13 @@ class TaskSetup:
     # at a time.
     trees: int = 128
     steps: int = 120
+    replay: int = 6000  # replay buffer capacity (examples): about the last two iterations' worth
 
 
 TASK_SETUPS = {
-    # Digits 0..3: with 0..9 the tiny model needs far more steps (see pipelines/core_learning.py).
-    "sum": TaskSetup({"base_size": 2, "max_digit": 3}, 20),
+    # As the tuned core run (pipelines/core_learning.py): digits 0..3 (with 0..9 the tiny model
+    # needs far more steps) and the weakest expert, base size 1, so sizes 1..4.
+    "sum": TaskSetup({"base_size": 1, "max_digit": 3}, 12, trees=256, steps=300, replay=10_000),
     "perm": TaskSetup({"base_size": 2}, 26, trees=96, steps=100),
     "assign": TaskSetup({"base_size": 2}, 46, trees=64, steps=80),
     "path": TaskSetup({"base_size": 2}, 44, trees=64, steps=80),
@@ -75,7 +76,7 @@ def task_config(name: str, *, quick: bool, seed: int = 0, run_dir: str = "runs/e
                      amplify_trees_per_iteration=setup.trees, distill_trees_per_iteration=setup.trees,
                      eval_questions_per_size=100, amplify=AmplifyConfig(max_new_tokens=setup.max_new_tokens),
                      train=TrainConfig(steps_per_iteration=setup.steps, adversary_steps_per_iteration=setup.steps // 5,
-                                       replay_capacity=6000),
+                                       replay_capacity=setup.replay),
                      run_dir=f"{run_dir}/{name}")
 
 
@@ -94,9 +95,10 @@ def task_logger(name: str, log_dir: str | Path):
     return log
 
 
-def run_ida(cfg, budget_s: float, log, stop=None):
+def run_ida(cfg, budget_s: float, log, stop=None, reserve=None):
     """LocalIDA for up to cfg.iterations iterations, stopping before an iteration that would
-    overrun `budget_s` (estimated from the last one), or once `stop(history)` is true.
+    overrun `budget_s` (estimated from the last one) together with `reserve(iterations)`, the
+    seconds still owed afterwards for that many iterations, or once `stop(history)` is true.
     Returns (the LocalIDA, per-iteration metrics, why it stopped)."""
     from ida_ray.local_loop import LocalIDA
 
@@ -110,9 +112,30 @@ def run_ida(cfg, budget_s: float, log, stop=None):
             f"acc {_fmt(m['accuracy_by_size'])} ({m['seconds']}s)")
         if stop is not None and stop(history):
             return ida, history, "stop_condition"
-        if it + 1 < cfg.iterations and time.time() - t0 + m["seconds"] > budget_s:
+        owed = reserve(it + 2) if reserve else 0.0
+        if it + 1 < cfg.iterations and time.time() - t0 + m["seconds"] + owed > budget_s:
             return ida, history, "time_budget"
     return ida, history, "max_iterations"
+
+
+def baseline_costs(cfg, probe_steps: int = 6) -> tuple[float, float]:
+    """Seconds per supervised step and per held-out evaluation, timed on a throwaway baseline."""
+    from ida_ray.evaluation import heldout_questions
+    from ida_ray.supervised import SupervisedBaseline, labelled_examples
+    from ida_ray.tasks import get_task
+
+    task = get_task(cfg.task, **cfg.task_kwargs)
+    probe = SupervisedBaseline(task, cfg.sizes(task), cfg.model, cfg.train, cfg.seed,
+                               max_new_tokens=cfg.amplify.max_new_tokens)
+    batches = [labelled_examples(task, cfg.sizes(task), cfg.train.batch_size, probe.rng) for _ in range(probe_steps + 1)]
+    probe.step(batches[0])  # the first step pays one-off costs
+    t0 = time.time()
+    for b in batches[1:]:
+        probe.step(b)
+    step_s = (time.time() - t0) / probe_steps
+    t0 = time.time()
+    probe.evaluate(heldout_questions(task, cfg.sizes(task), cfg.eval_questions_per_size, cfg.seed))
+    return step_s, time.time() - t0
 
 
 def run_task(name: str, budget_s: float, quick: bool, seed: int, log_dir: str) -> dict:
@@ -125,7 +148,11 @@ def run_task(name: str, budget_s: float, quick: bool, seed: int, log_dir: str) -
     t_start = time.time()
     log = task_logger(name, log_dir)
     cfg = task_config(name, quick=quick, seed=seed, run_dir=log_dir)
-    ida, history, stopped_by = run_ida(cfg, IDA_SHARE * budget_s, log)
+    step_s, eval_s = baseline_costs(cfg)
+    log(f"baseline costs: {step_s:.3f} s/step, {eval_s:.1f} s/evaluation")
+    per_it = cfg.train.steps_per_iteration
+    ida, history, stopped_by = run_ida(cfg, budget_s - (time.time() - t_start), log,
+                                       reserve=lambda iterations: iterations * (per_it * step_s + eval_s))
     ida_seconds = time.time() - t_start
     steps = len(history) * cfg.train.steps_per_iteration
 
@@ -257,7 +284,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     result = {
         "config": {"tasks": args.tasks, "minutes_per_task": args.minutes_per_task, "workers": args.workers,
-                   "seed": args.seed, "quick": args.quick, "ida_share_of_budget": IDA_SHARE,
+                   "seed": args.seed, "quick": args.quick,
                    "torch_threads_per_process": 1,
                    "baseline": "same model spec and seed, same gradient steps x batch size, answer head only, "
                                "ground-truth labels, fresh questions from the same size distribution"},
