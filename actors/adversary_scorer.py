@@ -28,11 +28,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections import deque
 from pathlib import Path
 
 import torch
 
+from actors.step_log import StepLog
 from ida_ray.engine import MicroBatcher, adversary_scores
 from ida_ray.examples import Example
 from ida_ray.losses import collate_adversary, encode
@@ -80,7 +80,7 @@ class VllmAdversaryScorer:
         self.tokenizer = tokenizer
         self.llm = AsyncLLM.from_engine_args(engine_args)
         self._ids = itertools.count()
-        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # filled by record_step_sizes
+        self.batch_sizes = StepLog()  # filled by actors.vllm_engine.record_step_sizes
 
     async def _score_one(self, prompt: str, completion: str) -> float:
         from vllm import PoolingParams

@@ -45,18 +45,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from actors.step_log import list_summary
 from actors.weights import (WEIGHTS_FILE, WeightsError, WeightsPayload, check_shapes, pack_dir, shapes_of_bytes,
                             shapes_of_file, unpack_dir)
 
 ENGINES = ("vllm", "torch")
-
-
-def _summary(sizes) -> dict:
-    sizes = list(sizes)
-    if not sizes:
-        return {"steps": 0, "max": 0, "mean": 0.0, "recent": []}
-    return {"steps": len(sizes), "max": max(sizes), "mean": round(sum(sizes) / len(sizes), 2),
-            "recent": sizes[-16:]}
 
 
 class ModelReplica:
@@ -78,8 +71,8 @@ class ModelReplica:
             raise ValueError("engine='torch' serves the adversary with torch too")
         self.max_new_tokens = max_new_tokens
         self.cache_size = cache_size  # greedy results kept per weight version; 0 turns caching off
-        self.options = dict(use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size,
-                            max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, seed=seed)
+        self.options = dict(use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs,
+                            weight_transfer=weight_transfer, seed=seed)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"ida-{name}-"))
         self.model_dir = self._local_dir(model_dir, "initial/model")
         self.adversary_dir = None if adversary_dir is None else self._local_dir(adversary_dir, "initial/adversary")
@@ -230,17 +223,17 @@ class ModelReplica:
                "started": e is not None, "version": self.weight_version(), "in_flight": self.in_flight,
                "queue_depth": 0, "calls": dict(self.calls), "requests": dict(self.requests),
                "swaps": self.swaps, "last_swap_s": self.last_swap_s,
-               "batch_sizes": {"model": _summary([]), "adversary": _summary([])}}
+               "batch_sizes": {"model": list_summary([]), "adversary": list_summary([])}}
         if e is None:
             return out
         out["start_seconds"] = self.start_seconds
         if self.engine_kind == "vllm":
             out["queue_depth"] = e.queue_depth()
-            out["batch_sizes"] = {"model": _summary(e.model_batches), "adversary": _summary(e.adversary_batch_sizes)}
+            out["batch_sizes"] = {"model": e.model_batches.summary(), "adversary": e.adversary_batch_summary()}
         else:
             out["queue_depth"] = sum(len(b._pending) for b in (e._gen, e._lp, e._adv))
-            out["batch_sizes"] = {"model": _summary(e._gen.batch_sizes + e._lp.batch_sizes),
-                                  "adversary": _summary(e._adv.batch_sizes)}
+            out["batch_sizes"] = {"model": list_summary(e._gen.batch_sizes + e._lp.batch_sizes),
+                                  "adversary": list_summary(e._adv.batch_sizes)}
         return out
 
     def shutdown(self) -> None:

@@ -85,12 +85,14 @@ def measure_replica(replica, trees_in_flight: int, jobs: list[dict], amplify: di
     pids = [ray.get(expander.health.remote())["pid"]]  # actor started before the clock starts
     health = ray.get(replica.health.remote())
     pids.append(health["pid"])
+    steps0 = health["batch_sizes"]["model"]
     m0, a0 = model_requests(health)
     cpu0, t0 = cpu_seconds(pids), time.perf_counter()
     results = ray.get(expander.expand.remote(jobs))
     wall, by_process = time.perf_counter() - t0, _cpu_delta(cpu0, cpu_seconds(pids))
     cpu = sum(by_process.values())
     health = ray.get(replica.health.remote())
+    steps1 = health["batch_sizes"]["model"]
     m1, a1 = model_requests(health)
     pool = ray.get(expander.health.remote())["pool"]
     ray.kill(expander, no_restart=True)
@@ -101,8 +103,8 @@ def measure_replica(replica, trees_in_flight: int, jobs: list[dict], amplify: di
             "cpu_seconds": round(cpu, 1), "nodes_per_cpu_s": round(nodes / cpu, 2), "cpu_seconds_by_process": by_process,
             "model_calls": m1 - m0, "model_calls_per_s": round((m1 - m0) / wall, 1),
             "adversary_calls": a1 - a0, "pool_mean_batch": pool["mean_batch"],
-            "replica_mean_batch": health["batch_sizes"]["model"]["mean"],
-            "replica_max_batch": health["batch_sizes"]["model"]["max"], "load_average": round(os.getloadavg()[0], 1)}
+            "replica_mean_batch": round((steps1["total"] - steps0["total"]) / max(1, steps1["steps"] - steps0["steps"]), 1),
+            "replica_max_batch": steps1["max"], "load_average": round(os.getloadavg()[0], 1)}
 
 
 def r_nodes(result: dict) -> list:
