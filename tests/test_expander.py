@@ -148,12 +148,16 @@ def test_a_restarted_replica_is_brought_back_to_the_latest_weights(cluster, dirs
     assert asyncio.run(pool.swap_weights(WeightsPayload.from_dirs(model_dir, adversary_dir), 5)) == {"replica[0]": 5}
     ray.kill(handle, no_restart=False)
     deadline = time.time() + 120
-    while True:  # until the restarted actor answers
+    # ray.kill is asynchronous: the old incarnation may still answer (at version 5) for a moment,
+    # so wait until an answer comes from the restarted one.
+    while True:
+        assert time.time() < deadline, "the replica was not restarted"
         try:
-            assert ray.get(handle.weight_version.remote(), timeout=10) == 0
-            break
+            if ray.get(handle.weight_version.remote(), timeout=10) == 0:
+                break
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            assert time.time() < deadline, "the replica was not restarted"
+            pass
+        time.sleep(0.2)
 
     async def serve():
         (stale,) = await pool.generate(["A1,2="])
