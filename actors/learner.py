@@ -192,6 +192,45 @@ def make_ddp_trainer(model, adversary, tokenizer, train_cfg, seed: int, wrap, de
     return DDPTrainer()
 
 
+def make_honest_trainer(cfg: IDAConfig, wrap, device, rank: int, world_size: int):
+    """`HonestIDATrainer` (objective "honest") on this rank. The two-headed model's alternating
+    θ₁/θ₂ updates take their gradients with autograd.grad, so they are averaged across ranks by
+    an explicit all-reduce; the adversary steps go through DDP as in `make_ddp_trainer`."""
+    import torch.distributed as dist
+
+    from ida_ray.honest.ida_trainer import HonestIDATrainer
+    from ida_ray.honest.labels import simple_labeller
+    from ida_ray.honest.two_headed import build_two_headed
+    from ida_ray.losses import collate_adversary
+    from ida_ray.models import build_adversary
+    from ida_ray.tasks import get_task
+
+    # Same seed on every rank: identical initial weights, as DDP's broadcast would make them.
+    model, tokenizer = build_two_headed(cfg.model, cfg.seed)
+    adversary, _ = build_adversary(cfg.model, cfg.seed + 1)
+    model.to(device)
+    adversary.to(device)
+
+    def all_reduce_mean(grads):
+        if world_size > 1 and dist.is_initialized():
+            for g in grads:
+                dist.all_reduce(g)
+                g /= world_size
+
+    class DDPHonestTrainer(HonestIDATrainer):
+        def __init__(self):
+            super().__init__(model, adversary, tokenizer, cfg.train, cfg.honest,
+                             simple_labeller(get_task(cfg.task, **cfg.task_kwargs)), cfg.seed + rank, device,
+                             reduce_grads=all_reduce_mean)
+            self.scorer_ddp = wrap(_adversary_scorer_cls()(adversary))
+
+        def adversary_step(self, examples):
+            batch = {k: v.to(device) for k, v in collate_adversary(self.tokenizer, examples).items()}
+            return self._step(self.scorer_ddp, self.adversary_opt, scorer_loss, batch)
+
+    return DDPHonestTrainer()
+
+
 def param_digest(*modules) -> str:
     """sha256 over every parameter's bytes: equal digests mean bit-identical weights."""
     h = hashlib.sha256()
@@ -216,11 +255,17 @@ def save_checkpoint(directory: str | Path, trainer, iteration: int, extra: dict 
     from ida_ray.models import save_pretrained
 
     d = Path(directory)
-    save_pretrained(trainer.model, trainer.tokenizer, d / "model")
+    two_headed = getattr(trainer, "two_headed", None)
+    if two_headed is not None:  # model/ stays a plain HF directory (intended head) + the second head
+        from ida_ray.honest.two_headed import save_two_headed
+
+        save_two_headed(two_headed, trainer.tokenizer, d / "model")
+    else:
+        save_pretrained(trainer.model, trainer.tokenizer, d / "model")
     save_pretrained(trainer.adversary, trainer.tokenizer, d / "adversary")
-    torch.save({"model_opt": trainer.model_opt.state_dict(), "adversary_opt": trainer.adversary_opt.state_dict()},
-               d / "optimizer.pt")
-    meta = {"iteration": iteration, "weight_version": iteration + 1, **(extra or {})}
+    torch.save(trainer.optimizer_states(), d / "optimizer.pt")
+    meta = {"iteration": iteration, "weight_version": iteration + 1,
+            "objective": "honest" if two_headed is not None else "imitation", **(extra or {})}
     (d / "learner.json").write_text(json.dumps(meta))
     return d
 
@@ -235,13 +280,21 @@ def load_checkpoint(directory: str | Path, trainer, device="cpu") -> dict:
     meta_path = d / "learner.json"
     if not meta_path.exists():
         raise LearnerFailure(f"{d} is not a complete learner checkpoint (no learner.json)")
-    trainer.model.load_state_dict(load_model(d / "model").state_dict())
+    meta = json.loads(meta_path.read_text())
+    two_headed = getattr(trainer, "two_headed", None)
+    wanted, saved = ("honest" if two_headed is not None else "imitation"), meta.get("objective", "imitation")
+    if saved != wanted:
+        raise LearnerFailure(f"{d} was trained with objective {saved!r}; this run's objective is {wanted!r}")
+    if two_headed is not None:
+        from ida_ray.honest.two_headed import load_two_headed
+
+        two_headed.load_state_dict(load_two_headed(d / "model").state_dict())
+    else:
+        trainer.model.load_state_dict(load_model(d / "model").state_dict())
     trainer.adversary.load_state_dict(load_adversary(d / "adversary").state_dict())
     # Our own file, but loaded as data only: no pickled code runs.
-    opt = torch.load(d / "optimizer.pt", map_location=device, weights_only=True)
-    trainer.model_opt.load_state_dict(opt["model_opt"])
-    trainer.adversary_opt.load_state_dict(opt["adversary_opt"])
-    return json.loads(meta_path.read_text())
+    trainer.load_optimizer_states(torch.load(d / "optimizer.pt", map_location=device, weights_only=True))
+    return meta
 
 
 def train_round(trainer, buffer, command: dict, rank: int, world_size: int, seed: int) -> dict:
@@ -262,6 +315,7 @@ def train_round(trainer, buffer, command: dict, rank: int, world_size: int, seed
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(have, op=dist.ReduceOp.MIN)
     lm, adv = [Example(**e) for e in lm], [Example(**e) for e in adv]
+    trainer.prepare_round(lm)
     t0 = time.time()
     m_losses = [trainer.model_step(lm[i * bs:(i + 1) * bs]) for i in range(steps if have[0] else 0)]
     t_model = time.time() - t0
@@ -271,10 +325,13 @@ def train_round(trainer, buffer, command: dict, rank: int, world_size: int, seed
     if world_size > 1 and dist.is_initialized():
         dist.all_reduce(stats)
         stats /= world_size
-    return {"model_loss": float(stats[0]), "adversary_loss": float(stats[1]),
-            "model_steps": len(m_losses), "adversary_steps": len(a_losses),
-            "model_train_seconds": round(t_model, 3), "train_seconds": round(time.time() - t0, 3),
-            "local_batch_size": bs}
+    out = {"model_loss": float(stats[0]), "adversary_loss": float(stats[1]),
+           "model_steps": len(m_losses), "adversary_steps": len(a_losses),
+           "model_train_seconds": round(t_model, 3), "train_seconds": round(time.time() - t0, 3),
+           "local_batch_size": bs}
+    if hasattr(trainer, "round_stats"):
+        out["honest"] = trainer.round_stats(len(m_losses))
+    return out
 
 
 def learner_loop(config: dict) -> None:
@@ -292,9 +349,20 @@ def learner_loop(config: dict) -> None:
         torch.set_num_threads(config["torch_threads"])
     cfg = IDAConfig.from_dict(config["ida_config"])
     device = get_device()
-    model, tokenizer = build_model(cfg.model, cfg.seed)
-    adversary, _ = build_adversary(cfg.model, cfg.seed + 1)
-    trainer = make_ddp_trainer(model, adversary, tokenizer, cfg.train, cfg.seed + rank, prepare_model, device)
+    probe_questions = None
+    if cfg.objective == "honest":
+        from ida_ray.honest.ida_trainer import honest_probe, questions_where_simple_errs
+        from ida_ray.tasks import get_task
+
+        trainer = make_honest_trainer(cfg, prepare_model, device, rank, world)
+        task = get_task(cfg.task, **cfg.task_kwargs)
+        if rank == 0:  # held out: a seed the run's own question draws never use
+            probe_questions = questions_where_simple_errs(task, trainer.simple, cfg.sizes(task), 64,
+                                                          seed=cfg.seed + 7_919_993)
+    else:
+        model, tokenizer = build_model(cfg.model, cfg.seed)
+        adversary, _ = build_adversary(cfg.model, cfg.seed + 1)
+        trainer = make_ddp_trainer(model, adversary, tokenizer, cfg.train, cfg.seed + rank, prepare_model, device)
 
     last = config["start_iteration"] - 1
     restored = ray.train.get_checkpoint()  # set when Ray Train restarted this worker group
@@ -318,6 +386,9 @@ def learner_loop(config: dict) -> None:
         t0 = time.time()
         metrics = train_round(trainer, buffer, command, rank, world, cfg.seed)
         metrics.update(iteration=it, weight_version=it + 1)
+        if probe_questions is not None:
+            metrics["honest"].update(honest_probe(trainer.two_headed, trainer.tokenizer, task, trainer.simple,
+                                                  probe_questions))
         with tempfile.TemporaryDirectory() as tmp:
             t1 = time.time()
             checkpoint = None
@@ -326,7 +397,8 @@ def learner_loop(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{it:04d}")
             metrics["checkpoint_seconds"] = round(time.time() - t1, 3)
-        result = {"metrics": metrics, "digest": param_digest(trainer.model, trainer.adversary)}
+        result = {"metrics": metrics, "digest": param_digest(getattr(trainer, "two_headed", trainer.model),
+                                                             trainer.adversary)}
         if rank == 0:
             result["checkpoint_path"] = str(Path(config["storage_path"]) / config["name"] /
                                             f"{CHECKPOINT_PREFIX}{it:04d}")

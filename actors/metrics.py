@@ -41,6 +41,9 @@ class IDAMetrics:
         self.queue_depth = Gauge("ida_replica_queue_depth", "Requests waiting in a replica's engine", r + ("replica",))
         self.replay_size = Gauge("ida_replay_buffer_examples", "Examples held by the replay buffer", r)
         self.iteration = Gauge("ida_iteration", "Iterations completed", r)
+        self.honest = Gauge("ida_honest", "Honest objective, last round: heads' disagreement C on the trusted set; "
+                            "intended head right / instrumental head copying the simple label where it errs",
+                            r + ("which",))
         self.phase_seconds = Gauge("ida_phase_seconds", "Seconds spent in each phase, last iteration", r + ("phase",))
         self.snapshot: dict[str, dict] = {}
 
@@ -100,3 +103,10 @@ class IDAMetrics:
         for phase, s in phase_seconds.items():
             self.phase_seconds.set(s, self._tags(phase=phase))
             self._keep("phase_seconds", phase, s)
+
+    def record_honest(self, honest: dict | None) -> None:
+        """The honest objective's round figures (objective "honest" only)."""
+        for which, v in (honest or {}).items():
+            if isinstance(v, (int, float)) and v == v:
+                self.honest.set(float(v), self._tags(which=which))
+                self._keep("honest", which, v)

@@ -21,6 +21,13 @@ def answer_prompt(q: str) -> str:
     return f"A{q}="
 
 
+def question_of_answer_prompt(prompt: str) -> str:
+    """The question of an answer prompt (inverse of `answer_prompt`); ParseError otherwise."""
+    if len(prompt) < 3 or prompt[0] != "A" or prompt[-1] != "=" or any(c in RESERVED for c in prompt[1:-1]):
+        raise ParseError(f"not an answer prompt: {prompt!r}")
+    return prompt[1:-1]
+
+
 def fan_out_prompt(q: str) -> str:
     return f"O{q}="
 

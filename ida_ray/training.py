@@ -38,6 +38,10 @@ class Trainer:
         module.eval()
         return float(loss.detach())
 
+    def prepare_round(self, examples: list[Example]) -> None:
+        """Called with a round's model examples before its steps (the honest objective picks its
+        trusted set here); nothing to do for plain imitation."""
+
     def model_step(self, examples: list[Example]) -> float:
         return self._step(self.model, self.model_opt, model_loss, collate_lm(self.tokenizer, examples))
 
@@ -51,6 +55,7 @@ class Trainer:
         adversary_steps = self.cfg.adversary_steps_per_iteration if adversary_steps is None else adversary_steps
         lm = [e for e in examples if e.kind in MODEL_KINDS]
         adv = [e for e in examples if e.kind == "adversary"]
+        self.prepare_round(lm)
         stats = TrainStats()
         bs = self.cfg.batch_size
         losses = [self.model_step([self.rng.choice(lm) for _ in range(bs)]) for _ in range(steps if lm else 0)]
@@ -61,6 +66,13 @@ class Trainer:
         if losses:
             stats.adversary_loss, stats.adversary_steps = sum(losses[-20:]) / len(losses[-20:]), len(losses)
         return stats
+
+    def optimizer_states(self) -> dict:
+        return {"model_opt": self.model_opt.state_dict(), "adversary_opt": self.adversary_opt.state_dict()}
+
+    def load_optimizer_states(self, states: dict) -> None:
+        self.model_opt.load_state_dict(states["model_opt"])
+        self.adversary_opt.load_state_dict(states["adversary_opt"])
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "adversary": self.adversary.state_dict(),

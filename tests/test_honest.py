@@ -329,3 +329,124 @@ def test_save_load_round_trip_and_plain_transformers_load(model_tok, tmp_path):
     (tmp_path / INSTRUMENTAL_FILE).unlink()
     with pytest.raises(ConfigError, match="not a two-headed"):
         load_two_headed(tmp_path)
+
+
+# -- the objective inside the IDA loop (IDAConfig.objective = "honest") --------------------
+def ida_examples(n=60, seed=0):
+    """Answer examples as IDA trees label them (the truth, the complex process), with fan-outs."""
+    rng = random.Random(seed)
+    qs = [TASK.generate(rng.choice((3, 4)), rng) for _ in range(n)]
+    return qs, [Example("answer", answer_prompt(q), TASK.solve(q)) for q in qs] + \
+        [Example("fan_out", f"O{q}=", "!" + TASK.solve(q)) for q in qs]
+
+
+def test_trusted_examples_are_answers_the_simple_labeller_agrees_with():
+    from ida_ray.honest.ida_trainer import is_trusted
+
+    simple = SumDropsCarryIntoTwenties(TASK)
+    assert is_trusted(Example("answer", "A9,9=", "18"), simple)
+    assert not is_trusted(Example("answer", "A9,9,9=", "27"), simple)  # simple says 17: it errs here
+    assert not is_trusted(Example("answer", "A9,9=", "17"), simple)  # the label disagrees
+    assert not is_trusted(Example("fan_out", "O9,9=", "!18"), simple)  # only answers are labelled twice
+    assert not is_trusted(Example("answer", "Ax,y=", "1"), simple)  # not a question of the task
+    assert not is_trusted(Example("answer", "O9,9=", "18"), simple)  # not an answer prompt
+
+
+def test_honest_ida_trainer_learns_the_large_set_and_holds_heads_together_on_the_trusted_set():
+    """Same seed and data with and without C: both learn the large set through the intended
+    head; only with C does the instrumental head follow it on the trusted set."""
+    from ida_ray.config import TrainConfig
+    from ida_ray.honest.ida_trainer import HonestIDATrainer, is_trusted
+    from ida_ray.models import build_adversary
+
+    simple = SumDropsCarryIntoTwenties(TASK)
+    qs, examples = ida_examples()
+    trusted = [e for e in examples if is_trusted(e, simple)]
+    assert 0 < len(trusted) < len(qs)  # some 3-4 digit sums reach 20, where simple errs
+    out = {}
+    for lam in (0.0, 1.0):
+        model, tok = build_two_headed(TINY, seed=0)
+        adversary, _ = build_adversary(TINY, seed=1)
+        trainer = HonestIDATrainer(model, adversary, tok, TrainConfig(batch_size=16, steps_per_iteration=80,
+                                                                      adversary_steps_per_iteration=0),
+                                   HonestConfig(lam=lam, small_batch_size=16, lr1=1e-2, lr2=1e-2), simple, seed=0)
+        big, small = collate_lm(tok, examples), collate_lm(tok, trusted)
+        with torch.no_grad():
+            nll0 = float(intended_nll(model, big))
+        stats = trainer.fit(examples)
+        assert trainer.trusted == trusted and stats.model_steps == 80
+        with torch.no_grad():
+            out[lam] = (nll0, float(intended_nll(model, big)), trainer.objective.disagreement_on(small))
+        r = trainer.round_stats(80)
+        assert r["trusted_examples"] == len(trusted) and r["theta2_sq_distance"] > 0
+    for lam, (nll0, nll, _) in out.items():
+        assert nll < 0.7 * nll0, lam
+    assert out[1.0][2] < 0.5 * out[0.0][2]
+
+
+def test_gradients_go_through_reduce_grads_before_the_update():
+    """The learner averages gradients across ranks in this hook: what it leaves is what's applied."""
+    model, tok = build_two_headed(TINY, seed=0)
+    calls = []
+
+    def zero_all(grads):
+        calls.append(len(grads))
+        for g in grads:
+            g.zero_()
+
+    trainer = HonestTrainer(model, HonestConfig(optimizer="sgd", momentum=0.0, alpha1=0, alpha2=0), reduce_grads=zero_all)
+    before = snapshot(dict(model.named_parameters()))
+    big = small_batch(tok)
+    trainer.step(lambda m: intended_nll(m, big), small_batch(tok, seed=1))
+    assert calls == [len(trainer.theta2), len(trainer.theta1)]  # θ₂ step, then θ₁ step
+    assert not moved(before, dict(model.named_parameters()))
+    trainer.step(lambda m: intended_nll(m, big), None)  # no trusted examples yet: likelihood only
+    assert len(calls) == 4
+
+
+def test_honest_probe_measures_both_heads_where_simple_errs():
+    from ida_ray.honest.ida_trainer import honest_probe, questions_where_simple_errs
+
+    simple = SumDropsCarryIntoTwenties(TASK)
+    qs = questions_where_simple_errs(TASK, simple, (3, 4), 10, seed=5)
+    assert len(qs) == 10 and all(simple.errs_on(q) for q in qs) and len(set(qs)) == 10
+    model, tok = build_two_headed(TINY, seed=0)
+    r = honest_probe(model, tok, TASK, simple, qs)
+    assert r["questions"] == 10 and 0 <= r["intended_right_where_simple_errs"] <= 1
+    small_digits = get_task("sum", max_digit=3)
+    assert questions_where_simple_errs(small_digits, SumDropsCarryIntoTwenties(small_digits), (2,), 5, 0) == []
+    assert honest_probe(model, tok, TASK, simple, [])["intended_right_where_simple_errs"] is None
+
+
+def test_honest_learner_checkpoint_round_trip(tmp_path):
+    """A learner checkpoint of the honest objective: model/ loads as a plain LlamaForCausalLM
+    answering with the intended head; both heads, the optimisers and θ₀ come back on resume;
+    an imitation run refuses it."""
+    from actors.learner import LearnerFailure, load_checkpoint, save_checkpoint
+    from ida_ray.config import TrainConfig
+    from ida_ray.honest.ida_trainer import HonestIDATrainer
+    from ida_ray.models import build_adversary, build_model
+    from ida_ray.training import Trainer
+
+    def make(seed):
+        model, tok = build_two_headed(TINY, seed=seed)
+        adversary, _ = build_adversary(TINY, seed=seed + 1)
+        return HonestIDATrainer(model, adversary, tok, TrainConfig(batch_size=8, steps_per_iteration=3,
+                                                                   adversary_steps_per_iteration=0),
+                                HonestConfig(small_batch_size=4), SumDropsCarryIntoTwenties(TASK))
+
+    a = make(0)
+    a.fit(ida_examples(20)[1])
+    save_checkpoint(tmp_path, a, iteration=4)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert torch.equal(plain.lm_head.weight, a.two_headed.lm.lm_head.weight)
+    b = make(9)
+    meta = load_checkpoint(tmp_path, b)
+    assert meta["objective"] == "honest" and meta["iteration"] == 4
+    for (n, p), (_, q) in zip(a.two_headed.named_parameters(), b.two_headed.named_parameters()):
+        assert torch.equal(p, q), n
+    assert all(torch.equal(a.objective.init2[n], b.objective.init2[n]) for n in a.objective.init2)
+    assert b.objective.opt2.state_dict()["state"]  # Adam moments restored
+    lm, tok = build_model(TINY, 0)
+    with pytest.raises(LearnerFailure, match="objective 'honest'"):
+        load_checkpoint(tmp_path, Trainer(lm, build_adversary(TINY, 1)[0], tok, TrainConfig()))

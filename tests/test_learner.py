@@ -186,3 +186,37 @@ def test_learner_failure_is_reported_not_hung(ray_cluster, tmp_path):
     with pytest.raises(LearnerFailure, match="no-such-buffer|failed"):
         asyncio.run(learner.train(0))
     learner.stop()
+
+
+def test_learner_honest_objective_two_workers(ray_cluster, tmp_path):
+    """objective "honest" through the same Ray Train learner: the θ₁/θ₂ updates are averaged
+    across 2 ranks (bit-identical two-headed weights), the round reports C and the held-out
+    probe, the checkpoint keeps both heads, and replicas get the intended head."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load
+
+    from ida_ray.honest.config import HonestConfig
+    from ida_ray.honest.two_headed import INSTRUMENTAL_FILE, load_two_headed
+
+    cfg = replace(_cfg(tmp_path, 2), objective="honest", honest=HonestConfig(small_batch_size=8)).validate()
+    buffer = start_replay_buffer(1000, tmp_path, seed=0, name="buffer-h")
+    ray.get(buffer.add.remote(_examples()))
+    learner = Learner(cfg, tmp_path, buffer_name="buffer-h", control_name="control-h")
+    learner.start()
+    try:
+        r0 = asyncio.run(learner.train(0))
+        payload = ray.get(r0.payload_ref)
+    finally:
+        learner.stop()
+    assert r0.ranks_in_sync and len(r0.digests) == 2 and r0.model_steps == 4
+    h = r0.rank_metrics[0]["honest"]
+    assert h["trusted_examples"] > 0 and h["disagreement_c"] >= 0 and h["questions"] > 0
+    assert 0 <= h["intended_right_where_simple_errs"] <= 1
+    ckpt = Path(r0.checkpoint_path)
+    assert (ckpt / "model" / INSTRUMENTAL_FILE).exists()
+    two = load_two_headed(ckpt / "model")
+    served = load(payload.model)  # what every replica loads: the intended head, not the instrumental one
+    assert torch.equal(served["lm_head.weight"], two.lm.lm_head.weight)
+    assert not torch.equal(served["lm_head.weight"], two.instrumental_head.weight)
