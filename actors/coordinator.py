@@ -4,7 +4,9 @@ the cluster, step for step as `ida_ray.local_loop.LocalIDA` does in one process:
   1. draw the iteration's questions: the training distribution, plus (after the first
      iteration) a share picked by the adversary (`ida_ray.iteration.draw_questions`);
   2. expand amplification trees with H' and distillation trees with the model alone, spread
-     over the TreeExpander actors in chunks, all model calls going to the replicas;
+     over the TreeExpander actors in chunks, all model calls going to the replicas (H is the
+     task's coded expert, or with cfg.expert == "human" a person answering through the run's
+     queue actor, actors/human_queue.py);
   3. add every tree's examples to the replay buffer actor and its record to run_dir/trees/;
   4. train the model and the adversary (the Ray Train learner, actors/learner.py), which
      checkpoints and hands back the new weights;
@@ -258,9 +260,14 @@ class IDACoordinator:
             await self.pool.swap_weights(ref, self.completed)
             self.latest_weights = (ref, self.completed)
         per_expander = max(1, math.ceil(cfg.trees_in_flight / cfg.expanders))
+        human_queue = None
+        if cfg.expert == "human":  # the driver's queue actor (the one its /human page answers)
+            from actors.human_queue import start_human_queue
+
+            human_queue = await asyncio.to_thread(start_human_queue, cfg.human_timeout_s)
         self.expanders = start_expanders(cfg.expanders, self.replicas, num_cpus=res.expander_cpus, task=cfg.task,
                                          task_kwargs=cfg.task_kwargs, amplify=cfg.amplify,
-                                         trees_in_flight=per_expander)
+                                         trees_in_flight=per_expander, human_queue=human_queue)
         await asyncio.gather(*(e.health.remote() for e in self.expanders))
         if self.state:
             self.initial_accuracy = {int(k): v for k, v in self.state.get("initial_accuracy", {}).items()}

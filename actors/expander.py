@@ -10,9 +10,13 @@ A job is {"question", "mode": "amplify" | "distill", "seed", "iteration", "sourc
 from every concurrent `expand` call share one bound, `trees_in_flight`; all their model calls
 go through the pool, which batches them across trees.
 
-A tree's own failures (bad model output, a failing expert, a bound hit, a replica lost after
-all retries) are recorded on the tree, as everywhere in the core. A malformed job is rejected
-before any tree starts, with an InvalidJob error naming the job and the problem.
+With `human_queue` (the run's `actors.human_queue` actor, `ida-ray train --expert human`), the
+expert H of every amplification tree is a person answering on the /human page; distillation
+trees are the model's alone and never ask H.
+
+A tree's own failures (bad model output, a failing expert or a person's timeout, a bound hit, a
+replica lost after all retries) are recorded on the tree, as everywhere in the core. A malformed
+job is rejected before any tree starts, with an InvalidJob error naming the job and the problem.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from ida_ray.amplify import amplify_tree, distill_tree
 from ida_ray.config import AmplifyConfig
 from ida_ray.errors import IDAError
 from ida_ray.examples import tree_examples
+from ida_ray.human_expert import HumanExpert
 from ida_ray.tasks import get_task
 
 MODES = ("amplify", "distill")
@@ -55,13 +60,20 @@ def check_job(job, index: int) -> dict:
 class TreeExpander:
     def __init__(self, replicas: list, task: str = "sum", task_kwargs: dict | None = None,
                  amplify: AmplifyConfig | dict | None = None, trees_in_flight: int = 256,
-                 pool_options: dict | None = None):
+                 pool_options: dict | None = None, human_queue=None):
+        """human_queue: the run's HumanQueueActor handle; its person is H of amplification trees
+        (default: the task's coded expert)."""
         if trees_in_flight < 1:
             raise ValueError("trees_in_flight must be >= 1")
         self.task = get_task(task, **(task_kwargs or {}))
         self.cfg = amplify if isinstance(amplify, AmplifyConfig) else AmplifyConfig(**(amplify or {}))
         self.trees_in_flight = trees_in_flight
         self.pool = ReplicaPool(replicas, **(pool_options or {}))
+        self.expert = None  # amplify_tree's default: the task's coded expert
+        if human_queue is not None:
+            from actors.human_queue import HumanQueueClient
+
+            self.expert = HumanExpert(self.task, HumanQueueClient(human_queue))
         self._slots: asyncio.Semaphore | None = None  # created on the actor's event loop
         self.in_flight = 0
         self.completed = 0
@@ -82,7 +94,7 @@ class TreeExpander:
                 if job["mode"] == "amplify":
                     tree = await amplify_tree(self.task, self.pool, job["question"], self.cfg,
                                               random.Random(job["seed"]), job["iteration"],
-                                              hprime=job.get("hprime"), source=job["source"])
+                                              hprime=job.get("hprime"), source=job["source"], expert=self.expert)
                 else:
                     tree = await distill_tree(self.task, self.pool, job["question"], self.cfg, job["iteration"],
                                               source=job["source"])
@@ -115,7 +127,8 @@ class TreeExpander:
         self.cfg = amplify if isinstance(amplify, AmplifyConfig) else dataclasses.replace(self.cfg, **amplify)
 
     def health(self) -> dict:
-        return {"pid": os.getpid(), "trees_in_flight": self.in_flight, "trees_completed": self.completed, "trees_failed": self.failed,
+        return {"pid": os.getpid(), "expert": "coded" if self.expert is None else "human",
+                "trees_in_flight": self.in_flight, "trees_completed": self.completed, "trees_failed": self.failed,
                 "nodes": self.nodes, "model_calls": self.model_calls, "busy_s": round(self.busy_s, 2),
                 "weight_version": self.pool.weight_version, "pool": self.pool.health()}
 

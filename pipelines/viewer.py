@@ -8,11 +8,16 @@ where you answer it; the model is the project's tiny Llama (fresh, or --model-di
 model/ and adversary/ HF directories), served in-process by TorchEngine. Finished trees are
 written to <run-dir>/trees/human.jsonl and listed on the tree page. Binds to 127.0.0.1 unless
 --host says otherwise: the page lets whoever reaches it act as the expert.
+
+`ida-ray train --expert human` serves the same page beside a training run (`serve_in_thread`).
 """
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from ida_ray.config import AmplifyConfig
@@ -39,6 +44,59 @@ def build_human_runs(run_dir: Path, task_name: str, timeout_s: float, seed: int,
     engine = TorchEngine(model, adversary, tokenizer, max_new_tokens=max_new_tokens)
     cfg = AmplifyConfig(max_new_tokens=max_new_tokens)
     return HumanRuns(task, engine, cfg, HumanQueue(timeout_s), run_dir, seed=seed)
+
+
+def check_port_free(host: str, port: int) -> str | None:
+    """Why the page cannot be served on host:port (None if it can), checked before a run starts."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        return f"cannot serve the human page on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+class PageServer:
+    """A viewer app served by uvicorn in a daemon thread of this process (the training driver).
+
+    `start()` returns once the socket listens, or raises OSError if uvicorn could not bind."""
+
+    def __init__(self, app, host: str, port: int):
+        import uvicorn
+
+        self.host, self.port = host, port
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self._run, name="ida-human-page", daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.server.run()  # no signal handlers off the main thread: Ctrl-C stays the driver's
+        except BaseException as exc:  # noqa: BLE001 - uvicorn exits (SystemExit) when it cannot bind
+            self.error = exc
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> PageServer:
+        self.thread.start()
+        deadline = time.time() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                self.stop()
+                raise OSError(f"could not serve the human page on {self.host}:{self.port}"
+                              + (f" ({self.error!r})" if self.error else ""))
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,15 @@
 """End to end in headless Chromium: `python -m pipelines.viewer --human` serves a run, a
 person (Selenium) browses a tree and expands a node, then answers the expert's requests from
-the page (a malformed reply first, whose error the page shows) until the tree completes.
+the page (a malformed reply first, whose error the page shows) until the tree completes. Then
+`ida-ray train --expert human` (a real one-iteration run on a local Ray cluster) waits on the
+person, who answers its amplification trees' requests on the run's page until the run ends,
+and the run's tree record holds the person's steps.
 
 Needs Debian's chromium and chromium-driver and the selenium package (.ci/browser-deps.sh
 installs them); skipped with that reason where they are missing. Screenshots of every page
 go to $IDA_SCREENSHOT_DIR (docs/screenshots to refresh the committed ones), else to a tmp dir.
 """
+import json
 import os
 import shutil
 import socket
@@ -16,8 +20,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ida_ray.prompts import format_step
+from ida_ray.tree import EXPERT
 from ida_ray.tasks import get_task
 from test_viewer import make_trees, write_run
 
@@ -50,33 +56,47 @@ def shots(tmp_path_factory):
     return d
 
 
+class Served:
+    """A command serving the viewer app on a free port (`--port`/`--human-port` PORT is
+    appended), started and waited for; `stop()` ends it if it is still running."""
+
+    def __init__(self, args: list[str], log_path: Path, port_flag: str = "--port", timeout_s: float = 120):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-u", *args, port_flag, str(self.port)], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(self.base + "/api/info", timeout=2)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise AssertionError(f"{args[:2]} did not serve the page:\n{log_path.read_text()[-5000:]}")
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The viewer CLI on a run with fixture trees, one human tree on 1,2,3,4 started."""
     run_dir = write_run(tmp_path_factory.mktemp("run"), make_trees())
-    port = free_port()
-    log = open(run_dir / "viewer.log", "w")
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "pipelines.viewer", "--run-dir", str(run_dir), "--port",
-                             str(port), "--human", "--task", "sum", "--question", "1,2,3,4", "--timeout", "300"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(base + "/api/info", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise AssertionError(f"viewer did not start:\n{(run_dir / 'viewer.log').read_text()}")
-            time.sleep(0.3)
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    served = Served(["-m", "pipelines.viewer", "--run-dir", str(run_dir), "--human", "--task", "sum",
+                     "--question", "1,2,3,4", "--timeout", "300"], run_dir / "viewer.log")
+    yield served.base
+    served.stop()
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +114,12 @@ def browser():
     driver.quit()
 
 
-def wait(driver, condition, message):
+def wait(driver, condition, message, timeout=WAIT):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     # The human page re-renders its run table every second: an element may go stale mid-check.
-    return WebDriverWait(driver, WAIT, poll_frequency=0.1,
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
                          ignored_exceptions=(StaleElementReferenceException,)).until(condition, message)
 
 
@@ -131,15 +151,15 @@ def test_browse_filter_and_expand_a_node(server, browser, shots):
     browser.save_screenshot(str(shots / "tree.png"))
 
 
-def reply_for(card) -> str:
+def reply_for(card, task=TASK) -> str:
     """The step a careful person types: the coded expert's, read off the card."""
     from selenium.webdriver.common.by import By
 
     question = card.get_attribute("data-question")
     if card.get_attribute("data-kind") == "fan_out":
-        return format_step(TASK.expert_fan_out(question))
+        return format_step(task.expert_fan_out(question))
     sub = [tuple(s.strip() for s in li.text.split("\u2192")) for li in card.find_elements(By.CSS_SELECTOR, "ul.sub li")]
-    return format_step(TASK.expert_fan_in(question, tuple(sub)))
+    return format_step(task.expert_fan_in(question, tuple(sub)))
 
 
 def test_answer_requests_in_the_page_until_the_tree_completes(server, browser, shots):
@@ -194,3 +214,113 @@ def test_answer_requests_in_the_page_until_the_tree_completes(server, browser, s
     assert "expert" in fan_out.text and "split 1,2 | 3,4" in fan_out.text
     browser.find_element(By.ID, "expand-all").click()
     browser.save_screenshot(str(shots / "human_tree.png"))
+
+
+# -- a training run with the person as the expert ------------------------------------------
+# One iteration of the real distributed run on the torch engine: tiny model, two amplification
+# trees over lists of 1-2 digits (a handful of requests), a few training steps.
+TINY_RUN = {
+    "iterations": 1, "train_sizes": [1, 2], "amplify_trees_per_iteration": 2, "distill_trees_per_iteration": 2,
+    "eval_questions_per_size": 2,
+    "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+    "train": {"steps_per_iteration": 2, "adversary_steps_per_iteration": 1, "batch_size": 8},
+    "resources": {"expander_cpus": 0.25},
+}
+
+
+@pytest.fixture(scope="module")
+def human_run(tmp_path_factory):
+    """`ida-ray train --expert human` in a subprocess with its own run directory and port."""
+    root = tmp_path_factory.mktemp("human_run")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_RUN))
+    run_dir = root / "run"
+    served = Served(["-m", "pipelines.cli", "train", "--config", str(config), "--engine", "torch", "--expert",
+                     "human", "--human-timeout", "300", "--run-dir", str(run_dir), "--no-dashboard",
+                     "--no-progress"], root / "train.log", port_flag="--human-port")
+    served.run_dir = run_dir
+    yield served
+    served.stop()
+
+
+def test_train_with_the_person_as_expert_until_the_run_ends(human_run, browser, shots):
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.webdriver.common.by import By
+
+    from pipelines.train import default_config
+
+    task = get_task("sum", **default_config().task_kwargs)  # the run's task: the config overlays the default
+    browser.get(human_run.base + "/human")
+    wait(browser, lambda d: "training run" in d.find_element(By.ID, "run-status").text, "the run's status line")
+    assert not browser.find_element(By.ID, "runs-section").is_displayed()  # the run starts its own trees
+
+    # The first request comes once the run's cluster is up and its trees start; a malformed
+    # reply to it comes back with the parser's error.
+    card = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".request"), "a pending request", 150)[0]
+    assert card.get_attribute("data-kind") == "fan_out"
+    card.find_element(By.CSS_SELECTOR, "input.reply").send_keys("3?")
+    card.find_element(By.CSS_SELECTOR, "button.send").click()
+    error = card.find_element(By.CSS_SELECTOR, ".error")
+    wait(browser, lambda d: "must start with '!'" in error.text, "the parser's error is shown")
+    assert "expanding trees" in browser.find_element(By.ID, "run-status").text
+    browser.save_screenshot(str(shots / "train_human.png"))
+
+    sent: dict[str, str] = {}  # the request's prompt (question, and subanswers for a fan-in) -> the reply
+    answered = set()
+    deadline = time.time() + 150
+    while human_run.proc.poll() is None:
+        assert time.time() < deadline, f"the run did not finish:\n{human_run.log_path.read_text()[-3000:]}"
+        try:
+            for card in browser.find_elements(By.CSS_SELECTOR, ".request"):
+                rid = card.get_attribute("data-request-id")
+                if rid in answered:
+                    continue
+                text = reply_for(card, task)
+                prompt = card.find_element(By.CSS_SELECTOR, ".prompt code").text
+                reply = card.find_element(By.CSS_SELECTOR, "input.reply")
+                reply.clear()
+                reply.send_keys(text)
+                card.find_element(By.CSS_SELECTOR, "button.send").click()
+                answered.add(rid)
+                assert sent.setdefault(prompt, text) == text
+        except (StaleElementReferenceException, WebDriverException):
+            pass  # the page re-rendered under us, or the run ended and its page went away
+        time.sleep(0.2)
+    log = human_run.log_path.read_text()
+    assert human_run.proc.returncode == 0, log[-3000:]
+    assert "you are the expert: answer the run's requests at http://127.0.0.1:" in log and "== ida-ray results ==" in log
+    assert len(answered) >= 4  # two trees over 1-2 digits: the person answers every node (H' is not yet sure)
+
+    trees = [json.loads(line) for f in sorted((human_run.run_dir / "trees").glob("*.jsonl"))
+             for line in f.read_text().splitlines()]
+    amplified = [t for t in trees if t["mode"] == "amplify"]
+    assert len(amplified) == 2 and all(t["error"] is None and t["expert_calls"] >= 1 for t in amplified), amplified
+
+    def expert_steps(node):
+        steps = [node.get("fan_out")] + [r.get("fan_in") for r in node.get("rounds", [])]
+        yield from ((s["prompt"], s["output"]) for s in steps if s and s["who"] == EXPERT)
+        for r in node.get("rounds", []):
+            for child in r["children"]:
+                if child:
+                    yield from expert_steps(child)
+
+    steps = [s for t in amplified for s in expert_steps(t["root"])]
+    assert len(steps) == sum(t["expert_calls"] for t in amplified)
+    assert all(sent[prompt] == out for prompt, out in steps), (steps, sent)  # every one the person's
+    assert all(t["expert_calls"] == 0 for t in trees if t["mode"] == "distill")
+
+    # The completed tree in the viewer: the person's steps are the expert's.
+    done = max(amplified, key=lambda t: t["expert_calls"])
+    viewer = Served(["-m", "pipelines.viewer", "--run-dir", str(human_run.run_dir)],
+                    human_run.run_dir / "viewer.log")
+    try:
+        browser.get(f"{viewer.base}/tree/{done['tree_id']}")
+        summary = wait(browser, lambda d: d.find_elements(By.ID, "tree-summary"), "the completed tree")[0]
+        assert done["question"] in summary.text
+        browser.find_element(By.ID, "expand-all").click()
+        fan_out = browser.find_element(By.CSS_SELECTOR, "#tree > details.node > .node-body tr.step-fan_out")
+        assert "expert" in fan_out.text
+        browser.save_screenshot(str(shots / "train_human_tree.png"))
+    finally:
+        viewer.stop()
+

@@ -1,17 +1,22 @@
 """The viewer's web app: a JSON API over a run directory's trees, the static pages that use it,
-and, when a `HumanRuns` is given, the queue through which a person acts as the expert.
+and, when a human backend is given, the queue through which a person acts as the expert.
 
     /                 tree list with filters          GET /api/trees?task=&size=&...
     /tree/<id>        one tree, nodes expandable      GET /api/trees/<id>
     /human            pending expert requests         GET /api/human/requests
                                                        POST /api/human/requests/<id> {"text"}
                                                        GET|POST /api/human/runs {"question"}
+
+The human backend is `ida_ray.viewer.human_runs.HumanRuns` for `ida-ray view --human` (trees
+run in the server's process and are started from the page) or
+`actors.human_queue.RayHumanBackend` for `ida-ray train --expert human` (the training run's
+trees wait on a Ray actor; the page answers them and starts none).
 """
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse, JSONResponse
@@ -20,7 +25,6 @@ from pydantic import BaseModel
 
 from ida_ray.errors import MalformedQuestion
 from ida_ray.human_expert import UnknownRequest
-from ida_ray.viewer.human_runs import HumanRuns
 from ida_ray.viewer.store import TreeStore, annotated, facets, matches
 
 STATIC = Path(__file__).parent / "static"
@@ -34,7 +38,36 @@ class NewRun(BaseModel):
     question: str
 
 
-def create_app(run_dir: str | Path, human: HumanRuns | None = None, start_questions: tuple[str, ...] = ()) -> FastAPI:
+class HumanBackend(Protocol):
+    """What the /human page needs from wherever the person's requests wait.
+
+    The sync methods may block briefly (the app calls them from worker threads); `start` is
+    called on the server's event loop, so a backend may start trees there."""
+
+    can_start: bool  # whether the page may start trees of its own
+
+    def requests(self) -> dict:
+        """{"requests": [HumanRequest.to_dict(), ...], "answered": int, "timed_out": int}"""
+
+    def submit(self, request_id: str, text: str) -> dict:
+        """As HumanQueue.submit: {"accepted": True, ...} or {"accepted": False, "error"}; raises
+        UnknownRequest for an id that is not pending."""
+
+    def list(self) -> list[dict]:
+        """The trees the page started, newest first (empty when it starts none)."""
+
+    def start(self, question: str) -> dict:
+        """Start a tree on the question; MalformedQuestion for a bad one."""
+
+    def status(self) -> str | None:
+        """A line about what the requests belong to (e.g. a training run's progress), or None."""
+
+    async def close(self) -> None:
+        """Called when the server stops."""
+
+
+def create_app(run_dir: str | Path, human: HumanBackend | None = None,
+               start_questions: tuple[str, ...] = ()) -> FastAPI:
     """The app for one run directory. `start_questions` are started as human trees at startup."""
     store = TreeStore(run_dir)
 
@@ -44,10 +77,10 @@ def create_app(run_dir: str | Path, human: HumanRuns | None = None, start_questi
             human.start(q)
         yield
         if human is not None:
-            await human.cancel_all()
+            await human.close()
 
-    if start_questions and human is None:
-        raise ValueError("start_questions needs a HumanRuns")
+    if start_questions and (human is None or not human.can_start):
+        raise ValueError("start_questions needs a human backend that starts trees (HumanRuns)")
     app = FastAPI(title="ida-ray tree viewer", lifespan=lifespan)
     app.state.store = store
     app.state.human = human
@@ -71,7 +104,8 @@ def create_app(run_dir: str | Path, human: HumanRuns | None = None, start_questi
     def info():
         summaries = store.summaries()
         return {"run_dir": str(store.run_dir), "trees_dir_exists": store.trees_dir.is_dir(),
-                "trees": len(summaries), "problems": store.problems, "human": human is not None}
+                "trees": len(summaries), "problems": store.problems, "human": human is not None,
+                "human_can_start": bool(human is not None and human.can_start)}
 
     @app.get("/api/trees")
     def list_trees(task: str | None = None, size: int | None = None, iteration: int | None = None,
@@ -93,21 +127,21 @@ def create_app(run_dir: str | Path, human: HumanRuns | None = None, start_questi
         return annotated(tree, store.correctness)
 
     # -- the person as expert --------------------------------------------------------
-    def need_human() -> HumanRuns:
+    def need_human() -> HumanBackend:
         if human is None:
-            raise HTTPException(404, "the human expert is not enabled: start the viewer with --human")
+            raise HTTPException(404, "the human expert is not enabled: start the viewer with --human "
+                                     "(or the run with --expert human)")
         return human
 
     @app.get("/api/human/requests")
     def pending_requests():
-        h = need_human()
-        return {"requests": h.queue.pending(), "answered": h.queue.answered, "timed_out": h.queue.timed_out}
+        return need_human().requests()
 
     @app.post("/api/human/requests/{request_id}")
     def answer_request(request_id: str, reply: Reply):
         h = need_human()
         try:
-            result = h.queue.submit(request_id, reply.text)
+            result = h.submit(request_id, reply.text)
         except UnknownRequest as exc:
             raise HTTPException(404, str(exc)) from None
         if not result["accepted"]:
@@ -116,11 +150,14 @@ def create_app(run_dir: str | Path, human: HumanRuns | None = None, start_questi
 
     @app.get("/api/human/runs")
     def list_runs():
-        return {"runs": need_human().list()}
+        h = need_human()
+        return {"runs": h.list(), "can_start": h.can_start, "status": h.status()}
 
     @app.post("/api/human/runs")
     async def start_run(new: NewRun):  # async: the tree starts on the server's event loop
         h = need_human()
+        if not h.can_start:
+            raise HTTPException(409, "this page answers a training run's requests; its trees are started by the run")
         try:
             return h.start(new.question)
         except MalformedQuestion as exc:

@@ -3,6 +3,8 @@ line, each written to <run_dir>/trees/human.jsonl when it finishes so the viewer
 
 The trees run as tasks on the web server's event loop: the engine computes in worker
 threads, so the page stays responsive while the model and the person take turns.
+`HumanRuns` is the /human page's backend for `ida-ray view --human` (see
+`ida_ray.viewer.app.HumanBackend`); a training run's backend is `actors.human_queue.RayHumanBackend`.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ TREE_FILE = "human.jsonl"
 
 
 class HumanRuns:
+    can_start = True  # the page may start trees
+
     def __init__(self, task: Task, engine: Engine, cfg: AmplifyConfig, queue: HumanQueue, run_dir: str | Path,
                  seed: int = 0, iteration: int = 0):
         self.task, self.engine, self.cfg, self.queue = task, engine, cfg, queue
@@ -65,6 +69,20 @@ class HumanRuns:
 
     def list(self) -> list[dict]:
         return sorted((dict(r) for r in self.runs.values()), key=lambda r: -r["started"])
+
+    # -- the page's backend (ida_ray.viewer.app.HumanBackend) --------------------------
+    def requests(self) -> dict:
+        q = self.queue
+        return {"requests": q.pending(), "answered": q.answered, "timed_out": q.timed_out}
+
+    def submit(self, request_id: str, text: str) -> dict:
+        return self.queue.submit(request_id, text)
+
+    def status(self) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        await self.cancel_all()
 
     async def wait(self, run_id: str) -> dict:
         await self._tasks[run_id]

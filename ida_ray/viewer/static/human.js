@@ -1,5 +1,7 @@
 // The person's side of ida_ray.human_expert: pending requests are polled every second.
 // Cards are kept across polls (keyed by request id) so a reply being typed is never lost.
+// Serving a training run (`ida-ray train --expert human`), the page starts no trees of its
+// own (can_start is false): it shows the run's progress instead of the tree form.
 "use strict";
 
 const KIND_TITLE = {fan_out: "Fan-out", fan_in: "Fan-in", answer: "Answer"};
@@ -62,6 +64,8 @@ async function poll() {
     if (!req.requests.length) box.append(el("div", {class: "empty"}, "nothing waiting"));
     document.getElementById("status").textContent =
       `${req.requests.length} waiting, ${req.answered} answered, ${req.timed_out} timed out`;
+    document.getElementById("runs-section").hidden = !runs.can_start;
+    document.getElementById("run-status").textContent = runs.status || "";
     document.querySelector("#runs tbody").replaceChildren(...runs.runs.map(runRow));
   } catch (e) {
     document.getElementById("status").replaceChildren(el("span", {class: "error"}, e.message));
