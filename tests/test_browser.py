@@ -288,7 +288,8 @@ def test_train_with_the_person_as_expert_until_the_run_ends(human_run, browser, 
         time.sleep(0.2)
     log = human_run.log_path.read_text()
     assert human_run.proc.returncode == 0, log[-3000:]
-    assert "you are the expert: answer the run's requests at http://127.0.0.1:" in log and "== ida-ray results ==" in log
+    assert "you are the expert: answer the run's requests at http://127.0.0.1:" in log
+    assert "== ida-ray results ==" in log
     assert len(answered) >= 4  # two trees over 1-2 digits: the person answers every node (H' is not yet sure)
 
     trees = [json.loads(line) for f in sorted((human_run.run_dir / "trees").glob("*.jsonl"))
