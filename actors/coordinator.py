@@ -419,6 +419,8 @@ class IDACoordinator:
                            ("model_train_seconds", "train_seconds", "checkpoint_seconds", "round_seconds")},
             checkpoint=trained.checkpoint_path, expand_seconds=phases["expand"],
             learner_start_seconds=self.learner.start_seconds, setup_seconds=self.setup_seconds)
+        if "honest" in trained.rank_metrics[0]:
+            m["honest"] = trained.rank_metrics[0]["honest"]
         self.completed = it + 1
         self.history.append(m)
         self._record(m, trees, health, buffer_stats, phases)
@@ -441,6 +443,7 @@ class IDACoordinator:
         self.metrics.record_trees(trees, phases["expand"])
         self.metrics.record_losses(m["model_loss"], m["adversary_loss"])
         self.metrics.record_accuracy(m["accuracy_by_size"])
+        self.metrics.record_honest(m.get("honest"))
         self.metrics.record_replicas(health)
         self.metrics.record_iteration(self.completed, buffer_stats["size"], phases)
         write_json_atomic(self.run_dir / DASHBOARD_FILE, self.metrics.snapshot)

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from ida_ray.errors import ConfigError
+from ida_ray.honest.config import ComparisonConfig, HonestConfig
 from ida_ray.models import ModelSpec
 
 
@@ -74,6 +75,12 @@ class IDAConfig:
     learner_workers: int = 1
     engine: str = "vllm"  # "vllm" | "torch"
     use_gpu: bool = False
+    # What the learner optimises. "imitation": -log M(target) on every model example (sections
+    # 2-3 of ALGORITHM.md). "honest": the seed-001 objective (section 5) on a two-headed model:
+    # the same examples through the intended head (the complex process's labels), plus
+    # honest.lam * C on the trusted answers where the task's simple labeller agrees.
+    objective: str = "imitation"
+    honest: HonestConfig = field(default_factory=HonestConfig)
 
     def validate(self) -> IDAConfig:
         from ida_ray.tasks import TASKS
@@ -116,6 +123,21 @@ class IDAConfig:
             problems.append("train.lr must be > 0, batch_size >= 1, steps_per_iteration >= 0")
         if self.train_sizes is not None and (not self.train_sizes or min(self.train_sizes) < 1):
             problems.append("train_sizes must be positive sizes")
+        if self.objective not in ("imitation", "honest"):
+            problems.append(f"objective must be 'imitation' or 'honest', got {self.objective!r}")
+        elif self.objective == "honest":
+            from ida_ray.honest.labels import SIMPLE_LABELLERS
+
+            if self.task not in SIMPLE_LABELLERS:
+                problems.append(f"objective 'honest' needs a simple labeller for the task; {self.task!r} has none "
+                                f"(tasks with one: {sorted(SIMPLE_LABELLERS)})")
+            if self.honest.mode != "likelihood":
+                problems.append("objective 'honest' in the IDA loop trains on the trees' labels: honest.mode must be "
+                                "'likelihood' (comparison mode runs in `python -m pipelines.honest`)")
+            try:
+                self.honest.validate()
+            except ConfigError as exc:
+                problems.append(str(exc).replace("\n  - ", "; "))
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self
@@ -141,6 +163,8 @@ class IDAConfig:
                 if bad:
                     raise ConfigError(f"unknown keys in {key}: {sorted(bad)}")
                 d[key] = typ(**d[key])
+        if isinstance(d.get("honest"), dict):
+            d["honest"] = _honest_from_dict(d["honest"])
         if d.get("train_sizes") is not None:
             d["train_sizes"] = tuple(d["train_sizes"])
         return cls(**d)
@@ -152,3 +176,18 @@ class IDAConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         return cls.from_dict(data)
+
+
+def _honest_from_dict(d: dict) -> HonestConfig:
+    d = dict(d)
+    for key, typ in (("honest", HonestConfig), ("honest.comparison", ComparisonConfig)):
+        sub = d if typ is HonestConfig else d.get("comparison")
+        if isinstance(sub, dict):
+            bad = set(sub) - {f.name for f in dataclasses.fields(typ)}
+            if bad:
+                raise ConfigError(f"unknown keys in {key}: {sorted(bad)}")
+    if isinstance(d.get("comparison"), dict):
+        d["comparison"] = ComparisonConfig(**d["comparison"])
+    if d.get("theta1_prefixes") is not None:
+        d["theta1_prefixes"] = tuple(d["theta1_prefixes"])
+    return HonestConfig(**d)

@@ -7,6 +7,7 @@
     ida-ray train --run-dir runs/big --resume      continue from the last checkpoint
     ida-ray train --expert human --engine torch    you are the expert H: answer the trees'
                                                    requests at http://127.0.0.1:8266/human
+    ida-ray train --objective honest               the two-headed honest objective (seed 001)
     ida-ray view --run-dir runs/latest             browse the trees of a run
 
 Every argument and the config file are checked before Ray starts: a mistake costs no
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--learner-workers", type=_positive_int, help="Ray Train DDP workers")
     t.add_argument("--engine", choices=("vllm", "torch"), help="serving engine (default: vllm)")
     t.add_argument("--gpu", action="store_true", default=None, help="replicas and learner on GPUs")
+    t.add_argument("--objective", choices=("imitation", "honest"), help="what the learner optimises: imitation "
+                   "of the trees' labels (default), or the honest two-headed objective of seed 001 (settings in the "
+                   "config's honest: section; tasks with a simple labeller: sum, perm)")
     t.add_argument("--seed", type=int, help="random seed")
     t.add_argument("--amplify-trees", type=_positive_int, metavar="N",
                    help="amplification trees per iteration (default: the config's; 4 with --expert human)")
@@ -108,7 +112,7 @@ def run_train(args) -> int:
         cfg = with_overrides(cfg, task_kwargs={}, train_sizes=None)  # the default's kwargs are sum's
     cfg = with_overrides(cfg, task=args.task, iterations=args.iterations, replicas=args.replicas,
                          expanders=args.expanders, learner_workers=args.learner_workers, engine=args.engine,
-                         use_gpu=args.gpu, seed=args.seed, run_dir=args.run_dir)
+                         objective=args.objective, use_gpu=args.gpu, seed=args.seed, run_dir=args.run_dir)
     cfg = with_overrides(cfg, expert=args.expert, human_timeout_s=args.human_timeout, human_host=args.human_host,
                          human_port=args.human_port, amplify_trees_per_iteration=args.amplify_trees)
     if args.amplify_trees is None:  # a person-sized iteration, unless the config file says otherwise

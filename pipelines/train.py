@@ -110,6 +110,15 @@ def format_accuracy(acc: dict) -> str:
     return " ".join(f"{s}:{a:.2f}" for s, a in sorted(((int(k), v) for k, v in acc.items())))
 
 
+def format_honest(h: dict) -> str:
+    """The honest objective's round figures (objective "honest")."""
+    f = lambda v: "n/a" if v is None or v != v else f"{v:.2f}"  # noqa: E731
+    return (f"honest: C {f(h.get('disagreement_c'))} on {h.get('trusted_examples')} trusted answers | where the "
+            f"simple labeller errs ({h.get('questions')} held-out): intended head right "
+            f"{f(h.get('intended_right_where_simple_errs'))}, instrumental copies simple "
+            f"{f(h.get('instrumental_copies_simple_where_simple_errs'))}")
+
+
 def summary(history: list[dict], run_dir: str | Path, initial_accuracy: dict | None = None) -> str:
     if not history:
         return "no iterations ran"
@@ -130,6 +139,7 @@ def summary(history: list[dict], run_dir: str | Path, initial_accuracy: dict | N
         f"expert calls per amplification tree: {first['expert_calls_per_tree']:.2f} -> "
         f"{last['expert_calls_per_tree']:.2f}",
         f"final accuracy by size: {format_accuracy(last['accuracy_by_size'])}",
+        *([format_honest(last["honest"])] if last.get("honest") else []),
         f"seconds per iteration: {', '.join(str(round(m['seconds'])) for m in history)}",
         f"run directory: {Path(run_dir).resolve()} (metrics.jsonl, plots/progress.png, checkpoints/, trees/)",
     ]
@@ -191,7 +201,8 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
             m = _run_iteration(coordinator, it, progress)
             line = (f"iter {it}: acc {format_accuracy(m['accuracy_by_size'])} | expert calls/tree "
                     f"{m['expert_calls_per_tree']:.2f} | loss {m['model_loss']:.3f} adv {m['adversary_loss']:.3f} | "
-                    f"{m['seconds']:.0f}s ({', '.join(f'{k} {v:.0f}' for k, v in m['phase_seconds'].items())})")
+                    f"{m['seconds']:.0f}s ({', '.join(f'{k} {v:.0f}' for k, v in m['phase_seconds'].items())})"
+                    + (f"\n  {format_honest(m['honest'])}" if m.get("honest") else ""))
             if outer is not None:
                 outer.update(1)
                 outer.write(line)

@@ -139,3 +139,28 @@ def test_console_script_runs_and_resumes(tmp_path):
     help_ = subprocess.run([sys.executable, "-m", "pipelines.train", "--help"], capture_output=True, text=True,
                            timeout=120, cwd=ROOT)
     assert help_.returncode == 0 and "--learner-workers" in help_.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_honest_objective_through_the_cli(tmp_path):
+    """`--objective honest`: the same run, learner and checkpoints, with the two-headed model;
+    the summary reports C and the probe where the simple labeller errs."""
+    config = tmp_path / "honest.yaml"
+    config.write_text(yaml.safe_dump({
+        "iterations": 1, "task_kwargs": {"base_size": 2, "max_digit": 9}, "train_sizes": [2, 3, 4],
+        "amplify_trees_per_iteration": 16, "distill_trees_per_iteration": 8, "eval_questions_per_size": 8,
+        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        "train": {"steps_per_iteration": 10, "adversary_steps_per_iteration": 2},
+        "honest": {"lam": 2.0, "small_batch_size": 8},
+        "resources": {"expander_cpus": 0.25}}))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(config), "--engine", "torch",
+           "--objective", "honest", "--run-dir", str(run_dir), "--no-dashboard", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "honest: C " in done.stdout
+    (m,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert m["honest"]["trusted_examples"] > 0 and m["honest"]["questions"] > 0
+    assert json.loads((run_dir / "state.json").read_text())["config"]["objective"] == "honest"
+    assert list(run_dir.glob("checkpoints/*/iteration_0000/model/instrumental_head.safetensors"))
