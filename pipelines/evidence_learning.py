@@ -57,8 +57,11 @@ TASK_SETUPS = {
     # needs far more steps) and the weakest expert, base size 1, so sizes 1..4.
     "sum": TaskSetup({"base_size": 1, "max_digit": 3}, 12, trees=256, steps=300, replay=10_000),
     "perm": TaskSetup({"base_size": 2}, 26, trees=96, steps=100),
-    "assign": TaskSetup({"base_size": 2}, 46, trees=64, steps=80),
-    "path": TaskSetup({"base_size": 2}, 44, trees=64, steps=80),
+    # assign and path as sum: the weakest expert (base size 1), so sizes 1..4 (4x the base),
+    # which keeps fan-in prompts short enough for several iterations in the budget. perm
+    # needs base 2 (a power of 1 cannot be split), so sizes 1..8.
+    "assign": TaskSetup({"base_size": 1}, 40, trees=128, steps=120),
+    "path": TaskSetup({"base_size": 1}, 36, trees=128, steps=120),
 }
 
 
