@@ -106,6 +106,20 @@ def _context_problem(cfg: IDAConfig, task) -> str | None:
     return None
 
 
+def _honest_problem(cfg: IDAConfig, task) -> str | None:
+    """The honest objective separates the two labelling processes only where they disagree: a
+    question distribution on which the simple labeller never errs leaves it nothing to learn."""
+    from ida_ray.honest.ida_trainer import questions_where_simple_errs
+    from ida_ray.honest.labels import simple_labeller
+
+    simple = simple_labeller(task)
+    if questions_where_simple_errs(task, simple, cfg.sizes(task), 1, cfg.seed, max_draws=2000):
+        return None
+    return (f"objective 'honest': the simple labeller ({simple.description}) never errs on {cfg.task!r} questions "
+            f"of sizes {cfg.sizes(task)} with task_kwargs {cfg.task_kwargs}, so the two labelling processes "
+            f"always agree; widen the question distribution (for sum: max_digit 9, or larger sizes)")
+
+
 def check_config(cfg: IDAConfig, *, address: str | None = None) -> IDAConfig:
     """The configuration, validated; ConfigError listing every problem otherwise."""
     problems = type_problems(cfg)
@@ -130,6 +144,9 @@ def check_config(cfg: IDAConfig, *, address: str | None = None) -> IDAConfig:
         else:
             if not problems:
                 p = _context_problem(cfg, task)
+                problems += [p] if p else []
+            if cfg.objective == "honest" and not problems:
+                p = _honest_problem(cfg, task)
                 problems += [p] if p else []
     if cfg.use_gpu and not address:
         import torch

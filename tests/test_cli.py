@@ -164,3 +164,9 @@ def test_honest_objective_through_the_cli(tmp_path):
     assert m["honest"]["trusted_examples"] > 0 and m["honest"]["questions"] > 0
     assert json.loads((run_dir / "state.json").read_text())["config"]["objective"] == "honest"
     assert list(run_dir.glob("checkpoints/*/iteration_0000/model/instrumental_head.safetensors"))
+
+
+def test_honest_objective_needs_questions_where_the_simple_labeller_errs(no_ray, capsys):
+    # The embedded default sums digits 0..3 over 1..4 digits: never 20, where the simple labeller errs.
+    rc = cli.main(["train", "--objective", "honest"])
+    assert rc == cli.EXIT_BAD_INPUT and "never errs" in capsys.readouterr().err
