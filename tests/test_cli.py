@@ -170,3 +170,11 @@ def test_honest_objective_needs_questions_where_the_simple_labeller_errs(no_ray,
     # The embedded default sums digits 0..3 over 1..4 digits: never 20, where the simple labeller errs.
     rc = cli.main(["train", "--objective", "honest"])
     assert rc == cli.EXIT_BAD_INPUT and "never errs" in capsys.readouterr().err
+
+
+def test_the_honest_example_config_passes_preflight():
+    from pipelines.preflight import check_config
+
+    cfg, _ = load_config(str(ROOT / "examples" / "honest.yaml"))
+    cfg = check_config(cfg)
+    assert cfg.objective == "honest" and cfg.task_kwargs["max_digit"] == 9 and cfg.honest.lam == 1.0
