@@ -3,7 +3,7 @@
     python examples/driver.py            (add address="auto" to train() to use a running cluster)
 """
 from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
-from pipelines.train import train
+from ida_ray.entrypoints.train import train
 
 cfg = IDAConfig(task="sum", task_kwargs={"base_size": 2}, train_sizes=(1, 2, 3, 4), iterations=2,
                 amplify_trees_per_iteration=96, distill_trees_per_iteration=64, eval_questions_per_size=30,

@@ -133,7 +133,7 @@ class IDAConfig:
                                 f"(tasks with one: {sorted(SIMPLE_LABELLERS)})")
             if self.honest.mode != "likelihood":
                 problems.append("objective 'honest' in the IDA loop trains on the trees' labels: honest.mode must be "
-                                "'likelihood' (comparison mode runs in `python -m pipelines.honest`)")
+                                "'likelihood' (comparison mode runs in `python -m experiments.honest`)")
             try:
                 self.honest.validate()
             except ConfigError as exc:

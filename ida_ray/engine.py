@@ -3,7 +3,7 @@ transformers/torch.
 
 The core issues one small request per tree node and awaits it; many trees are in flight at
 once, so an engine must batch concurrent requests. `TorchEngine` does that with a
-micro-batcher per request kind; the vLLM replica (actors/replica.py) gets it from vLLM's
+micro-batcher per request kind; the vLLM replica (ida_ray/actors/replica.py) gets it from vLLM's
 continuous batching. Every result carries the weight version that produced it.
 """
 from __future__ import annotations

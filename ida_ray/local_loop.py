@@ -4,7 +4,7 @@ Each iteration: draw questions (training distribution plus adversarial ones), ex
 amplification trees with H' and distillation trees with the model alone, all concurrently
 so the engine batches their calls; add their examples to the replay buffer; train the model
 and the adversary; swap the new weights into the engine; evaluate the model alone on
-held-out questions by size. The Ray version (actors/coordinator.py) runs the same steps with
+held-out questions by size. The Ray version (ida_ray/actors/coordinator.py) runs the same steps with
 the work spread over actors.
 """
 from __future__ import annotations

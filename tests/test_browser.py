@@ -1,4 +1,4 @@
-"""End to end in headless Chromium: `python -m pipelines.viewer --human` serves a run, a
+"""End to end in headless Chromium: `python -m ida_ray.entrypoints.viewer --human` serves a run, a
 person (Selenium) browses a tree and expands a node, then answers the expert's requests from
 the page (a malformed reply first, whose error the page shows) until the tree completes. Then
 `ida-ray train --expert human` (a real one-iteration run on a local Ray cluster) waits on the
@@ -93,7 +93,7 @@ class Served:
 def server(tmp_path_factory):
     """The viewer CLI on a run with fixture trees, one human tree on 1,2,3,4 started."""
     run_dir = write_run(tmp_path_factory.mktemp("run"), make_trees())
-    served = Served(["-m", "pipelines.viewer", "--run-dir", str(run_dir), "--human", "--task", "sum",
+    served = Served(["-m", "ida_ray.entrypoints.viewer", "--run-dir", str(run_dir), "--human", "--task", "sum",
                      "--question", "1,2,3,4", "--timeout", "300"], run_dir / "viewer.log")
     yield served.base
     served.stop()
@@ -235,7 +235,7 @@ def human_run(tmp_path_factory):
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY_RUN))
     run_dir = root / "run"
-    served = Served(["-m", "pipelines.cli", "train", "--config", str(config), "--engine", "torch", "--expert",
+    served = Served(["-m", "ida_ray.entrypoints.cli", "train", "--config", str(config), "--engine", "torch", "--expert",
                      "human", "--human-timeout", "300", "--run-dir", str(run_dir), "--no-dashboard",
                      "--no-progress"], root / "train.log", port_flag="--human-port")
     served.run_dir = run_dir
@@ -247,7 +247,7 @@ def test_train_with_the_person_as_expert_until_the_run_ends(human_run, browser, 
     from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
 
-    from pipelines.train import default_config
+    from ida_ray.entrypoints.train import default_config
 
     task = get_task("sum", **default_config().task_kwargs)  # the run's task: the config overlays the default
     browser.get(human_run.base + "/human")
@@ -312,7 +312,7 @@ def test_train_with_the_person_as_expert_until_the_run_ends(human_run, browser, 
 
     # The completed tree in the viewer: the person's steps are the expert's.
     done = max(amplified, key=lambda t: t["expert_calls"])
-    viewer = Served(["-m", "pipelines.viewer", "--run-dir", str(human_run.run_dir)],
+    viewer = Served(["-m", "ida_ray.entrypoints.viewer", "--run-dir", str(human_run.run_dir)],
                     human_run.run_dir / "viewer.log")
     try:
         browser.get(f"{viewer.base}/tree/{done['tree_id']}")

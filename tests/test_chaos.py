@@ -5,7 +5,7 @@
    a question deeper than the depth bound. Every submitted job yields exactly one tree
    record, no tree fails because of the kills, bad input is recorded by kind, and the run
    reaches its last iteration with the replica on the latest weights.
-2. The driver (`python -m pipelines.train`) killed with SIGKILL once a checkpoint is written;
+2. The driver (`python -m ida_ray.entrypoints.train`) killed with SIGKILL once a checkpoint is written;
    `--resume` finishes the run, its learner worker killed too on the way (Ray Train restarts
    it from the checkpoint), and the final weights equal those of a run never killed.
 """
@@ -26,10 +26,10 @@ import ray
 import yaml
 from safetensors.torch import load_file
 
-from actors.coordinator import COORDINATOR_NAME, ClusterResources
+from ida_ray.actors.coordinator import COORDINATOR_NAME, ClusterResources
 from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
 from ida_ray.models import ModelSpec
-from pipelines.train import load_config, train
+from ida_ray.entrypoints.train import load_config, train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -185,7 +185,7 @@ def test_driver_killed_between_iterations_resumes_to_the_same_weights(cluster, t
     # whole process group: the driver and the Ray processes it started) once a checkpoint is
     # recorded, then resumed.
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipelines.train", "--config", str(config), "--engine", "torch",
+    cmd = [sys.executable, "-m", "ida_ray.entrypoints.train", "--config", str(config), "--engine", "torch",
            "--run-dir", str(run), "--no-dashboard", "--no-progress"]
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -11,8 +11,8 @@ import pytest
 import ray
 import yaml
 
-from pipelines import cli
-from pipelines.train import default_config, load_config
+from ida_ray.entrypoints import cli
+from ida_ray.entrypoints.train import default_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def test_console_script_runs_and_resumes(tmp_path):
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 0 and "1 iterations already done" in again.stdout
     assert "Started a local Ray instance" not in again.stdout + again.stderr
-    help_ = subprocess.run([sys.executable, "-m", "pipelines.train", "--help"], capture_output=True, text=True,
+    help_ = subprocess.run([sys.executable, "-m", "ida_ray.entrypoints.train", "--help"], capture_output=True, text=True,
                            timeout=120, cwd=ROOT)
     assert help_.returncode == 0 and "--learner-workers" in help_.stdout
 
@@ -155,7 +155,7 @@ def test_honest_objective_through_the_cli(tmp_path):
         "honest": {"lam": 2.0, "small_batch_size": 8},
         "resources": {"expander_cpus": 0.25}}))
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(config), "--engine", "torch",
+    cmd = [sys.executable, "-m", "ida_ray.entrypoints.cli", "train", "--config", str(config), "--engine", "torch",
            "--objective", "honest", "--run-dir", str(run_dir), "--no-dashboard", "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -173,7 +173,7 @@ def test_honest_objective_needs_questions_where_the_simple_labeller_errs(no_ray,
 
 
 def test_the_honest_example_config_passes_preflight():
-    from pipelines.preflight import check_config
+    from ida_ray.preflight import check_config
 
     cfg, _ = load_config(str(ROOT / "examples" / "honest.yaml"))
     cfg = check_config(cfg)

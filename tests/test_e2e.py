@@ -12,10 +12,10 @@ import urllib.request
 import pytest
 import ray
 
-from actors.coordinator import ClusterResources
+from ida_ray.actors.coordinator import ClusterResources
 from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
 from ida_ray.errors import ConfigError
-from pipelines.train import train
+from ida_ray.entrypoints.train import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("vllm")
 ray = pytest.importorskip("ray")
 
-from actors.engine_pool import ReplicaPool  # noqa: E402
-from actors.expander import InvalidJob, start_expanders  # noqa: E402
-from actors.weights import WeightsPayload  # noqa: E402
-from actors.replica import start_replicas  # noqa: E402
+from ida_ray.serving.engine_pool import ReplicaPool  # noqa: E402
+from ida_ray.actors.expander import InvalidJob, start_expanders  # noqa: E402
+from ida_ray.serving.weights import WeightsPayload  # noqa: E402
+from ida_ray.actors.replica import start_replicas  # noqa: E402
 from ida_ray.models import ModelSpec, create_model_dirs  # noqa: E402
 from ida_ray.tasks import get_task  # noqa: E402
 from ida_ray.tree import Tree  # noqa: E402

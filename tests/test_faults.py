@@ -21,14 +21,14 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
-from actors.coordinator import ClusterResources
-from actors.job_dispatch import dispatch_jobs
+from ida_ray.actors.coordinator import ClusterResources
+from ida_ray.cluster.job_dispatch import dispatch_jobs
 from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError, ParseError
 from ida_ray.questions import context_needed, for_iteration, read_questions
 from ida_ray.tasks import get_task
 from ida_ray.tree import Tree
-from pipelines import cli
+from ida_ray.entrypoints import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SUM = get_task("sum")
@@ -232,11 +232,11 @@ def test_run_dir_that_is_a_file_exits_2(tmp_path, capsys):
     (RayTaskError("run_iteration", "tb", ParseError("x")), "run failed (parse_error)"),
 ])
 def test_a_run_that_dies_says_how_to_resume(tmp_path, capsys, monkeypatch, error, message):
-    import pipelines.train
+    import ida_ray.entrypoints.train
 
     def dies(*args, **kwargs):
         raise error
-    monkeypatch.setattr(pipelines.train, "train", dies)
+    monkeypatch.setattr(ida_ray.entrypoints.train, "train", dies)
     rc = cli.main(["train", "--engine", "torch", "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_RUN_FAILED and message in err and f"--resume (with --run-dir {tmp_path / 'run'})" in err
@@ -244,7 +244,7 @@ def test_a_run_that_dies_says_how_to_resume(tmp_path, capsys, monkeypatch, error
 
 # -- security: what binds where, and what is unpickled --------------------------------------
 def test_local_cluster_dashboard_binds_to_localhost(monkeypatch):
-    from pipelines.train import init_ray
+    from ida_ray.entrypoints.train import init_ray
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -256,7 +256,7 @@ def test_local_cluster_dashboard_binds_to_localhost(monkeypatch):
 def test_viewer_binds_to_localhost_by_default(tmp_path, monkeypatch):
     import uvicorn
 
-    from pipelines import viewer
+    from ida_ray.entrypoints import viewer
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
@@ -265,7 +265,7 @@ def test_viewer_binds_to_localhost_by_default(tmp_path, monkeypatch):
 
 
 def _source_files():
-    for sub in ("ida_ray", "actors", "pipelines"):
+    for sub in ("ida_ray", "experiments"):
         yield from (ROOT / sub).rglob("*.py")
 
 
@@ -295,7 +295,7 @@ class _Payload:
 
 
 def test_a_booby_trapped_checkpoint_runs_no_code(tmp_path):
-    from actors.learner import load_checkpoint
+    from ida_ray.actors.learner import load_checkpoint
     from ida_ray.config import TrainConfig
     from ida_ray.models import ModelSpec, build_adversary, build_model, create_model_dirs
     from ida_ray.training import Trainer
@@ -360,8 +360,8 @@ def _wait_until(check, timeout_s=60.0):
 def test_a_replica_killed_mid_expansion_loses_no_tree(cluster, model_dirs):
     """The replica dies with batches in flight; Ray restarts it; the pool re-sends those batches
     to it once its probe sees it answer. Every tree completes, none records an error."""
-    from actors.expander import start_expanders
-    from actors.replica import start_replicas
+    from ida_ray.actors.expander import start_expanders
+    from ida_ray.actors.replica import start_replicas
 
     (replica,) = start_replicas(1, *model_dirs, engine="torch", max_new_tokens=6, name_prefix="tf-rep",
                                 max_restarts=1, num_cpus=1)
@@ -390,8 +390,8 @@ def test_an_expander_killed_mid_expansion_has_its_trees_reissued(cluster, model_
     """Two expanders share a replica; one is killed with chunks in flight (Ray restarts it).
     Its chunks are re-issued, every job yields exactly one tree, and every answer is right.
     With every expander gone for good, each job gets a failed record, promptly."""
-    from actors.expander import start_expanders
-    from actors.replica import start_replicas
+    from ida_ray.actors.expander import start_expanders
+    from ida_ray.actors.replica import start_replicas
 
     (replica,) = start_replicas(1, *model_dirs, engine="torch", max_new_tokens=6, name_prefix="tf-rep2",
                                 max_restarts=0, num_cpus=1)

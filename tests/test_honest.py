@@ -422,7 +422,7 @@ def test_honest_learner_checkpoint_round_trip(tmp_path):
     """A learner checkpoint of the honest objective: model/ loads as a plain LlamaForCausalLM
     answering with the intended head; both heads, the optimisers and θ₀ come back on resume;
     an imitation run refuses it."""
-    from actors.learner import LearnerFailure, load_checkpoint, save_checkpoint
+    from ida_ray.actors.learner import LearnerFailure, load_checkpoint, save_checkpoint
     from ida_ray.config import TrainConfig
     from ida_ray.honest.ida_trainer import HonestIDATrainer
     from ida_ray.models import build_adversary, build_model

@@ -1,4 +1,4 @@
-"""The human expert of a distributed run (actors/human_queue.py), on a local Ray cluster without
+"""The human expert of a distributed run (ida_ray/actors/human_queue.py), on a local Ray cluster without
 a browser: the queue actor behind the client that expanders use and the backend the /human page
 uses; an expander whose amplification trees wait on a person while its distillation trees
 never ask; the page's API over the actor; the CLI's human-sized defaults."""
@@ -13,7 +13,7 @@ import pytest
 import ray
 from fastapi.testclient import TestClient
 
-from actors.human_queue import HumanQueueClient, RayHumanBackend, start_human_queue
+from ida_ray.actors.human_queue import HumanQueueClient, RayHumanBackend, start_human_queue
 from ida_ray.errors import ExpertFailure
 from ida_ray.human_expert import HumanExpert, HumanTimeout, UnknownRequest
 from ida_ray.prompts import format_step
@@ -145,8 +145,8 @@ def test_start_questions_need_a_backend_that_starts_trees(queue):
 def test_expander_amplifies_with_the_person_and_distills_alone(cluster, tmp_path):
     """A TreeExpander over a torch replica: the amplification tree's every expert step is the
     person's (H' off), the distillation tree asks nobody; a request nobody answers fails its tree."""
-    from actors.expander import start_expanders
-    from actors.replica import start_replicas
+    from ida_ray.actors.expander import start_expanders
+    from ida_ray.actors.replica import start_replicas
     from ida_ray.models import ModelSpec, create_model_dirs
 
     model_dir, adversary_dir = create_model_dirs(tmp_path, ModelSpec(hidden_size=32, num_layers=1, num_heads=2,
@@ -198,19 +198,19 @@ def test_expander_amplifies_with_the_person_and_distills_alone(cluster, tmp_path
 @pytest.fixture
 def no_train(monkeypatch):
     """Capture the config `ida-ray train` would run, without running it."""
-    import pipelines.train
+    import ida_ray.entrypoints.train
 
     seen = {}
 
     def fake_train(cfg, **kwargs):
         seen["cfg"] = cfg
         return []
-    monkeypatch.setattr(pipelines.train, "train", fake_train)
+    monkeypatch.setattr(ida_ray.entrypoints.train, "train", fake_train)
     return seen
 
 
 def test_cli_human_mode_is_person_sized_unless_told_otherwise(no_train, tmp_path):
-    from pipelines import cli
+    from ida_ray.entrypoints import cli
 
     base = ["train", "--engine", "torch", "--run-dir", str(tmp_path / "r")]
     assert cli.main(base + ["--expert", "human"]) == 0
@@ -230,7 +230,7 @@ def test_cli_human_mode_is_person_sized_unless_told_otherwise(no_train, tmp_path
 
 
 def test_bad_human_settings_are_clear_errors_before_ray(monkeypatch, capsys, tmp_path):
-    from pipelines import cli
+    from ida_ray.entrypoints import cli
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init before the input was checked"))
     with pytest.raises(SystemExit):

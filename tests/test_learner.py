@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from actors.learner import Learner, LearnerFailure, latest_checkpoint, learner_loop  # noqa: F401
-from actors.replay_buffer import ReplayStore, compact_spill, spill_path, start_replay_buffer
-from actors.weights import WeightsPayload
+from ida_ray.actors.learner import Learner, LearnerFailure, latest_checkpoint, learner_loop  # noqa: F401
+from ida_ray.actors.replay_buffer import ReplayStore, compact_spill, spill_path, start_replay_buffer
+from ida_ray.serving.weights import WeightsPayload
 from ida_ray.config import IDAConfig, TrainConfig
 from ida_ray.examples import Example
 from ida_ray.models import ModelSpec
@@ -83,7 +83,7 @@ def _grad_check_loop(config):
     from ray.train.torch import get_device, prepare_model
 
     import ray.train
-    from actors.learner import make_ddp_trainer, param_digest
+    from ida_ray.actors.learner import make_ddp_trainer, param_digest
     from ida_ray.losses import collate_lm, model_loss
     from ida_ray.models import build_adversary, build_model
 

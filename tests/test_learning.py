@@ -1,4 +1,4 @@
-"""A fast version of the core learning run (pipelines/core_learning.py): the model learns
+"""A fast version of the core learning run (experiments/core_learning.py): the model learns
 sizes the expert never answers directly, from IDA's trees alone (no ground-truth label), and
 H' cuts expert calls."""
 import asyncio

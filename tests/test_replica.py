@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("vllm")
 ray = pytest.importorskip("ray")
 
-from actors.engine_pool import ReplicaPool  # noqa: E402
-from actors.replica import start_replicas  # noqa: E402
-from actors.weights import WeightsError, WeightsPayload  # noqa: E402
+from ida_ray.serving.engine_pool import ReplicaPool  # noqa: E402
+from ida_ray.actors.replica import start_replicas  # noqa: E402
+from ida_ray.serving.weights import WeightsError, WeightsPayload  # noqa: E402
 from ida_ray.config import TrainConfig  # noqa: E402
 from ida_ray.engine import TorchEngine  # noqa: E402
 from ida_ray.examples import Example  # noqa: E402
@@ -194,7 +194,7 @@ def test_payload_roundtrip_keeps_tensors(tmp_path, weights_v1):
 def test_fast_prompt_encoding_equals_the_tokenizer():
     """The replica's char-level fast path gives exactly ida_ray.losses.encode's ids, including
     text with unknown characters and text that spells a special token."""
-    from actors.vllm_engine import PromptEncoder
+    from ida_ray.serving.vllm_engine import PromptEncoder
     from ida_ray.losses import encode
     from ida_ray.tokenizer import build_tokenizer
 

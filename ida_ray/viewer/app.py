@@ -9,7 +9,7 @@ and, when a human backend is given, the queue through which a person acts as the
 
 The human backend is `ida_ray.viewer.human_runs.HumanRuns` for `ida-ray view --human` (trees
 run in the server's process and are started from the page) or
-`actors.human_queue.RayHumanBackend` for `ida-ray train --expert human` (the training run's
+`ida_ray.actors.human_queue.RayHumanBackend` for `ida-ray train --expert human` (the training run's
 trees wait on a Ray actor; the page answers them and starts none).
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ line, each written to <run_dir>/trees/human.jsonl when it finishes so the viewer
 The trees run as tasks on the web server's event loop: the engine computes in worker
 threads, so the page stays responsive while the model and the person take turns.
 `HumanRuns` is the /human page's backend for `ida-ray view --human` (see
-`ida_ray.viewer.app.HumanBackend`); a training run's backend is `actors.human_queue.RayHumanBackend`.
+`ida_ray.viewer.app.HumanBackend`); a training run's backend is `ida_ray.actors.human_queue.RayHumanBackend`.
 """
 from __future__ import annotations
 

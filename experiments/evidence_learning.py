@@ -1,6 +1,6 @@
 """Evidence that IDA learns: every built-in task, IDA beside a supervised baseline.
 
-    python -m pipelines.evidence_learning [--tasks sum perm assign path] [--minutes-per-task 18]
+    python -m experiments.evidence_learning [--tasks sum perm assign path] [--minutes-per-task 18]
                                           [--workers 2] [--quick] [--out docs/results/learning.json]
 
 For each task, IDA runs in one process (ida_ray.local_loop.LocalIDA, in-process torch
@@ -53,7 +53,7 @@ class TaskSetup:
 
 
 TASK_SETUPS = {
-    # As the tuned core run (pipelines/core_learning.py): digits 0..3 (with 0..9 the tiny model
+    # As the tuned core run (experiments/core_learning.py): digits 0..3 (with 0..9 the tiny model
     # needs far more steps) and the weakest expert, base size 1, so sizes 1..4.
     "sum": TaskSetup({"base_size": 1, "max_digit": 3}, 12, trees=256, steps=300, replay=10_000),
     "perm": TaskSetup({"base_size": 2}, 26, trees=96, steps=100),

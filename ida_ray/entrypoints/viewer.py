@@ -1,7 +1,7 @@
 """Browse a run's trees in the browser; optionally be the expert yourself.
 
-    python -m pipelines.viewer --run-dir runs/latest [--port 8266] [--host 127.0.0.1]
-    python -m pipelines.viewer --run-dir D --human --task sum --question 1,2,3,4
+    python -m ida_ray.entrypoints.viewer --run-dir runs/latest [--port 8266] [--host 127.0.0.1]
+    python -m ida_ray.entrypoints.viewer --run-dir D --human --task sum --question 1,2,3,4
 
 With --human, every fan-out and fan-in the expert H would take goes to the page /human,
 where you answer it; the model is the project's tiny Llama (fresh, or --model-dir with

@@ -412,7 +412,7 @@ def learner_loop(config: dict) -> None:
 
 def build_payload(model, adversary):
     """The weights that replicas load after a training round (safetensors bytes)."""
-    from actors.weights import WeightsPayload
+    from ida_ray.serving.weights import WeightsPayload
 
     return WeightsPayload.from_modules(model, adversary)
 

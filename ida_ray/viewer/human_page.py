@@ -1,6 +1,6 @@
 """A person as the expert H of a training run (`ida-ray train --expert human`).
 
-`HumanPage` starts the run's queue actor (actors/human_queue.py), whose requests every
+`HumanPage` starts the run's queue actor (ida_ray/actors/human_queue.py), whose requests every
 expander's amplification trees wait on, and serves the viewer's /human page over it from the
 driver's process (bound to cfg.human_host, 127.0.0.1 by default): the person answers each
 fan-out and fan-in there, a malformed answer comes back with the task parser's error, and a
@@ -32,9 +32,9 @@ class HumanPage:
     is the run's progress, read from the coordinator once `coordinator` is set."""
 
     def __init__(self, cfg: IDAConfig, log=print):
-        from actors.human_queue import RayHumanBackend, start_human_queue
+        from ida_ray.actors.human_queue import RayHumanBackend, start_human_queue
         from ida_ray.viewer import create_app
-        from pipelines.viewer import PageServer
+        from ida_ray.entrypoints.viewer import PageServer
 
         self.cfg, self.coordinator = cfg, None
         self.queue = start_human_queue(cfg.human_timeout_s)

@@ -1,7 +1,7 @@
 """Answering questions honestly (seed 001) on the sum task: does the intended head report the
 truth where the simple labeller errs, while the instrumental head predicts the simple label?
 
-    python -m pipelines.honest [--steps 1200] [--seeds 0] [--ablations] [--out docs/results/honest.json]
+    python -m experiments.honest [--steps 1200] [--seeds 0] [--ablations] [--out docs/results/honest.json]
 
 Labels: simple = a labeller who drops the carry whenever an addition reaches 20 (wrong on every
 list summing to 20 or more); complex = the careful expert's HCH tree. Small set: questions where

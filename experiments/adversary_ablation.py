@@ -2,10 +2,10 @@
 choosing which branch to expand (AmplifyConfig.branch_choice="adversary") against a fair coin
 ("uniform"), on the same seeds.
 
-    python -m pipelines.adversary_ablation [--seeds 0 1] [--task sum] [--metric largest --threshold 0.8]
+    python -m experiments.adversary_ablation [--seeds 0 1] [--task sum] [--metric largest --threshold 0.8]
                                            [--minutes-per-run 20] [--workers 2] [--quick]
 
-Each run is the single-process IDA loop (pipelines.evidence_learning.run_ida, the learning
+Each run is the single-process IDA loop (experiments.evidence_learning.run_ida, the learning
 evidence's per-task configuration in smaller iterations: 128 + 128 trees and 150 model steps).
 Everything but the branch choice is the same between
 the two arms of a seed: model and adversary initialisation, question stream, training. In
@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from pipelines.evidence_learning import ROOT, TASK_NAMES, run_ida, task_config, task_logger
+from experiments.evidence_learning import ROOT, TASK_NAMES, run_ida, task_config, task_logger
 
 DEFAULT_OUT = ROOT / "docs" / "results" / "adversary.json"
 ARMS = ("adversary", "uniform")

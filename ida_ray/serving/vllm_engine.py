@@ -8,7 +8,7 @@ token ids, so vLLM and transformers see the same sequences:
   decoded completion without EOS, the log-prob includes EOS, `finished` means EOS was produced.
 - logprob: log M(completion + EOS | prompt) from vLLM's prompt_logprobs on the whole
   sequence, summed over the completion and EOS positions.
-- adversary: a separate scorer (actors/adversary_scorer.py).
+- adversary: a separate scorer (ida_ray/serving/adversary_scorer.py).
 
 Continuous batching comes from vLLM: every concurrent call is its own request and the
 scheduler batches them (each request returns only its final output, and log-probs come in
@@ -32,9 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.adversary_scorer import TorchAdversaryScorer, VllmAdversaryScorer
-from actors.step_log import StepLog, list_summary
-from actors.swap_gate import SwapGate
+from ida_ray.serving.adversary_scorer import TorchAdversaryScorer, VllmAdversaryScorer
+from ida_ray.serving.step_log import StepLog, list_summary
+from ida_ray.serving.swap_gate import SwapGate
 from ida_ray.engine import Engine, Generation
 from ida_ray.errors import ConfigError, IDAError
 from ida_ray.losses import encode
@@ -57,7 +57,7 @@ class VllmSettings:
     adversary_gpu_memory_utilization: float = 0.15
     seed: int = 0
     # "nccl": enable vLLM's weight-transfer engine so a GPU learner can broadcast the model's
-    # weights straight into the replica (see actors/replica.py).
+    # weights straight into the replica (see ida_ray/actors/replica.py).
     weight_transfer: str | None = None
 
 

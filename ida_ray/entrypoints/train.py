@@ -1,7 +1,7 @@
-"""Distributed IDA training: the public API and `python -m pipelines.train`.
+"""Distributed IDA training: the public API and `python -m ida_ray.entrypoints.train`.
 
     from ida_ray.config import IDAConfig
-    from pipelines.train import train
+    from ida_ray.entrypoints.train import train
     history = train(IDAConfig(task="sum", iterations=4, engine="torch", run_dir="runs/demo"))
 
 `train` validates the configuration and the run directory before touching Ray, joins a
@@ -15,7 +15,7 @@ vLLM-CPU replicas, the tiny model, the sum task; about 10-15 minutes on 2 cores.
 
 With cfg.expert == "human" a person is the expert H: `train` also serves the /human page on
 http://<cfg.human_host>:<cfg.human_port>/human, where the amplification trees' requests wait
-(pipelines/human_page.py).
+(ida_ray/viewer/human_page.py).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from actors.coordinator import ClusterResources, check_run_dir, read_history
+from ida_ray.actors.coordinator import ClusterResources, check_run_dir, read_history
 from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
 from ida_ray.errors import ConfigError
 
@@ -155,13 +155,13 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
     a resumed run reuses the file it was started with unless given another."""
     import ray
 
-    from actors.coordinator import start_coordinator
-    from pipelines.preflight import check_config, check_questions_file
+    from ida_ray.actors.coordinator import start_coordinator
+    from ida_ray.preflight import check_config, check_questions_file
 
     # Every input is checked before any Ray resource is taken: a mistake costs no cluster time.
     cfg = check_config(cfg, address=address)
     if cfg.expert == "human":
-        from pipelines.viewer import check_port_free
+        from ida_ray.entrypoints.viewer import check_port_free
 
         problem = check_port_free(cfg.human_host, cfg.human_port)
         if problem:
@@ -181,7 +181,7 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
     t0 = time.time()
     try:
         if cfg.expert == "human":  # the page is up (or the run stops) before any actor starts
-            from pipelines.human_page import HumanPage
+            from ida_ray.viewer.human_page import HumanPage
 
             human = HumanPage(cfg, log)
         coordinator = start_coordinator(cfg, resume, resources, user_questions=user_questions,
@@ -263,6 +263,6 @@ def with_overrides(cfg: IDAConfig, **overrides) -> IDAConfig:
 
 
 if __name__ == "__main__":
-    from pipelines.cli import main
+    from ida_ray.entrypoints.cli import main
 
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -4,18 +4,18 @@
     gens = ray.get(handles[0].generate.remote(["A1,2="]))
     ray.get(handles[0].load_weights.remote(ray.put(WeightsPayload.from_modules(m, a)), 1))
 
-engine="vllm" serves the model on vLLM's AsyncLLM (actors/vllm_engine.py) and the adversary
+engine="vllm" serves the model on vLLM's AsyncLLM (ida_ray/serving/vllm_engine.py) and the adversary
 either on a second vLLM engine with the pooling runner (adversary_backend="vllm", the default
 on GPU) or on a torch module batched by MicroBatcher (adversary_backend="torch", the default on
 CPU, where the two measured the same and torch saves an engine; see
-actors/adversary_scorer.py). engine="torch" serves both with ida_ray.engine.TorchEngine, the
+ida_ray/serving/adversary_scorer.py). engine="torch" serves both with ida_ray.engine.TorchEngine, the
 in-process fallback where vLLM is absent.
 
 Weights. The initial model directories are packed into bytes by `start_replicas` and unpacked
 by each replica on its own node, so nothing assumes a shared filesystem, and a replica that
 Ray restarts comes back on the initial weights at version 0 (the ReplicaPool notices the
 stale version and loads the latest payload again). `load_weights(payload, version)` takes a
-`WeightsPayload` (actors/weights.py) from the object store, writes it to node-local storage
+`WeightsPayload` (ida_ray/serving/weights.py) from the object store, writes it to node-local storage
 and reloads the engines in place (~30 ms for the tiny model on CPU); requests wait while the
 swap runs and none mixes two versions.
 
@@ -45,8 +45,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from actors.step_log import list_summary
-from actors.weights import (WEIGHTS_FILE, WeightsError, WeightsPayload, check_shapes, pack_dir, shapes_of_bytes,
+from ida_ray.serving.step_log import list_summary
+from ida_ray.serving.weights import (WEIGHTS_FILE, WeightsError, WeightsPayload, check_shapes, pack_dir, shapes_of_bytes,
                             shapes_of_file, unpack_dir)
 
 ENGINES = ("vllm", "torch")
@@ -58,14 +58,14 @@ class ModelReplica:
                  max_num_seqs: int = 256, weight_transfer: str | None = None, name: str = "replica",
                  seed: int = 0, cache_size: int = 200_000):
         """model_dir / adversary_dir: a local HF directory, or its files packed by
-        `actors.weights.pack_dir` (what `start_replicas` passes, so no shared filesystem is
+        `ida_ray.serving.weights.pack_dir` (what `start_replicas` passes, so no shared filesystem is
         needed). The engines start on the first call (`ready()`)."""
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.name = name
         self.engine_kind = engine
         # Default: the pooling engine on GPU; on CPU the torch module (measured as fast, and it
-        # saves a second engine: see actors/adversary_scorer.py).
+        # saves a second engine: see ida_ray/serving/adversary_scorer.py).
         self.adversary_backend = adversary_backend or ("vllm" if engine == "vllm" and use_gpu else "torch")
         if engine == "torch" and self.adversary_backend != "torch":
             raise ValueError("engine='torch' serves the adversary with torch too")
@@ -94,7 +94,7 @@ class ModelReplica:
         path = Path(src)
         if not (path / WEIGHTS_FILE).is_file():
             raise WeightsError(f"{path}: no {WEIGHTS_FILE} on this node; pass the directory packed with "
-                               "actors.weights.pack_dir (start_replicas does) when nodes share no filesystem")
+                               "ida_ray.serving.weights.pack_dir (start_replicas does) when nodes share no filesystem")
         return path
 
     # -- start-up ------------------------------------------------------------------
@@ -114,7 +114,7 @@ class ModelReplica:
 
     def _build_engine(self):
         if self.engine_kind == "vllm":
-            from actors.vllm_engine import VllmEngine, VllmSettings
+            from ida_ray.serving.vllm_engine import VllmEngine, VllmSettings
 
             o = self.options
             settings = VllmSettings(use_gpu=o["use_gpu"], tensor_parallel_size=o["tensor_parallel_size"],
@@ -257,7 +257,7 @@ def replica_runtime_env(kv_cache_gib: int = 1, omp_threads_bind: str | None = No
         # core (the multiproc executor), and every step crosses a process boundary. With this
         # flag the CPU platform keeps the uni-process executor: the model runs inside the
         # engine-core process (AsyncLLM still keeps the engine core apart from this actor).
-        # Measured with pipelines.throughput's workload at 256 trees in flight: ~20% fewer
+        # Measured with experiments.throughput's workload at 256 trees in flight: ~20% fewer
         # CPU-seconds per node on a 2-core machine, same outputs.
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if omp_threads_bind:

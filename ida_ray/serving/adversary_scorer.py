@@ -6,7 +6,7 @@
 - `TorchAdversaryScorer`: the transformers module in the replica process, with concurrent
   requests gathered by `ida_ray.engine.MicroBatcher`.
 
-Measured with `python -m pipelines.throughput --adversary-only` (the project's default tiny
+Measured with `python -m experiments.throughput --adversary-only` (the project's default tiny
 model, 2 CPU cores shared with other jobs; adversary calls per second for a batch of 256
 pairs, median of 5, the two backends interleaved), in two runs:
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from actors.step_log import StepLog
+from ida_ray.serving.step_log import StepLog
 from ida_ray.engine import MicroBatcher, adversary_scores
 from ida_ray.examples import Example
 from ida_ray.losses import collate_adversary, encode
@@ -80,7 +80,7 @@ class VllmAdversaryScorer:
         self.tokenizer = tokenizer
         self.llm = AsyncLLM.from_engine_args(engine_args)
         self._ids = itertools.count()
-        self.batch_sizes = StepLog()  # filled by actors.vllm_engine.record_step_sizes
+        self.batch_sizes = StepLog()  # filled by ida_ray.serving.vllm_engine.record_step_sizes
 
     async def _score_one(self, prompt: str, completion: str) -> float:
         from vllm import PoolingParams

@@ -1,6 +1,6 @@
 """Single-process IDA on the sum task (no Ray, in-process torch engine): the core learns.
 
-    python -m pipelines.core_learning [--iterations 14] [--out docs/results/core_learning.json]
+    python -m experiments.core_learning [--iterations 14] [--out docs/results/core_learning.json]
 
 Writes, per iteration, held-out accuracy by size (model alone, greedy) and expert calls per
 amplification tree, and a PNG beside the JSON. No ground-truth label is used in training:

@@ -1,9 +1,9 @@
 """Throughput scaling of tree expansion on the Ray actors, and where the time goes.
 
-    python -m pipelines.scaling [--trees 96] [--in-flight 96] [--repeats 2] [--quick]   # docs/results/scaling.json
+    python -m experiments.scaling [--trees 96] [--in-flight 96] [--repeats 2] [--quick]   # docs/results/scaling.json
 
-Measures, on this machine, with vLLM replica actors (actors/replica.py start_replicas),
-TreeExpander actors (actors/expander.py) and their ReplicaPools (actors/engine_pool.py):
+Measures, on this machine, with vLLM replica actors (ida_ray/actors/replica.py start_replicas),
+TreeExpander actors (ida_ray/actors/expander.py) and their ReplicaPools (ida_ray/serving/engine_pool.py):
 
 1. nodes/s for replicas in (1, 2) x expanders in (1, 2, 4), the same total number of trees in
    flight split evenly over the expanders (so a change is parallelism, not batch size); the
@@ -18,7 +18,7 @@ TreeExpander actors (actors/expander.py) and their ReplicaPools (actors/engine_p
    pool batching, Ray calls and serialisation, asyncio, and idle waiting on replicas; and the
    replicas' own counters (requests, batch sizes the vLLM scheduler ran).
 
-Workload (as pipelines/throughput.py): expert-driven amplification trees (use_hprime=False)
+Workload (as experiments/throughput.py): expert-driven amplification trees (use_hprime=False)
 on "sum" at size 8 with an untrained model, so every model answer is invalid, both branches
 of every split are expanded, each tree has 7 nodes, and every generation runs to
 max_new_tokens: a fixed amount of work per tree. Result caching is off on the replicas; each
@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from actors.expander import TreeExpander
+from ida_ray.actors.expander import TreeExpander
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "scaling.json"
 REPLICAS = (1, 2)
@@ -64,9 +64,9 @@ class ProfiledExpander(TreeExpander):
 PROFILE_GROUPS = (
     ("idle, waiting on replicas (event-loop poll)", ("select.epoll", "selectors.py", "method 'poll'",
                                                      "method 'control'")),
+    ("replica pool batching and dispatch (ida_ray/serving/engine_pool.py)", ("/ida_ray/serving/",)),
     ("tree logic (ida_ray core: amplify, prompts, task expert)", ("/ida_ray/",)),
     ("result records (Tree.to_dict: dataclasses.asdict, deepcopy)", ("dataclasses.py", "/copy.py")),
-    ("replica pool batching and dispatch (actors/engine_pool.py)", ("/actors/",)),
     ("Ray calls, object refs and (de)serialisation", ("/ray/", "_raylet", "pickle", "cloudpickle", "msgpack")),
     ("asyncio machinery", ("/asyncio/",)),
 )
@@ -175,7 +175,7 @@ def measure(replicas, n_expanders: int, jobs: list[dict], in_flight: int, amplif
     """Expand `jobs` over n_expanders (each with in_flight / n_expanders trees in flight)."""
     import ray
 
-    from actors.expander import start_expanders
+    from ida_ray.actors.expander import start_expanders
 
     per = max(1, in_flight // n_expanders)
     if expander_cls is None:
@@ -301,7 +301,7 @@ def main(argv=None) -> dict:
 
     import ray
 
-    from actors.replica import start_replicas
+    from ida_ray.actors.replica import start_replicas
     from ida_ray.models import ModelSpec, create_model_dirs
 
     t_all = time.perf_counter()

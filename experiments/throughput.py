@@ -1,6 +1,6 @@
 """Tree-expansion throughput of one vLLM replica against one-call-at-a-time transformers.
 
-    python -m pipelines.throughput                      # writes docs/results/throughput.json
+    python -m experiments.throughput                      # writes docs/results/throughput.json
 
 Workload: expert-driven amplification trees (use_hprime=False) on the "sum" task at size 8,
 with a fresh, untrained model. Its outputs are garbage, so every model answer is invalid,
@@ -78,7 +78,7 @@ def model_requests(health: dict) -> tuple[int, int]:
 def measure_replica(replica, trees_in_flight: int, jobs: list[dict], amplify: dict) -> dict:
     import ray
 
-    from actors.expander import start_expanders
+    from ida_ray.actors.expander import start_expanders
 
     (expander,) = start_expanders(1, [replica], name_prefix=f"throughput-{trees_in_flight}", amplify=amplify,
                                   trees_in_flight=trees_in_flight)
@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
 
     import ray
 
-    from actors.replica import start_replicas
+    from ida_ray.actors.replica import start_replicas
     from ida_ray.models import ModelSpec, create_model_dirs
 
     amplify = {"use_hprime": False, "max_new_tokens": args.max_new_tokens}

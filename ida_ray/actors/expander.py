@@ -10,7 +10,7 @@ A job is {"question", "mode": "amplify" | "distill", "seed", "iteration", "sourc
 from every concurrent `expand` call share one bound, `trees_in_flight`; all their model calls
 go through the pool, which batches them across trees.
 
-With `human_queue` (the run's `actors.human_queue` actor, `ida-ray train --expert human`), the
+With `human_queue` (the run's `ida_ray.actors.human_queue` actor, `ida-ray train --expert human`), the
 expert H of every amplification tree is a person answering on the /human page; distillation
 trees are the model's alone and never ask H.
 
@@ -26,7 +26,7 @@ import os
 import random
 import time
 
-from actors.engine_pool import ReplicaPool
+from ida_ray.serving.engine_pool import ReplicaPool
 from ida_ray.amplify import amplify_tree, distill_tree
 from ida_ray.config import AmplifyConfig
 from ida_ray.errors import IDAError
@@ -71,7 +71,7 @@ class TreeExpander:
         self.pool = ReplicaPool(replicas, **(pool_options or {}))
         self.expert = None  # amplify_tree's default: the task's coded expert
         if human_queue is not None:
-            from actors.human_queue import HumanQueueClient
+            from ida_ray.actors.human_queue import HumanQueueClient
 
             self.expert = HumanExpert(self.task, HumanQueueClient(human_queue))
         self._slots: asyncio.Semaphore | None = None  # created on the actor's event loop

@@ -6,9 +6,9 @@ the cluster, step for step as `ida_ray.local_loop.LocalIDA` does in one process:
   2. expand amplification trees with H' and distillation trees with the model alone, spread
      over the TreeExpander actors in chunks, all model calls going to the replicas (H is the
      task's coded expert, or with cfg.expert == "human" a person answering through the run's
-     queue actor, actors/human_queue.py);
+     queue actor, ida_ray/actors/human_queue.py);
   3. add every tree's examples to the replay buffer actor and its record to run_dir/trees/;
-  4. train the model and the adversary (the Ray Train learner, actors/learner.py), which
+  4. train the model and the adversary (the Ray Train learner, ida_ray/actors/learner.py), which
      checkpoints and hands back the new weights;
   5. swap the new weights into every replica and check each serves the new version;
   6. evaluate the model alone on held-out questions of every size;
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import ray
 
-from actors.job_dispatch import dispatch_jobs, failure_result
-from actors.learner import Learner
-from actors.metrics import IDAMetrics
-from actors.replay_buffer import REPLAY_BUFFER_NAME, start_replay_buffer
+from ida_ray.cluster.job_dispatch import dispatch_jobs, failure_result
+from ida_ray.actors.learner import Learner
+from ida_ray.cluster.dashboard import IDAMetrics
+from ida_ray.actors.replay_buffer import REPLAY_BUFFER_NAME, start_replay_buffer
 from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
 from ida_ray.evaluation import evaluate, heldout_questions
@@ -57,7 +57,7 @@ DASHBOARD_FILE = "dashboard_metrics.json"  # the last values sent to the Ray das
 class ClusterResources:
     """Logical resources each actor asks Ray for. Expansion and training alternate, so on a
     small machine the actors may ask for more logical CPUs than there are cores: a local
-    cluster is started with enough logical CPUs for all of them (pipelines/train.py)."""
+    cluster is started with enough logical CPUs for all of them (ida_ray/entrypoints/train.py)."""
 
     replica_cpus: float = 1.0
     expander_cpus: float = 0.5
@@ -219,10 +219,10 @@ class IDACoordinator:
     # -- start-up ------------------------------------------------------------------------
     async def setup(self) -> dict:
         """Start the replay buffer, replicas, expanders and learner; returns start timings."""
-        from actors.engine_pool import ReplicaPool
-        from actors.expander import start_expanders
-        from actors.replica import start_replicas
-        from actors.weights import WeightsPayload
+        from ida_ray.serving.engine_pool import ReplicaPool
+        from ida_ray.actors.expander import start_expanders
+        from ida_ray.actors.replica import start_replicas
+        from ida_ray.serving.weights import WeightsPayload
         from ida_ray.models import create_model_dirs
 
         cfg, res = self.cfg, self.resources
@@ -262,7 +262,7 @@ class IDACoordinator:
         per_expander = max(1, math.ceil(cfg.trees_in_flight / cfg.expanders))
         human_queue = None
         if cfg.expert == "human":  # the driver's queue actor (the one its /human page answers)
-            from actors.human_queue import start_human_queue
+            from ida_ray.actors.human_queue import start_human_queue
 
             human_queue = await asyncio.to_thread(start_human_queue, cfg.human_timeout_s)
         self.expanders = start_expanders(cfg.expanders, self.replicas, num_cpus=res.expander_cpus, task=cfg.task,
@@ -283,7 +283,7 @@ class IDACoordinator:
     # -- one iteration -------------------------------------------------------------------
     async def _expand(self, it: int, jobs: list[dict], rejected: list[dict] | None = None) -> tuple[list[dict], dict]:
         """Expand all jobs over the expanders in chunks (so progress shows), re-issuing the
-        chunks of an expander that dies (actors/job_dispatch.py); returns one result per job in
+        chunks of an expander that dies (ida_ray/cluster/job_dispatch.py); returns one result per job in
         job order, then `rejected` (failure records made without expanding), all already in the
         replay buffer, and the dispatch stats."""
         n_exp = len(self.expanders)

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--verbose", action="store_true", help="stream the actors' logs (vLLM, Ray Train) to the "
                    "console; otherwise they stay in /tmp/ray/session_latest/logs")
 
-    v = sub.add_parser("view", help="browse a run's trees in the browser (pipelines.viewer)", add_help=False)
+    v = sub.add_parser("view", help="browse a run's trees in the browser (ida_ray.entrypoints.viewer)", add_help=False)
     v.add_argument("rest", nargs=argparse.REMAINDER)
     return ap
 
@@ -103,9 +103,9 @@ def _check_engine(engine: str) -> None:
 
 
 def run_train(args) -> int:
-    from pipelines.preflight import check_config
-    from pipelines.human_page import human_workload
-    from pipelines.train import load_config, train, with_overrides
+    from ida_ray.preflight import check_config
+    from ida_ray.viewer.human_page import human_workload
+    from ida_ray.entrypoints.train import load_config, train, with_overrides
 
     cfg, resources = load_config(args.config)
     if args.task and args.task != cfg.task and not args.config:
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         if args.command == "view":
-            from pipelines.viewer import main as view_main
+            from ida_ray.entrypoints.viewer import main as view_main
 
             return view_main(args.rest)
         return run_train(args)
