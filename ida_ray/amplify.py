@@ -21,30 +21,11 @@ from ida_ray.config import AmplifyConfig
 from ida_ray.engine import Engine, Generation
 from ida_ray.errors import (DepthExceeded, ExpertFailure, FanInRoundsExceeded, IDAError, OutputTooLong,
                             ParseError)
+from ida_ray.experts import CodedExpert
 from ida_ray.prompts import answer_prompt, fan_in_prompt, fan_out_prompt, format_step, parse_answer, parse_step
 from ida_ray.steps import Answer, Split, Step
 from ida_ray.tasks.base import Task
 from ida_ray.tree import EXPERT, HPRIME, MODEL, Node, Round, StepRecord, Tree, error_record
-
-
-class CodedExpert:
-    """H as the task's coded oracle, behind the async interface every expert offers.
-
-    Any object with these three coroutines can stand in for H (a person answering through
-    `ida_ray.human_expert.HumanExpert`, a stronger model): `amplify_tree(expert=...)`.
-    `fan_out` and `fan_in` return a Step; `answer` returns an answer string."""
-
-    def __init__(self, task: Task):
-        self.task = task
-
-    async def fan_out(self, question: str) -> Step:
-        return self.task.expert_fan_out(question)
-
-    async def fan_in(self, question: str, sub: tuple[tuple[str, str], tuple[str, str]]) -> Step:
-        return self.task.expert_fan_in(question, sub)
-
-    async def answer(self, question: str) -> str:
-        return self.task.expert_answer(question)
 
 
 def gumbel(rng: random.Random) -> float:
@@ -87,18 +68,33 @@ class _TreeContext:
             return None
         return (await self.engine.adversary([prompt], [gen.text]))[0]
 
-    def valid_answer(self, question: str, gen: Generation) -> bool:
+    # -- bounds (amplification and distillation trees alike) -------------------------
+    def check_finished(self, gen: Generation) -> None:
+        """Output length: a generation cut off at max_new_tokens is not a step."""
         if not gen.finished:
-            return False
+            raise OutputTooLong(f"no end of sequence within {self.cfg.max_new_tokens} tokens: {gen.text[:60]!r}")
+
+    def new_round(self, node: Node, split: Split) -> Round:
+        """Another fan-in round at `node` on `split`'s subquestions (one level deeper), within
+        max_fan_in_rounds and max_depth; the round is appended to the node."""
+        if len(node.rounds) >= self.cfg.max_fan_in_rounds:
+            raise FanInRoundsExceeded(f"more than {self.cfg.max_fan_in_rounds} fan-in rounds at {node.question!r}")
+        if node.depth + 1 > self.cfg.max_depth:
+            raise DepthExceeded(f"depth {node.depth + 1} > max_depth {self.cfg.max_depth} at {node.question!r}")
+        rnd = Round(subquestions=[split.q1, split.q2])
+        node.rounds.append(rnd)
+        return rnd
+
+    def valid_answer(self, question: str, gen: Generation) -> bool:
         try:
+            self.check_finished(gen)
             parse_answer(gen.text, self.task, question)
             return True
-        except ParseError:
+        except (OutputTooLong, ParseError):
             return False
 
     def parse_model_step(self, question: str, gen: Generation) -> Step:
-        if not gen.finished:
-            raise OutputTooLong(f"no end of sequence within {self.cfg.max_new_tokens} tokens: {gen.text[:60]!r}")
+        self.check_finished(gen)
         return parse_step(gen.text, self.task, question)
 
     # -- expert ----------------------------------------------------------------------
@@ -119,8 +115,7 @@ class _TreeContext:
 
         The model's greedy step is computed either way: it is the adversary's input."""
         (gen,) = await self.generate([prompt])
-        record = StepRecord(role=role, prompt=prompt, output="", who=EXPERT, logprob=gen.logprob,
-                            weight_version=gen.weight_version, model_output=gen.text)
+        record = StepRecord.from_generation(role, prompt, gen, who=EXPERT)
         if self.hprime and use_model:
             record.adversary_score = await self.adversary_if_needed(prompt, gen)
             try:
@@ -158,8 +153,7 @@ async def _expand_inner(ctx: _TreeContext, node: Node) -> None:
     q, task, cfg = node.question, ctx.task, ctx.cfg
     prompt = answer_prompt(q)
     (gen,) = await ctx.generate([prompt])
-    node.answer_step = StepRecord(role="answer", prompt=prompt, output="", who=MODEL, logprob=gen.logprob,
-                                  weight_version=gen.weight_version, model_output=gen.text)
+    node.answer_step = StepRecord.from_generation("answer", prompt, gen)
     node.audited = ctx.hprime and cfg.audit_fraction > 0 and ctx.rng.random() < cfg.audit_fraction
     if ctx.hprime and not node.audited:
         node.answer_step.adversary_score = await ctx.adversary_if_needed(prompt, gen)
@@ -173,12 +167,7 @@ async def _expand_inner(ctx: _TreeContext, node: Node) -> None:
                                         use_model=not node.audited)
     step = parse_step(node.fan_out.output, task, q)
     while isinstance(step, Split):
-        if len(node.rounds) >= cfg.max_fan_in_rounds:
-            raise FanInRoundsExceeded(f"more than {cfg.max_fan_in_rounds} fan-in rounds at {q!r}")
-        if node.depth + 1 > cfg.max_depth:
-            raise DepthExceeded(f"depth {node.depth + 1} > max_depth {cfg.max_depth} at {q!r}")
-        rnd = Round(subquestions=[step.q1, step.q2])
-        node.rounds.append(rnd)
+        rnd = ctx.new_round(node, step)
         await _expand_round(ctx, node, rnd)
         sub = ((rnd.subquestions[0], rnd.answers[0]), (rnd.subquestions[1], rnd.answers[1]))
         rnd.fan_in = await ctx.hprime_step("fan_in", fan_in_prompt(q, sub), q, lambda: ctx.h.fan_in(q, sub),
@@ -266,27 +255,21 @@ async def distill_tree(task: Task, engine: Engine, question: str, cfg: AmplifyCo
         task.parse(question)
         prompt = answer_prompt(question)
         (gen,) = await ctx.generate([prompt])
-        node.answer_step = StepRecord(role="answer", prompt=prompt, output="", who=MODEL, logprob=gen.logprob,
-                                      weight_version=gen.weight_version, model_output=gen.text)
+        node.answer_step = StepRecord.from_generation("answer", prompt, gen)
         fo_prompt = fan_out_prompt(question)
         (fo,) = await ctx.generate([fo_prompt])
-        node.fan_out = StepRecord(role="fan_out", prompt=fo_prompt, output=fo.text, who=MODEL,
-                                  logprob=fo.logprob, weight_version=fo.weight_version, model_output=fo.text)
+        node.fan_out = StepRecord.from_generation("fan_out", fo_prompt, fo, output=fo.text)
         step = ctx.parse_model_step(question, fo)
         logprob = fo.logprob  # of the whole model-only tree: every step it took
         while isinstance(step, Split):
-            if len(node.rounds) >= cfg.max_fan_in_rounds:
-                raise FanInRoundsExceeded(f"more than {cfg.max_fan_in_rounds} fan-in rounds at {question!r}")
-            rnd = Round(subquestions=[step.q1, step.q2])
-            node.rounds.append(rnd)
+            rnd = ctx.new_round(node, step)
             gens = await ctx.generate([answer_prompt(s) for s in rnd.subquestions])
             rnd.model_answers = rnd.answers = [g.text for g in gens]
             logprob += sum(g.logprob for g in gens)
             sub = ((step.q1, rnd.answers[0]), (step.q2, rnd.answers[1]))
             fi_prompt = fan_in_prompt(question, sub)
             (fi,) = await ctx.generate([fi_prompt])
-            rnd.fan_in = StepRecord(role="fan_in", prompt=fi_prompt, output=fi.text, who=MODEL,
-                                    logprob=fi.logprob, weight_version=fi.weight_version, model_output=fi.text)
+            rnd.fan_in = StepRecord.from_generation("fan_in", fi_prompt, fi, output=fi.text)
             step = ctx.parse_model_step(question, fi)
             logprob += fi.logprob
         node.answer = parse_answer(step.text, task, question)

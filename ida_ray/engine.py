@@ -18,6 +18,8 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
+from ida_ray.errors import NoAdversary
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -156,9 +158,10 @@ class TorchEngine(Engine):
         return await self._lp.submit_many(list(zip(prompts, completions)))
 
     async def adversary(self, prompts, completions):
-        self.calls["adversary"] += len(prompts)
         if self.adversary_model is None:
-            return [0.0] * len(prompts)
+            raise NoAdversary("adversary scores asked of a TorchEngine that was started without an adversary "
+                              "(adversary=None)")
+        self.calls["adversary"] += len(prompts)
         return await self._adv.submit_many(list(zip(prompts, completions)))
 
     # -- batched torch work (runs in a worker thread) --------------------------------

@@ -49,5 +49,13 @@ class EngineFailure(IDAError):
     kind = "engine_failure"
 
 
+class NoAdversary(IDAError):
+    """Adversary scores asked of an engine started without an adversary. Never a silent 0.0:
+    with `amplify.confidence: adversary` that would pass every threshold (H' trusting the
+    model everywhere), and branch choice and adversarial questions would be uniform."""
+
+    kind = "no_adversary"
+
+
 class ConfigError(IDAError, ValueError):
     kind = "config_error"

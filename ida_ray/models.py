@@ -15,13 +15,26 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from ida_ray.tokenizer import build_tokenizer
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelSpec:
+    """Shape of the tiny Llama the project builds for M (and for the adversary's trunk)."""
+
     hidden_size: int = 128
     num_layers: int = 3
     num_heads: int = 4
     intermediate_size: int = 384
     max_positions: int = 256
+    """Context length: prompt plus completion must fit (checked by ida_ray.preflight)."""
+
+    def problems(self) -> list[str]:
+        sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": self.num_heads,
+                 "intermediate_size": self.intermediate_size, "max_positions": self.max_positions}
+        small = [k for k, v in sizes.items() if v < 1]
+        if small:
+            return [f"model sizes must be >= 1: {', '.join(f'model.{k}={sizes[k]}' for k in small)}"]
+        if self.hidden_size % self.num_heads:
+            return [f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads ({self.num_heads})"]
+        return []
 
     def llama_config(self, tokenizer, **extra) -> LlamaConfig:
         return LlamaConfig(

@@ -1,99 +1,21 @@
-"""Checks a run's input before any cluster resource is taken.
+"""Checks of a run's input that need more than the config's own values, made before any
+cluster resource is taken.
 
-`IDAConfig.validate` checks ranges, assuming each value has the right type; a YAML file can
-hold anything (`iterations: three`, `amplify: fast`), and some values are wrong only in
-combination (a question size whose prompts overflow the model's context) or only once an actor
-starts (a replay capacity of 0, task options the task rejects). `check_config` finds all of
-these first, so a bad run costs no cluster time and fails with one ConfigError that names
-every problem (the CLI prints it and exits with status 2).
+`IDAConfig` checks types and ranges when it is made (ida_ray/config.py). Some values are wrong
+only against the task or the machine: task options the task rejects, a question size whose
+prompts overflow the model's context, the honest objective on questions where its two
+labellers always agree, GPUs asked for and absent, a backend that cannot serve an option.
+`check_config` finds all of these first, so a bad run costs no cluster time and fails with one
+ConfigError that names every problem (the CLI prints it and exits with status 2).
 """
 from __future__ import annotations
 
-import dataclasses
 import random
-import types
-import typing
 from pathlib import Path
 
-from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
+from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
-from ida_ray.models import ModelSpec
 from ida_ray.questions import UserQuestion, context_needed, read_questions
-
-_SECTIONS = {"": IDAConfig, "amplify.": AmplifyConfig, "train.": TrainConfig, "model.": ModelSpec}
-
-
-def _type_problem(name: str, value, hint) -> str | None:
-    """Why `value` does not fit the annotation `hint` (None if it does)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        found = [_type_problem(name, value, h) for h in options]
-        if None in found:
-            return None
-        if value is not None and type(None) in options:  # say what the non-null option wants
-            return found[[h is type(None) for h in options].index(False)] + " (or null)"
-        return f"{name} has the wrong type: got {value!r}"
-    if hint is type(None):
-        return None if value is None else f"{name} must be null, got {value!r}"
-    if hint is bool:
-        return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
-    if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        return None if ok else f"{name} must be a whole number, got {value!r}"
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if ok else f"{name} must be a number, got {value!r}"
-    if hint is str:
-        return None if isinstance(value, str) else f"{name} must be a string, got {value!r}"
-    if hint is dict or origin is dict:
-        return None if isinstance(value, dict) else f"{name} must be a mapping, got {value!r}"
-    if origin is tuple:
-        if not isinstance(value, (tuple, list)):
-            return f"{name} must be a list, got {value!r}"
-        (item,) = typing.get_args(hint)[:1]
-        bad = [v for v in value if _type_problem(name, v, item)]
-        return f"{name} must hold whole numbers, got {bad[0]!r}" if bad else None
-    if dataclasses.is_dataclass(hint):
-        return None if isinstance(value, hint) else f"{name} must be a mapping of its options, got {value!r}"
-    return None
-
-
-def type_problems(cfg: IDAConfig) -> list[str]:
-    problems = []
-    for prefix, cls in _SECTIONS.items():
-        obj = cfg if not prefix else getattr(cfg, prefix[:-1])
-        if not isinstance(obj, cls):
-            continue  # reported by the top-level section
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            p = _type_problem(prefix + f.name, getattr(obj, f.name), hints[f.name])
-            if p:
-                problems.append(p)
-    return problems
-
-
-def _range_problems(cfg: IDAConfig) -> list[str]:
-    """What IDAConfig.validate does not check, and actors would reject only once started."""
-    problems = []
-    t, m = cfg.train, cfg.model
-    if t.replay_capacity < 1:
-        problems.append(f"train.replay_capacity must be >= 1, got {t.replay_capacity}")
-    if t.adversary_steps_per_iteration < 0:
-        problems.append(f"train.adversary_steps_per_iteration must be >= 0, got {t.adversary_steps_per_iteration}")
-    if t.adversary_lr <= 0 or t.grad_clip <= 0 or t.weight_decay < 0:
-        problems.append("train.adversary_lr and train.grad_clip must be > 0, train.weight_decay >= 0")
-    sizes = {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
-             "intermediate_size": m.intermediate_size, "max_positions": m.max_positions}
-    small = [k for k, v in sizes.items() if v < 1]
-    if small:
-        problems.append(f"model sizes must be >= 1: {', '.join(f'model.{k}={sizes[k]}' for k in small)}")
-    elif m.hidden_size % m.num_heads:
-        problems.append(f"model.hidden_size ({m.hidden_size}) must be a multiple of model.num_heads ({m.num_heads})")
-    if cfg.trees_in_flight < cfg.expanders:
-        problems.append(f"trees_in_flight ({cfg.trees_in_flight}) must be at least expanders ({cfg.expanders})")
-    return problems
-
 
 def _context_problem(cfg: IDAConfig, task) -> str | None:
     """The largest training questions' trees must fit the model's context."""
@@ -120,13 +42,28 @@ def _honest_problem(cfg: IDAConfig, task) -> str | None:
             f"always agree; widen the question distribution (for sum: max_digit 9, or larger sizes)")
 
 
+def backend_problems(cfg: IDAConfig) -> list[str]:
+    """Options the chosen backend cannot serve: refused here rather than ignored."""
+    if cfg.backend != "local":
+        return []
+    p = []
+    if cfg.expert == "human":
+        p.append("expert 'human' needs the Ray backend (the /human page answers through the run's queue actor): "
+                 "use backend ray")
+    if cfg.use_gpu:
+        p.append("backend 'local' runs on the CPU; use_gpu needs the Ray backend")
+    if (cfg.replicas, cfg.expanders, cfg.learner_workers) != (1, 1, 1):
+        p.append(f"backend 'local' is one process: replicas, expanders and learner_workers must be 1, got "
+                 f"{cfg.replicas}, {cfg.expanders}, {cfg.learner_workers}")
+    if cfg.engine != "torch":
+        p.append(f"backend 'local' serves the model on the torch engine: engine must be 'torch', got {cfg.engine!r}")
+    return p
+
+
 def check_config(cfg: IDAConfig, *, address: str | None = None) -> IDAConfig:
     """The configuration, validated; ConfigError listing every problem otherwise."""
-    problems = type_problems(cfg)
-    if problems:  # ranges cannot be compared on values of the wrong type
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    cfg.validate()
-    problems = _range_problems(cfg)
+    cfg.validate()  # the config may have been changed since it was made
+    problems = backend_problems(cfg)
     from ida_ray.tasks import get_task
 
     try:

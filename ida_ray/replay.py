@@ -6,11 +6,16 @@ survives a restart."""
 from __future__ import annotations
 
 import json
+import os
 import random
-from collections import deque
+import re
+from collections import Counter, deque
 from pathlib import Path
 
 from ida_ray.examples import Example
+from ida_ray.tree import Tree
+
+_TREE_FILE = re.compile(r"^iteration_(\d+)\.jsonl$")
 
 
 class ReplayBuffer:
@@ -52,3 +57,114 @@ class ReplayBuffer:
         for e in self._items:
             counts[e.weight_version] = counts.get(e.weight_version, 0) + 1
         return counts
+
+
+_TREE_FILE = re.compile(r"^iteration_(\d+)\.jsonl$")
+
+
+def spill_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "replay" / "examples.jsonl"
+
+
+def trees_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "trees"
+
+
+def compact_spill(path: Path, capacity: int, max_weight_version: int | None) -> int:
+    """Rewrite the spill file keeping the newest `capacity` examples whose weight version is at
+    most `max_weight_version` (None: keep all versions). Returns how many lines were dropped.
+    A torn last line (a crash mid-write) is dropped too rather than failing the restart."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            Example(**d)
+        except (json.JSONDecodeError, TypeError):
+            dropped += 1
+            continue
+        if max_weight_version is not None and d.get("weight_version", 0) > max_weight_version:
+            dropped += 1
+            continue
+        kept.append(line)
+    dropped += max(0, len(kept) - capacity)
+    kept = kept[-capacity:] if capacity else []
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+    return dropped
+
+
+class ReplayStore:
+    """The run's replay buffer and tree records (the Ray backend hosts it in an actor,
+    ida_ray/actors/replay_buffer.py; the local backend holds it in-process):
+      * seeded sampling, so each learner rank draws its own reproducible minibatches;
+      * tree records as JSONL under run_dir/trees/iteration_NNNN.jsonl for the viewer;
+      * resume: examples and trees newer than the last checkpoint are dropped (an iteration
+        whose training never completed produced them), and the spill file is compacted to the
+        newest `capacity` examples so it does not grow without bound across restarts."""
+
+    def __init__(self, capacity: int, run_dir: str | Path, seed: int = 0, completed_iterations: int | None = None):
+        """`completed_iterations`: None starts empty (a previous spill is discarded). An int N
+        resumes after a checkpoint that includes iterations 0..N-1: the spilled examples they
+        produced (weight_version < N; iteration i expands with weights version i) and their tree
+        files are kept, anything newer is dropped."""
+        if capacity < 1:
+            raise ValueError(f"replay capacity must be >= 1, got {capacity}")
+        self.run_dir = Path(run_dir)
+        path = spill_path(run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trees_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        if completed_iterations is None:
+            path.unlink(missing_ok=True)
+            self._drop_tree_files(lambda it: True)
+            self.dropped_on_resume = 0
+        else:
+            self.dropped_on_resume = compact_spill(path, capacity, completed_iterations - 1)
+            self._drop_tree_files(lambda it: it >= completed_iterations)
+        self.buffer = ReplayBuffer(capacity, spill_path=path, seed=seed)
+        self.trees_written = 0
+
+    def _drop_tree_files(self, drop) -> None:
+        for f in trees_dir(self.run_dir).iterdir():
+            m = _TREE_FILE.match(f.name)
+            if m and drop(int(m.group(1))):
+                f.unlink()
+
+    def add(self, examples: list[Example]) -> int:
+        self.buffer.add(examples)
+        return len(self.buffer)
+
+    def add_trees(self, iteration: int, trees: list[Tree]) -> int:
+        path = trees_dir(self.run_dir) / f"iteration_{iteration:04d}.jsonl"
+        with path.open("a") as f:
+            for t in trees:
+                f.write(json.dumps(t.to_dict(), separators=(",", ":")) + "\n")
+        self.trees_written += len(trees)
+        return self.trees_written
+
+    def sample(self, n: int, kinds: list[str] | tuple[str, ...] | None = None, seed: int | None = None) -> list[Example]:
+        """n examples drawn uniformly with replacement; [] when none of `kinds` is held."""
+        kinds = tuple(kinds) if kinds is not None else None
+        if seed is None:
+            return self.buffer.sample(n, kinds)
+        pool = self.buffer.all(kinds)
+        if not pool:
+            return []
+        rng = random.Random(seed)
+        return [pool[rng.randrange(len(pool))] for _ in range(n)]
+
+    def stats(self) -> dict:
+        items = self.buffer.all()
+        return {
+            "size": len(self.buffer),
+            "capacity": self.buffer.capacity,
+            "total_added": self.buffer.total_added,
+            "by_kind": dict(Counter(e.kind for e in items)),
+            "by_weight_version": self.buffer.versions(),
+            "trees_written": self.trees_written,
+            "dropped_on_resume": self.dropped_on_resume,
+        }

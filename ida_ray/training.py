@@ -1,16 +1,64 @@
-"""The learner's inner loop: optimise the model on imitation/distillation examples and the
-adversary on its regression examples. Pure torch; the Ray Train learner wraps the same
-modules in DDP and calls the same step functions."""
+"""What the learner optimises, behind one interface, and one training round.
+
+An `Objective` owns the trainable model, the adversary and their optimisers: it builds them
+from the config, takes a model step and an adversary step on a minibatch of examples, reports
+the round's own figures, saves and loads them, and names the model the replicas serve. Two
+objectives:
+
+  imitation  -log M(target) on every model example (ALGORITHM.md sections 2-3)
+  honest     section 5: a two-headed model, the trees' labels through the intended head plus
+             honest.lam * C on the trusted answers (ida_ray/honest/ida_trainer.py)
+
+`train_round` is one iteration's training on one rank, the same in one process (the local
+backend) and on every Ray Train rank (ida_ray/cluster/learner_worker.py): `wrap` is
+`ray.train.torch.prepare_model` there (DDP when the world has more than one rank) and the
+identity here. Pure torch: no Ray.
+"""
 from __future__ import annotations
 
+import hashlib
+import math
 import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
-from ida_ray.config import TrainConfig
+from ida_ray.config import IDAConfig, TrainConfig
+from ida_ray.engine import adversary_scores
 from ida_ray.examples import MODEL_KINDS, Example
-from ida_ray.losses import adversary_loss, collate_adversary, collate_lm, model_loss
+from ida_ray.losses import collate_adversary, collate_lm, model_loss
+from ida_ray.messages import RoundStats, TrainCommand
+
+Wrap = Callable[[torch.nn.Module], torch.nn.Module]
+Sample = Callable[[int, tuple[str, ...], int], list[Example]]  # (n, kinds, seed) -> examples
+
+
+def no_wrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module
+
+
+class AdversaryScorer(torch.nn.Module):
+    """The adversary's scalar score as a module's forward. DDP syncs the gradients of what runs
+    through the wrapped module's forward; `adversary_scores` calls `adversary.model` and
+    `adversary.score` directly, which would bypass a DDP wrapper around the adversary."""
+
+    def __init__(self, adversary):
+        super().__init__()
+        self.adversary = adversary
+
+    def forward(self, input_ids, attention_mask):
+        return adversary_scores(self.adversary, input_ids, attention_mask)
+
+
+def scorer_loss(scorer, batch) -> torch.Tensor:
+    """L_Adv = (Adv(q, M(q)) - log M(A | q))^2, averaged."""
+    return F.mse_loss(scorer(batch["input_ids"], batch["attention_mask"]), batch["target"])
 
 
 @dataclass
@@ -21,12 +69,62 @@ class TrainStats:
     adversary_steps: int = 0
 
 
-class Trainer:
-    def __init__(self, model, adversary, tokenizer, cfg: TrainConfig, seed: int = 0):
-        self.model, self.adversary, self.tokenizer, self.cfg = model, adversary, tokenizer, cfg
-        self.model_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.adversary_opt = torch.optim.AdamW(adversary.parameters(), lr=cfg.adversary_lr)
+class Objective(ABC):
+    """The trainable model, the adversary and their optimisers, and how one step trains them."""
+
+    name: ClassVar[str]
+    model: torch.nn.Module
+    """What the objective trains (for honest, the two-headed model)."""
+    adversary: torch.nn.Module
+    tokenizer: object
+
+    def __init__(self, adversary, tokenizer, train_cfg: TrainConfig, seed: int, device, wrap: Wrap):
+        self.adversary, self.tokenizer, self.cfg, self.device = adversary.to(device), tokenizer, train_cfg, device
+        self.adversary_opt = torch.optim.AdamW(adversary.parameters(), lr=train_cfg.adversary_lr)
+        self.scorer = wrap(AdversaryScorer(self.adversary))
         self.rng = random.Random(seed)
+
+    @classmethod
+    @abstractmethod
+    def build(cls, cfg: IDAConfig, *, rank: int = 0, world_size: int = 1, device="cpu",
+              wrap: Wrap = no_wrap) -> Objective:
+        """Fresh weights from cfg.model and cfg.seed: the same on every rank, as DDP's broadcast
+        would make them."""
+
+    @property
+    @abstractmethod
+    def served_model(self) -> torch.nn.Module:
+        """The causal LM the replicas serve."""
+
+    def prepare_round(self, examples: list[Example]) -> None:
+        """Called with a round's model examples before its steps."""
+
+    @abstractmethod
+    def model_step(self, examples: list[Example]) -> float: ...
+
+    def adversary_step(self, examples: list[Example]) -> float:
+        return self._step(self.scorer, self.adversary_opt, scorer_loss, self._batch(collate_adversary, examples))
+
+    def round_stats(self, model_steps: int) -> dict:
+        """The objective's own figures of the round just taken (none for imitation)."""
+        return {}
+
+    @abstractmethod
+    def save_model(self, directory: Path) -> None:
+        """The trained model as an HF directory (what `from_pretrained` and vLLM load)."""
+
+    @abstractmethod
+    def load_model(self, directory: Path) -> None: ...
+
+    @abstractmethod
+    def optimizer_states(self) -> dict: ...
+
+    @abstractmethod
+    def load_optimizer_states(self, states: dict) -> None: ...
+
+    # -- shared machinery ------------------------------------------------------------------
+    def _batch(self, collate, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in collate(self.tokenizer, examples).items()}
 
     def _step(self, module, opt, loss_fn, batch) -> float:
         module.train()
@@ -38,34 +136,62 @@ class Trainer:
         module.eval()
         return float(loss.detach())
 
-    def prepare_round(self, examples: list[Example]) -> None:
-        """Called with a round's model examples before its steps (the honest objective picks its
-        trusted set here); nothing to do for plain imitation."""
-
-    def model_step(self, examples: list[Example]) -> float:
-        return self._step(self.model, self.model_opt, model_loss, collate_lm(self.tokenizer, examples))
-
-    def adversary_step(self, examples: list[Example]) -> float:
-        return self._step(self.adversary, self.adversary_opt, adversary_loss,
-                          collate_adversary(self.tokenizer, examples))
-
     def fit(self, examples: list[Example], steps: int | None = None, adversary_steps: int | None = None) -> TrainStats:
-        """Sample minibatches uniformly from `examples` for the configured number of steps."""
+        """Minibatches drawn uniformly from `examples` (tests and experiments on one process)."""
         steps = self.cfg.steps_per_iteration if steps is None else steps
         adversary_steps = self.cfg.adversary_steps_per_iteration if adversary_steps is None else adversary_steps
         lm = [e for e in examples if e.kind in MODEL_KINDS]
         adv = [e for e in examples if e.kind == "adversary"]
         self.prepare_round(lm)
-        stats = TrainStats()
-        bs = self.cfg.batch_size
+        stats, bs = TrainStats(), self.cfg.batch_size
         losses = [self.model_step([self.rng.choice(lm) for _ in range(bs)]) for _ in range(steps if lm else 0)]
         if losses:
-            stats.model_loss, stats.model_steps = sum(losses[-20:]) / len(losses[-20:]), len(losses)
+            stats.model_loss, stats.model_steps = tail_mean(losses), len(losses)
         losses = [self.adversary_step([self.rng.choice(adv) for _ in range(bs)])
                   for _ in range(adversary_steps if adv else 0)]
         if losses:
-            stats.adversary_loss, stats.adversary_steps = sum(losses[-20:]) / len(losses[-20:]), len(losses)
+            stats.adversary_loss, stats.adversary_steps = tail_mean(losses), len(losses)
         return stats
+
+
+class ImitationObjective(Objective):
+    """-log M(completion + EOS | prompt) on answer, fan-out and fan-in examples."""
+
+    name = "imitation"
+
+    def __init__(self, model, adversary, tokenizer, train_cfg: TrainConfig, seed: int = 0, device="cpu",
+                 wrap: Wrap = no_wrap):
+        super().__init__(adversary, tokenizer, train_cfg, seed, device, wrap)
+        self.model = model.to(device)
+        self.model_opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        # The optimiser holds the unwrapped parameters, which DDP shares, not copies.
+        self.model_wrapped = wrap(self.model)
+
+    @classmethod
+    def build(cls, cfg: IDAConfig, *, rank: int = 0, world_size: int = 1, device="cpu",
+              wrap: Wrap = no_wrap) -> ImitationObjective:
+        from ida_ray.models import build_adversary, build_model
+
+        model, tokenizer = build_model(cfg.model, cfg.seed)
+        adversary, _ = build_adversary(cfg.model, cfg.seed + 1)
+        return cls(model, adversary, tokenizer, cfg.train, cfg.seed + rank, device, wrap)
+
+    @property
+    def served_model(self) -> torch.nn.Module:
+        return self.model
+
+    def model_step(self, examples: list[Example]) -> float:
+        return self._step(self.model_wrapped, self.model_opt, model_loss, self._batch(collate_lm, examples))
+
+    def save_model(self, directory: Path) -> None:
+        from ida_ray.models import save_pretrained
+
+        save_pretrained(self.model, self.tokenizer, directory)
+
+    def load_model(self, directory: Path) -> None:
+        from ida_ray.models import load_model
+
+        self.model.load_state_dict(load_model(directory).state_dict())
 
     def optimizer_states(self) -> dict:
         return {"model_opt": self.model_opt.state_dict(), "adversary_opt": self.adversary_opt.state_dict()}
@@ -74,6 +200,80 @@ class Trainer:
         self.model_opt.load_state_dict(states["model_opt"])
         self.adversary_opt.load_state_dict(states["adversary_opt"])
 
-    def state(self) -> dict:
-        return {"model": self.model.state_dict(), "adversary": self.adversary.state_dict(),
-                "model_opt": self.model_opt.state_dict(), "adversary_opt": self.adversary_opt.state_dict()}
+
+def objective_class(name: str) -> type[Objective]:
+    if name == "honest":
+        from ida_ray.honest.ida_trainer import HonestObjective
+
+        return HonestObjective
+    return ImitationObjective
+
+
+def build_objective(cfg: IDAConfig, **kwargs) -> Objective:
+    """cfg.objective's Objective, built fresh (kwargs: rank, world_size, device, wrap)."""
+    return objective_class(cfg.objective).build(cfg, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# One training round.
+# ---------------------------------------------------------------------------------------
+def tail_mean(losses: list[float], n: int = 20) -> float:
+    """Mean of the last n losses: the round's end, not its start."""
+    return sum(losses[-n:]) / len(losses[-n:]) if losses else float("nan")
+
+
+def local_batch_size(global_batch: int, world_size: int) -> int:
+    """Per-rank batch so the DDP-averaged step sees about the configured global batch."""
+    return max(1, math.ceil(global_batch / world_size))
+
+
+def round_seed(seed: int, iteration: int, rank: int) -> int:
+    """Each rank's sampling seed for a round: reproducible, different per rank and iteration."""
+    return (seed * 1_000_003 + iteration) * 1009 + rank
+
+
+def _all_reduce(t: torch.Tensor, world_size: int, op=None) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, seed: int, rank: int = 0,
+                world_size: int = 1) -> RoundStats:
+    """One iteration's training on this rank: sample, model steps, adversary steps. Every rank
+    takes the same number of DDP steps (each is a collective), so the ranks agree by
+    all-reduce on whether there is data of each kind before stepping."""
+    import torch.distributed as dist
+
+    it, bs = command.iteration, local_batch_size(objective.cfg.batch_size, world_size)
+    base = round_seed(seed, it, rank)
+    lm = sample(command.model_steps * bs, MODEL_KINDS, base * 2)
+    adv = sample(command.adversary_steps * bs, ("adversary",), base * 2 + 1)
+    have = torch.tensor([len(lm) > 0, len(adv) > 0], dtype=torch.int64)
+    if world_size > 1:
+        _all_reduce(have, world_size, dist.ReduceOp.MIN)
+    objective.prepare_round(lm)
+    t0 = time.time()
+    m_losses = [objective.model_step(lm[i * bs:(i + 1) * bs]) for i in range(command.model_steps if have[0] else 0)]
+    t_model = time.time() - t0
+    a_losses = [objective.adversary_step(adv[i * bs:(i + 1) * bs])
+                for i in range(command.adversary_steps if have[1] else 0)]
+    losses = torch.tensor([tail_mean(m_losses), tail_mean(a_losses)], dtype=torch.float64)
+    _all_reduce(losses, world_size)
+    losses /= world_size
+    return RoundStats(iteration=it, weight_version=it + 1, model_loss=float(losses[0]),
+                      adversary_loss=float(losses[1]), model_steps=len(m_losses), adversary_steps=len(a_losses),
+                      model_train_seconds=round(t_model, 3), train_seconds=round(time.time() - t0, 3),
+                      local_batch_size=bs, objective_stats=objective.round_stats(len(m_losses)))
+
+
+def param_digest(objective: Objective) -> str:
+    """sha256 over every trained parameter's bytes: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for module in (objective.model, objective.adversary):
+        for name, p in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ida_ray.engine import Generation
 
 EXPERT = "expert"
 MODEL = "model"
@@ -31,6 +34,15 @@ class StepRecord:
     model_output: str | None = None
     target_logprob: float | None = None
     adversary_score: float | None = None
+
+    @classmethod
+    def from_generation(cls, role: str, prompt: str, gen: Generation, who: str = MODEL,
+                        output: str = "") -> StepRecord:
+        """The record of a step the model was asked to take: its greedy output `gen` (text,
+        log-prob, weight version). `output` is what the step settled on; it is empty until the
+        tree decides (the model's text through H', or the expert's step)."""
+        return cls(role=role, prompt=prompt, output=output, who=who, logprob=gen.logprob,
+                   weight_version=gen.weight_version, model_output=gen.text)
 
 
 @dataclass

@@ -159,14 +159,20 @@ def test_hprime_steps_are_not_imitation_targets():
     assert kinds["adversary"] == 1
 
 
-def test_audit_switches_hprime_off_so_the_expert_checks_a_confident_model():
-    wrong = lambda p: ("9", 0.0) if p.startswith("A") else oracle_policy(TASK)(p)  # noqa: E731
-    tree = amp(ScriptedEngine(wrong), "3,1,4,1", audit_fraction=1.0)
+def test_audit_switches_hprime_off_so_the_expert_corrects_a_confidently_wrong_model():
+    # The model is certain of a wrong sum for the whole list (9, not 10) and right everywhere
+    # else; the subquestions' answers it gives are the true partial sums.
+    q = "3,1,4,2"
+    assert TASK.solve(q) == "10"
+    oracle = oracle_policy(TASK, logprob=0.0)
+    wrong = lambda p: ("9", 0.0) if p == answer_prompt(q) else oracle(p)  # noqa: E731
+    unaudited = amp(ScriptedEngine(wrong), q, audit_fraction=0.0)
+    assert unaudited.answer == "9" and unaudited.expert_calls == 0  # H' trusts it: the wrong sum stands
+    tree = amp(ScriptedEngine(wrong), q, audit_fraction=1.0)
     assert all(n.audited for n in tree.nodes())
+    assert tree.root.answer_step.model_output == "9"  # the model was asked, and was wrong
     assert tree.root.fan_out.who == EXPERT and all(r.fan_in.who == EXPERT for r in tree.root.rounds)
-    assert tree.expert_calls >= 2 and tree.answer != "9"
-    unaudited = amp(ScriptedEngine(wrong), "3,1,4,1", audit_fraction=0.0)
-    assert unaudited.answer == "9" and unaudited.expert_calls == 0
+    assert tree.ok and tree.answer == "10" and tree.root.answered_by == EXPERT
 
 
 def test_distill_tree_uses_model_in_every_role():

@@ -35,13 +35,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOURCES = ClusterResources(replica_cpus=1, expander_cpus=0.25, learner_cpus=1)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="test-chaos")
-    yield
-    ray.shutdown()
+RAY_INIT = dict(num_cpus=4, namespace="test-chaos")  # the `cluster` fixture (tests/conftest.py)
 
 
 def read_trees(run_dir: Path, it: int) -> list[dict]:

@@ -21,14 +21,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # Logical CPUs: expansion and training alternate, so the actors share the 2 cores.
 RESOURCES = ClusterResources(replica_cpus=1, expander_cpus=0.5, learner_cpus=1)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    # With the dashboard: its metrics agent exports the run's series to Prometheus.
-    ray.init(num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1", namespace="test-e2e")
-    yield
-    ray.shutdown()
+# The `ray_cluster` fixture (tests/conftest.py). With the dashboard: its metrics agent exports
+# the run's series to Prometheus.
+RAY_INIT = dict(num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                namespace="test-e2e")
 
 
 class MetricsScraper(threading.Thread):

@@ -86,3 +86,64 @@ def test_engine_failure_reaches_every_waiter(parts):
         return await asyncio.gather(*(eng.logprob(["A1="], ["1"]) for _ in range(5)), return_exceptions=True)
     results = asyncio.run(go())
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_adversary_scores_from_a_torch_engine_without_an_adversary_are_a_clear_error(parts):
+    from ida_ray.errors import IDAError, NoAdversary
+
+    model, _, tok = parts
+    eng = TorchEngine(model, None, tok, max_new_tokens=6)
+    with pytest.raises(NoAdversary, match="started without an adversary") as info:
+        asyncio.run(eng.adversary(["A1,2="], ["3"]))
+    assert isinstance(info.value, IDAError) and info.value.kind == "no_adversary"
+    assert eng.calls["adversary"] == 0
+    # The model's own calls are unaffected.
+    (g,) = asyncio.run(eng.generate(["A1,2="]))
+    (lp,) = asyncio.run(eng.logprob(["A1,2="], ["3"]))
+    assert isinstance(g.text, str) and lp < 0
+
+
+def test_adversary_confidence_without_an_adversary_fails_the_tree_instead_of_trusting_the_model(parts):
+    # A silent 0.0 would pass log(1 - eps) for every step: H' would take the model's answer
+    # everywhere and never call the expert.
+    import random
+
+    from ida_ray.amplify import amplify_tree
+    from ida_ray.config import AmplifyConfig
+    from ida_ray.tasks import get_task
+
+    model, _, tok = parts
+    eng = TorchEngine(model, None, tok, max_new_tokens=6)
+    cfg = AmplifyConfig(confidence="adversary", branch_choice="uniform", audit_fraction=0.0, max_new_tokens=6)
+    tree = asyncio.run(amplify_tree(get_task("sum"), eng, "3,1,4,1", cfg, random.Random(0)))
+    assert not tree.ok and tree.error["kind"] == "no_adversary"
+    assert "started without an adversary" in tree.error["message"]
+
+
+class _Scorer:
+    def __init__(self):
+        self.seen = []
+
+    async def score(self, prompts, completions):
+        self.seen.append((list(prompts), list(completions)))
+        return [-1.5] * len(prompts)
+
+
+def _bare_vllm_engine(scorer):
+    """A VllmEngine with only what `adversary` uses: no vLLM engine is started."""
+    from ida_ray.serving.swap_gate import SwapGate
+    from ida_ray.serving.vllm_engine import VllmEngine
+
+    eng = VllmEngine.__new__(VllmEngine)
+    eng.scorer, eng.gate = scorer, SwapGate()
+    return eng
+
+
+def test_adversary_scores_from_a_vllm_engine_without_an_adversary_are_a_clear_error():
+    from ida_ray.errors import NoAdversary
+
+    with pytest.raises(NoAdversary, match="started without an adversary"):
+        asyncio.run(_bare_vllm_engine(None).adversary(["A1,2="], ["3"]))
+    scorer = _Scorer()  # with an adversary, the scorer's scores come back as they are
+    assert asyncio.run(_bare_vllm_engine(scorer).adversary(["A1,2="], ["3"])) == [-1.5]
+    assert scorer.seen == [(["A1,2="], ["3"])]

@@ -18,7 +18,7 @@ from ida_ray.serving.engine_pool import ReplicaPool  # noqa: E402
 from ida_ray.actors.expander import InvalidJob, start_expanders  # noqa: E402
 from ida_ray.serving.weights import WeightsPayload  # noqa: E402
 from ida_ray.actors.replica import start_replicas  # noqa: E402
-from ida_ray.models import ModelSpec, create_model_dirs  # noqa: E402
+from ida_ray.models import ModelSpec  # noqa: E402
 from ida_ray.tasks import get_task  # noqa: E402
 from ida_ray.tree import Tree  # noqa: E402
 
@@ -26,23 +26,18 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
 SPEC = ModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)  # head size 32: vLLM-CPU
 AMPLIFY = {"use_hprime": False, "max_new_tokens": 12}
+RAY_INIT = dict(num_cpus=8, namespace=None)  # the `cluster` fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def model_spec():
+    """`model_dirs` (tests/conftest.py) from SPEC."""
+    return SPEC
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return create_model_dirs(tmp_path_factory.mktemp("expander_models"), SPEC, seed=0)
-
-
-@pytest.fixture(scope="module")
-def replicas(cluster, dirs):
-    model_dir, adversary_dir = dirs
+def replicas(cluster, model_dirs):
+    model_dir, adversary_dir = model_dirs
     common = dict(max_new_tokens=AMPLIFY["max_new_tokens"], max_restarts=0, wait=False)
     handles = (start_replicas(1, model_dir, adversary_dir, engine="vllm", adversary_backend="torch",
                               name_prefix="te-vllm", **common)
@@ -137,11 +132,11 @@ def test_a_dead_replica_is_routed_around_and_losing_all_is_recorded(replicas, ex
     assert time.time() - t0 < 60
 
 
-def test_a_restarted_replica_is_brought_back_to_the_latest_weights(cluster, dirs):
+def test_a_restarted_replica_is_brought_back_to_the_latest_weights(cluster, model_dirs):
     """Ray restarts a killed replica on its initial weights (version 0). The pool sees the stale
     version in its answers, takes it out of rotation, reloads the last swapped payload into it
     and serves from it again at the current version."""
-    model_dir, adversary_dir = dirs
+    model_dir, adversary_dir = model_dirs
     (handle,) = start_replicas(1, model_dir, adversary_dir, engine="torch", max_new_tokens=4, name_prefix="te-restart",
                                max_restarts=1)
     pool = ReplicaPool([handle], probe_max_interval_s=1.0)

@@ -326,21 +326,8 @@ def test_a_booby_trapped_checkpoint_runs_no_code(tmp_path):
 
 
 # -- replicas and expanders killed with trees in flight (local Ray, torch engine) ------------
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="test-faults")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    from ida_ray.models import ModelSpec, create_model_dirs
-
-    spec = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    return create_model_dirs(tmp_path_factory.mktemp("fault_models"), spec, seed=0)
-
-
+# `cluster` and `model_dirs` (the tiny spec) are the fixtures of tests/conftest.py.
+RAY_INIT = dict(num_cpus=6, namespace="test-faults")
 AMPLIFY = {"use_hprime": False, "max_new_tokens": 6}  # the expert drives: every answer is right
 
 

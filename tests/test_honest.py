@@ -24,15 +24,8 @@ from ida_ray.tasks import get_task
 
 TINY = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=32)
 TASK = get_task("sum")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: intra-op threads only add contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: intra-op threads only add contention on a shared 2-core machine (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture
@@ -450,3 +443,29 @@ def test_honest_learner_checkpoint_round_trip(tmp_path):
     lm, tok = build_model(TINY, 0)
     with pytest.raises(LearnerFailure, match="objective 'honest'"):
         load_checkpoint(tmp_path, Trainer(lm, build_adversary(TINY, 1)[0], tok, TrainConfig()))
+
+
+class _Generated(Exception):
+    """Raised by the stand-in for `generate` below: a model on "meta" cannot run it."""
+
+
+@pytest.mark.parametrize("samples, temperature", [(1, None), (3, 1.0)])
+def test_decoding_sends_its_inputs_to_the_models_device(model_tok, samples, temperature):
+    # The learner's model lives on its device (a GPU there); decoding must put the prompts
+    # on it. "meta" stands in for that device on a machine without one: a tensor left on the
+    # CPU shows in what the model's `generate` is given.
+    from ida_ray.honest.decoding import decode
+
+    model, tok = model_tok
+    lm = model.to("meta").as_causal_lm("intended")
+    assert next(lm.parameters()).device.type == "meta"
+    devices = []
+
+    def generate(*args, **kwargs):
+        devices.extend(v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+        raise _Generated
+
+    lm.generate = generate
+    with pytest.raises(_Generated):
+        decode(lm, tok, [answer_prompt("1,2"), answer_prompt("3,4,5")], samples, temperature)
+    assert len(devices) >= 2 and all(d.type == "meta" for d in devices), devices  # input_ids, attention_mask

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from ida_ray.actors.human_queue import HumanQueueClient, RayHumanBackend, start_human_queue
 from ida_ray.errors import ExpertFailure
-from ida_ray.human_expert import HumanExpert, HumanTimeout, UnknownRequest
+from ida_ray.experts import HumanExpert, HumanTimeout, UnknownRequest
 from ida_ray.prompts import format_step
 from ida_ray.steps import Answer, Split
 from ida_ray.tasks import get_task
@@ -25,13 +25,7 @@ from ida_ray.viewer import create_app
 pytestmark = pytest.mark.ray
 
 TASK = get_task("sum")
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-human-queue")
-    yield
-    ray.shutdown()
+RAY_INIT = dict(num_cpus=2, namespace="test-human-queue")  # the `cluster` fixture (tests/conftest.py)
 
 
 @pytest.fixture
@@ -142,15 +136,13 @@ def test_start_questions_need_a_backend_that_starts_trees(queue):
 
 
 @pytest.mark.slow
-def test_expander_amplifies_with_the_person_and_distills_alone(cluster, tmp_path):
+def test_expander_amplifies_with_the_person_and_distills_alone(cluster, model_dirs):
     """A TreeExpander over a torch replica: the amplification tree's every expert step is the
     person's (H' off), the distillation tree asks nobody; a request nobody answers fails its tree."""
     from ida_ray.actors.expander import start_expanders
     from ida_ray.actors.replica import start_replicas
-    from ida_ray.models import ModelSpec, create_model_dirs
 
-    model_dir, adversary_dir = create_model_dirs(tmp_path, ModelSpec(hidden_size=32, num_layers=1, num_heads=2,
-                                                                     intermediate_size=64), seed=0)
+    model_dir, adversary_dir = model_dirs
     queue = start_human_queue(timeout_s=60, name="hq-expander")
     replicas = start_replicas(1, model_dir, adversary_dir, engine="torch", name_prefix="hq-replica",
                               max_new_tokens=8, num_cpus=0.5, max_restarts=0)

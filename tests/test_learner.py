@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,13 +63,10 @@ def test_compact_spill_keeps_newest_and_drops_a_torn_line(tmp_path):
 
 
 # -- DDP on Ray Train ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    # Ray Train workers cannot import this test module: ship its functions by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, namespace="test-learner")
-    yield
-    ray.shutdown()
+# The `ray_cluster` fixture (tests/conftest.py). Ray Train workers cannot import this test
+# module: it ships its functions by value.
+RAY_INIT = dict(num_cpus=2, log_to_driver=True, namespace="test-learner")
+RAY_PICKLE_BY_VALUE = True
 
 
 def _grad_check_loop(config):

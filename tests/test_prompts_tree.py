@@ -45,3 +45,17 @@ def test_tokenizer_round_trips_every_character():
     assert len(ids) == len(text) and tok.unk_token_id not in ids
     assert tok.decode(ids) == text
     assert tok(text)["input_ids"][0] == tok.bos_token_id
+
+
+def test_step_record_from_generation_keeps_the_models_output_and_round_trips():
+    from ida_ray.engine import Generation
+    from ida_ray.tree import EXPERT, MODEL, StepRecord, _step
+
+    gen = Generation("!7", -0.25, True, 3)
+    rec = StepRecord.from_generation("fan_out", "O3,4=", gen)
+    assert (rec.role, rec.prompt, rec.output, rec.who) == ("fan_out", "O3,4=", "", MODEL)
+    assert (rec.model_output, rec.logprob, rec.weight_version) == ("!7", -0.25, 3)
+    assert rec.target_logprob is None and rec.adversary_score is None
+    taken = StepRecord.from_generation("fan_in", "I", gen, who=EXPERT, output="!8")
+    assert taken.who == EXPERT and taken.output == "!8" and taken.model_output == "!7"
+    assert _step(dict(vars(taken))) == taken

@@ -19,7 +19,7 @@ from ida_ray.serving.weights import WeightsError, WeightsPayload  # noqa: E402
 from ida_ray.config import TrainConfig  # noqa: E402
 from ida_ray.engine import TorchEngine  # noqa: E402
 from ida_ray.examples import Example  # noqa: E402
-from ida_ray.models import ModelSpec, build_adversary, build_model, create_model_dirs  # noqa: E402
+from ida_ray.models import ModelSpec, build_adversary, build_model  # noqa: E402
 from ida_ray.prompts import answer_prompt  # noqa: E402
 from ida_ray.training import Trainer  # noqa: E402
 
@@ -29,23 +29,18 @@ SPEC = ModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=12
 MAX_NEW = 10
 TRAIN = {"1,2": "3", "4,4": "8", "9,9": "18", "5": "5", "7,1,1": "9", "2,2,2": "6"}
 PROMPTS = [answer_prompt(q) for q in TRAIN] + [answer_prompt(q) for q in ("3,3", "8,1,1", "6")] + ["O1,2,3,4=", "I1,2[1:1][2:2]="]
+RAY_INIT = dict(num_cpus=8, namespace=None)  # the `cluster` fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def model_spec():
+    """`model_dirs` (tests/conftest.py) from SPEC."""
+    return SPEC
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return create_model_dirs(tmp_path_factory.mktemp("replica_models"), SPEC, seed=0)
-
-
-@pytest.fixture(scope="module")
-def replicas(cluster, dirs):
-    model_dir, adversary_dir = dirs
+def replicas(cluster, model_dirs):
+    model_dir, adversary_dir = model_dirs
     common = dict(engine="vllm", max_new_tokens=MAX_NEW, wait=False, num_cpus=1)
     handles = (start_replicas(1, model_dir, adversary_dir, adversary_backend="vllm", name_prefix="tr-pool", **common)
                + start_replicas(1, model_dir, adversary_dir, adversary_backend="torch", name_prefix="tr-torch", **common))
@@ -167,8 +162,8 @@ def test_swap_during_requests_never_mixes_versions(replicas, swapped, weights_v1
                     for h in replicas]) == [3, 3]
 
 
-def test_a_payload_that_does_not_fit_is_rejected(replicas, swapped):
-    other, _ = build_model(ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+def test_a_payload_that_does_not_fit_is_rejected(replicas, swapped, tiny_spec):
+    other, _ = build_model(tiny_spec)
     version = ray.get(replicas[0].weight_version.remote())
     with pytest.raises(WeightsError, match="shape|missing"):
         try:

@@ -2,7 +2,6 @@
 import random
 
 import pytest
-import torch
 
 from ida_ray.config import TrainConfig
 from ida_ray.evaluation import heldout_questions
@@ -12,15 +11,8 @@ from ida_ray.supervised import SupervisedBaseline, labelled_examples
 from ida_ray.tasks import get_task
 
 SMALL = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192, max_positions=64)
-
-
-@pytest.fixture
-def one_thread():
-    # A tiny model trains fastest on one thread, and far faster when the cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# A tiny model trains fastest on one thread, and far faster when the cores are shared: the
+# `one_thread` fixture (tests/conftest.py).
 
 
 def test_examples_carry_ground_truth_on_the_answer_head():

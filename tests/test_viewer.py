@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from ida_ray.amplify import amplify_tree, distill_tree
 from ida_ray.config import AmplifyConfig
 from ida_ray.errors import ExpertFailure
-from ida_ray.human_expert import HumanExpert, HumanQueue, HumanTimeout, UnknownRequest
+from ida_ray.experts import HumanExpert, HumanQueue, HumanTimeout, UnknownRequest
 from ida_ray.steps import Answer, Split
 from ida_ray.tasks import get_task
 from ida_ray.tree import EXPERT, HPRIME

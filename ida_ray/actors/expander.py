@@ -1,14 +1,12 @@
 """`TreeExpander`: an async Ray actor that expands many trees at once over a ReplicaPool.
 
     expander = ray.remote(TreeExpander).remote(replica_handles, task="sum", amplify=AmplifyConfig())
-    results = ray.get(expander.expand.remote([{"question": "3,5,7", "mode": "amplify", "seed": 1,
-                                               "iteration": 0, "source": "train", "job_id": "a"}]))
+    results = ray.get(expander.expand.remote([ExpandJob("a", "3,5,7", "amplify", iteration=0, seed=1)]))
 
-A job is {"question", "mode": "amplify" | "distill", "seed", "iteration", "source", "job_id"}
-(optional "hprime": bool overrides AmplifyConfig.use_hprime for an amplify job). Each result is
-{"job_id", "tree": Tree.to_dict(), "examples": [Example.to_dict(), ...]}, in job order. Trees
-from every concurrent `expand` call share one bound, `trees_in_flight`; all their model calls
-go through the pool, which batches them across trees.
+Jobs are `ida_ray.messages.ExpandJob`s; each result an `ExpandResult` (the tree and its
+examples), in job order. Trees from every concurrent `expand` call share one bound,
+`trees_in_flight`; all their model calls go through the pool, which batches them across trees
+(`ida_ray.expansion.expand_job` does the tree).
 
 With `human_queue` (the run's `ida_ray.actors.human_queue` actor, `ida-ray train --expert human`), the
 expert H of every amplification tree is a person answering on the /human page; distillation
@@ -16,45 +14,30 @@ trees are the model's alone and never ask H.
 
 A tree's own failures (bad model output, a failing expert or a person's timeout, a bound hit, a
 replica lost after all retries) are recorded on the tree, as everywhere in the core. A malformed
-job is rejected before any tree starts, with an InvalidJob error naming the job and the problem.
+job (not an ExpandJob) is rejected before any tree starts, with an InvalidJob error.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import os
-import random
 import time
 
-from ida_ray.serving.engine_pool import ReplicaPool
-from ida_ray.amplify import amplify_tree, distill_tree
 from ida_ray.config import AmplifyConfig
-from ida_ray.errors import IDAError
-from ida_ray.examples import tree_examples
-from ida_ray.human_expert import HumanExpert
+from ida_ray.expansion import expand_job
+from ida_ray.messages import ExpandJob, ExpandResult, InvalidJob
+from ida_ray.serving.engine_pool import ReplicaPool
+from ida_ray.experts import HumanExpert
 from ida_ray.tasks import get_task
 
-MODES = ("amplify", "distill")
 
-
-class InvalidJob(IDAError, ValueError):
-    kind = "invalid_job"
-
-
-def check_job(job, index: int) -> dict:
-    """The job with defaults filled in, or InvalidJob."""
-    if not isinstance(job, dict):
-        raise InvalidJob(f"job {index}: expected a dict, got {type(job).__name__}")
-    if not isinstance(job.get("question"), str):
-        raise InvalidJob(f"job {index}: 'question' must be a string, got {job.get('question')!r}")
-    mode = job.get("mode", "amplify")
-    if mode not in MODES:
-        raise InvalidJob(f"job {index}: 'mode' must be one of {MODES}, got {mode!r}")
-    out = {"seed": 0, "iteration": 0, "source": "train", "job_id": str(index), **job, "mode": mode}
-    for key in ("seed", "iteration"):
-        if not isinstance(out[key], int):
-            raise InvalidJob(f"job {index}: {key!r} must be an int, got {out[key]!r}")
-    return out
+def check_jobs(jobs: list) -> list[ExpandJob]:
+    """The jobs, or InvalidJob naming the first that is not an ExpandJob (ExpandJob checks its
+    own fields when it is made)."""
+    for i, job in enumerate(jobs):
+        if not isinstance(job, ExpandJob):
+            raise InvalidJob(f"job {i}: expected an ExpandJob, got {type(job).__name__}")
+    return jobs
 
 
 class TreeExpander:
@@ -87,27 +70,22 @@ class TreeExpander:
             self._slots = asyncio.Semaphore(self.trees_in_flight)
         return self._slots
 
-    async def _one(self, job: dict) -> dict:
+    async def _one(self, job: ExpandJob) -> ExpandResult:
         async with self._semaphore():
             self.in_flight += 1
             try:
-                if job["mode"] == "amplify":
-                    tree = await amplify_tree(self.task, self.pool, job["question"], self.cfg,
-                                              random.Random(job["seed"]), job["iteration"],
-                                              hprime=job.get("hprime"), source=job["source"], expert=self.expert)
-                else:
-                    tree = await distill_tree(self.task, self.pool, job["question"], self.cfg, job["iteration"],
-                                              source=job["source"])
+                result = await expand_job(self.task, self.pool, job, self.cfg, self.expert)
             finally:
                 self.in_flight -= 1
+        tree = result.tree
         self.completed += 1
         self.failed += tree.error is not None
         self.nodes += len(tree.nodes())
         self.model_calls += tree.model_calls
-        return {"job_id": job["job_id"], "tree": tree.to_dict(), "examples": [e.to_dict() for e in tree_examples(tree)]}
+        return result
 
-    async def expand(self, jobs: list[dict]) -> list[dict]:
-        jobs = [check_job(j, i) for i, j in enumerate(jobs)]
+    async def expand(self, jobs: list[ExpandJob]) -> list[ExpandResult]:
+        jobs = check_jobs(jobs)
         t0 = time.time()
         try:
             return list(await asyncio.gather(*(self._one(j) for j in jobs)))

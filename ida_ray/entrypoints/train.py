@@ -1,17 +1,16 @@
-"""Distributed IDA training: the public API and `python -m ida_ray.entrypoints.train`.
+"""Running IDA: the public API behind `ida-ray train` and driver scripts.
 
-    from ida_ray.config import IDAConfig
+    from ida_ray.config import load_config
     from ida_ray.entrypoints.train import train
-    history = train(IDAConfig(task="sum", iterations=4, engine="torch", run_dir="runs/demo"))
+    history = train(load_config("default", {"iterations": 4, "run_dir": "runs/demo"}))
 
-`train` validates the configuration and the run directory before touching Ray, joins a
-running cluster (address="auto") or starts a local one (dashboard on 127.0.0.1), starts the
-coordinator actor, runs the iterations with progress bars, prints a results summary and
-returns the per-iteration metrics. The run directory holds metrics.jsonl, plots/progress.png,
-state.json, the learner's checkpoints, the replay buffer's spill and the tree records.
-
-`default_config()` is what `ida-ray train` runs with no arguments: a local Ray cluster on CPU,
-vLLM-CPU replicas, the tiny model, the sum task; about 10-15 minutes on 2 cores.
+`train` checks the configuration and the run directory before touching Ray, then runs the
+loop (`ida_ray.loop.IDARun`) on the configured backend: "ray" joins a running cluster
+(address="auto") or starts a local one (dashboard on 127.0.0.1) and hosts the loop in the
+coordinator actor; "local" runs it in this process on the torch engine. It shows progress
+bars, prints a results summary and returns the per-iteration metrics. The run directory holds
+metrics.jsonl, plots/progress.png, state.json, the learner's checkpoints, the replay buffer's
+spill and the tree records (ida_ray/run_dir.py).
 
 With cfg.expert == "human" a person is the expert H: `train` also serves the /human page on
 http://<cfg.human_host>:<cfg.human_port>/human, where the amplification trees' requests wait
@@ -19,36 +18,23 @@ http://<cfg.human_host>:<cfg.human_port>/human, where the amplification trees' r
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from ida_ray.actors.coordinator import ClusterResources, check_run_dir, read_history
-from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
+from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
+from ida_ray.loop import format_accuracy, format_honest, iteration_line
+from ida_ray.run_dir import check_run_dir, read_history
 
 NAMESPACE = "ida-ray"
 
 
-def default_config(run_dir: str = "runs/latest") -> IDAConfig:
-    """The embedded default run: the `sum` task over digits 0..3 with the weakest expert that
-    can still do it (it reads a single digit and adds two numbers). Training and evaluation
-    use lists of 1 to 4 digits, so the model must learn sizes the expert never answers
-    directly from IDA's trees alone (no ground-truth label reaches training)."""
-    return IDAConfig(
-        task="sum", task_kwargs={"base_size": 1, "max_digit": 3}, iterations=12, seed=0, run_dir=run_dir,
-        amplify_trees_per_iteration=384, distill_trees_per_iteration=768, eval_questions_per_size=100,
-        amplify=AmplifyConfig(max_new_tokens=16, adversarial_fraction=0.75),
-        train=TrainConfig(steps_per_iteration=300, adversary_steps_per_iteration=50, replay_capacity=10000),
-        replicas=1, expanders=1, learner_workers=1, engine="vllm", use_gpu=False)
-
-
 # ---------------------------------------------------------------------------------------
-def init_ray(cfg: IDAConfig, resources: ClusterResources, address: str | None, dashboard: bool = True,
-             actor_logs: bool = False) -> bool:
+def init_ray(cfg: IDAConfig, address: str | None, dashboard: bool = True, actor_logs: bool = False) -> bool:
     """Connect to Ray. Returns True when this call started a local cluster (and so the caller
     should shut it down). Without actor_logs the actors' output (vLLM, Ray Train) stays in
     Ray's session logs (/tmp/ray/session_latest/logs) and the console shows the progress;
@@ -57,66 +43,67 @@ def init_ray(cfg: IDAConfig, resources: ClusterResources, address: str | None, d
 
     if ray.is_initialized():
         return False
+    need = cfg.resources.required_cpus(cfg)
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=actor_logs)
         have = ray.cluster_resources().get("CPU", 0)
-        need = resources.required_cpus(cfg)
         if have < need:
             print(f"warning: the cluster has {have:g} CPUs, the run asks for {need:g}; it will wait for the "
                   "autoscaler (see resources in the config)", file=sys.stderr)
         return False
     # Expansion and training alternate, so the actors may share cores: give the local
     # cluster enough logical CPUs for all of them.
-    num_cpus = max(os.cpu_count() or 1, math.ceil(resources.required_cpus(cfg)))
+    num_cpus = max(os.cpu_count() or 1, math.ceil(need))
     ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              log_to_driver=actor_logs)
     return True
 
 
-def _bar(total, desc, position, unit):
-    from tqdm.auto import tqdm
+class ProgressBars:
+    """An outer bar over iterations and an inner one over the current phase's work items, fed
+    from the run's `progress()` (in this process, or the coordinator's)."""
 
-    return tqdm(total=total, desc=desc, position=position, unit=unit, leave=position == 0, dynamic_ncols=True)
+    def __init__(self, iterations: int, enabled: bool, log=print):
+        from tqdm.auto import tqdm
 
+        self.tqdm, self.enabled, self.log = tqdm, enabled, log
+        self.outer = self._bar(iterations, "iterations", 0, "it") if enabled else None
+        self.inner, self.phase = None, None
 
-def _run_iteration(coordinator, it: int, show_progress: bool) -> dict:
-    """Run one iteration on the coordinator, polling its progress for a tree bar."""
-    import ray
+    def _bar(self, total, desc, position, unit):
+        return self.tqdm(total=total, desc=desc, position=position, unit=unit, leave=position == 0,
+                         dynamic_ncols=True)
 
-    ref = coordinator.run_iteration.remote(it)
-    bar, phase = None, None
-    try:
-        while True:
-            ready, _ = ray.wait([ref], timeout=0.5)
-            if ready:
-                return ray.get(ref)
-            if not show_progress:
-                continue
-            p = ray.get(coordinator.progress.remote())
-            if p["phase"] != phase:
-                phase = p["phase"]
-                if bar is not None:
-                    bar.close()
-                bar = _bar(p["total"] or None, f"  iter {it}: {phase}", 1, "tree" if p["total"] else "it")
-            if p["total"]:
-                bar.n = p["done"]
-                bar.refresh()
-    finally:
-        if bar is not None:
-            bar.close()
+    def show(self, it: int, p: dict) -> None:
+        if not self.enabled:
+            return
+        if p["phase"] != self.phase:
+            self.phase = p["phase"]
+            self._close_inner()
+            self.inner = self._bar(p["total"] or None, f"  iter {it}: {self.phase}", 1,
+                                   "tree" if p["total"] else "it")
+        if p["total"]:
+            self.inner.n = p["done"]
+            self.inner.refresh()
 
+    def iteration_done(self, m: dict) -> None:
+        self._close_inner()
+        self.phase = None
+        if self.outer is not None:
+            self.outer.update(1)
+            self.outer.write(iteration_line(m))
+        else:
+            self.log(iteration_line(m))
 
-def format_accuracy(acc: dict) -> str:
-    return " ".join(f"{s}:{a:.2f}" for s, a in sorted(((int(k), v) for k, v in acc.items())))
+    def _close_inner(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
 
-
-def format_honest(h: dict) -> str:
-    """The honest objective's round figures (objective "honest")."""
-    f = lambda v: "n/a" if v is None or v != v else f"{v:.2f}"  # noqa: E731
-    return (f"honest: C {f(h.get('disagreement_c'))} on {h.get('trusted_examples')} trusted answers | where the "
-            f"simple labeller errs ({h.get('questions')} held-out): intended head right "
-            f"{f(h.get('intended_right_where_simple_errs'))}, instrumental copies simple "
-            f"{f(h.get('instrumental_copies_simple_where_simple_errs'))}")
+    def close(self) -> None:
+        self._close_inner()
+        if self.outer is not None:
+            self.outer.close()
 
 
 def summary(history: list[dict], run_dir: str | Path, initial_accuracy: dict | None = None) -> str:
@@ -146,19 +133,16 @@ def summary(history: list[dict], run_dir: str | Path, initial_accuracy: dict | N
     return "\n".join(lines)
 
 
-def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
-          resources: ClusterResources | None = None, progress: bool = True, dashboard: bool = True,
-          actor_logs: bool = False, questions_file: str | Path | None = None, log=print) -> list[dict]:
-    """Run (or resume) a distributed IDA run; returns the metrics of every iteration.
+def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None, progress: bool = True,
+          dashboard: bool = True, actor_logs: bool = False, questions_file: str | Path | None = None,
+          log=print) -> list[dict]:
+    """Run (or resume) an IDA run on cfg.backend; returns the metrics of every iteration.
 
     questions_file: questions to amplify besides the run's own draws (ida_ray/questions.py);
     a resumed run reuses the file it was started with unless given another."""
-    import ray
-
-    from ida_ray.actors.coordinator import start_coordinator
     from ida_ray.preflight import check_config, check_questions_file
 
-    # Every input is checked before any Ray resource is taken: a mistake costs no cluster time.
+    # Every input is checked before any resource is taken: a mistake costs no cluster time.
     cfg = check_config(cfg, address=address)
     if cfg.expert == "human":
         from ida_ray.entrypoints.viewer import check_port_free
@@ -166,100 +150,99 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None,
         problem = check_port_free(cfg.human_host, cfg.human_port)
         if problem:
             raise ConfigError(f"{problem}; choose another with --human-port")
-    resources = (resources or ClusterResources()).validate()
     state = check_run_dir(cfg, resume)
     if questions_file is None and state:
         questions_file = state.get("questions_file")
     user_questions = check_questions_file(cfg, questions_file)
+    questions_file = None if questions_file is None else str(Path(questions_file).resolve())
     if state and state["completed_iterations"] >= cfg.iterations:  # nothing to run: no cluster needed
         history = read_history(cfg.run_dir, state["completed_iterations"])[:cfg.iterations]
         log(f"{cfg.run_dir}: {state['completed_iterations']} iterations already done (asked for {cfg.iterations})")
         log(summary(history, cfg.run_dir, state.get("initial_accuracy")))
         return history
-    started = init_ray(cfg, resources, address, dashboard, actor_logs)
-    coordinator = human = None
     t0 = time.time()
+    if cfg.backend == "local":
+        history, initial = asyncio.run(_train_local(cfg, resume, user_questions, questions_file, progress, log))
+    else:
+        history, initial = _train_ray(cfg, resume, user_questions, questions_file, address, progress, dashboard,
+                                      actor_logs, log)
+    log(summary(history, cfg.run_dir, initial))
+    log(f"total {time.time() - t0:.0f}s")
+    return history
+
+
+def _ready_line(cfg: IDAConfig, info: dict) -> str:
+    parts = ", ".join(f"{k} {v:.0f}s" for k, v in info["setup_seconds"].items() if k != "total")
+    return (f"ready in {info['setup_seconds']['total']:.0f}s ({parts}); {info['completed_iterations']} iterations "
+            f"already done; accuracy before training: {format_accuracy(info['initial_accuracy'])}")
+
+
+async def _train_local(cfg, resume, user_questions, questions_file, progress, log) -> tuple[list[dict], dict]:
+    """The loop in this process (backend "local")."""
+    from ida_ray.local_backend import LocalBackend
+    from ida_ray.loop import IDARun
+
+    log(f"starting the local backend (torch engine, {cfg.objective} objective, no Ray) ...")
+    run = IDARun(cfg, LocalBackend(cfg), resume=resume, user_questions=user_questions, questions_file=questions_file)
+    bars = ProgressBars(cfg.iterations - run.completed, progress, log)
+    try:
+        info = await run.start()
+        log(_ready_line(cfg, info))
+        for it in range(run.completed, cfg.iterations):
+            task = asyncio.ensure_future(run.run_iteration(it))
+            while not task.done():
+                bars.show(it, run.progress())
+                await asyncio.wait([task], timeout=0.5)
+            bars.iteration_done(task.result())
+        return run.history, run.initial_accuracy
+    finally:
+        bars.close()
+        await run.backend.close()
+
+
+def _train_ray(cfg, resume, user_questions, questions_file, address, progress, dashboard, actor_logs,
+               log) -> tuple[list[dict], dict]:
+    """The loop in the coordinator actor on a Ray cluster (backend "ray")."""
+    import ray
+
+    from ida_ray.actors.coordinator import start_coordinator
+
+    started = init_ray(cfg, address, dashboard, actor_logs)
+    coordinator = human = None
     try:
         if cfg.expert == "human":  # the page is up (or the run stops) before any actor starts
             from ida_ray.viewer.human_page import HumanPage
 
             human = HumanPage(cfg, log)
-        coordinator = start_coordinator(cfg, resume, resources, user_questions=user_questions,
-                                        questions_file=None if questions_file is None else
-                                        str(Path(questions_file).resolve()))
+        coordinator = start_coordinator(cfg, resume, user_questions=user_questions, questions_file=questions_file)
         if human is not None:
             human.coordinator = coordinator
         log(f"starting {cfg.replicas} {cfg.engine} replica(s), {cfg.expanders} expander(s), "
             f"{cfg.learner_workers} learner worker(s) ...")
         info = ray.get(coordinator.setup.remote())
-        log(f"ready in {info['setup_seconds']['total']:.0f}s (replicas {info['setup_seconds']['replicas']:.0f}s); "
-            f"{info['completed_iterations']} iterations already done; accuracy before training: "
-            f"{format_accuracy(info['initial_accuracy'])}")
-        todo = range(info["completed_iterations"], cfg.iterations)
-        outer = _bar(len(todo), "iterations", 0, "it") if progress else None
-        for it in todo:
-            m = _run_iteration(coordinator, it, progress)
-            line = (f"iter {it}: acc {format_accuracy(m['accuracy_by_size'])} | expert calls/tree "
-                    f"{m['expert_calls_per_tree']:.2f} | loss {m['model_loss']:.3f} adv {m['adversary_loss']:.3f} | "
-                    f"{m['seconds']:.0f}s ({', '.join(f'{k} {v:.0f}' for k, v in m['phase_seconds'].items())})"
-                    + (f"\n  {format_honest(m['honest'])}" if m.get("honest") else ""))
-            if outer is not None:
-                outer.update(1)
-                outer.write(line)
-            else:
-                log(line)
-        if outer is not None:
-            outer.close()
-        history = ray.get(coordinator.get_history.remote())
-        log(summary(history, cfg.run_dir, info.get("initial_accuracy")))
-        log(f"total {time.time() - t0:.0f}s")
-        return history
+        log(_ready_line(cfg, info))
+        bars = ProgressBars(cfg.iterations - info["completed_iterations"], progress, log)
+        try:
+            for it in range(info["completed_iterations"], cfg.iterations):
+                ref = coordinator.run_iteration.remote(it)
+                while not ray.wait([ref], timeout=0.5)[0]:
+                    if progress:
+                        bars.show(it, ray.get(coordinator.progress.remote()))
+                bars.iteration_done(ray.get(ref))
+        finally:
+            bars.close()
+        return ray.get(coordinator.get_history.remote()), info["initial_accuracy"]
     finally:
         if coordinator is not None:
             try:
                 ray.get(coordinator.shutdown.remote(), timeout=120)
-            except Exception as exc:  # still tear down the cluster we started
+            except Exception as exc:  # noqa: BLE001 - still tear down the cluster we started
                 log(f"warning: coordinator shutdown: {exc}")
             ray.kill(coordinator)
         if human is not None:
             human.close()
         if started:
             ray.shutdown()
-
-
-def load_config(path: str | Path | None) -> tuple[IDAConfig, ClusterResources]:
-    """An IDAConfig and ClusterResources from YAML: IDAConfig's keys at the top level plus an
-    optional `resources:` mapping. Without a file: the embedded default."""
-    import yaml
-
-    if path is None:
-        return default_config(), ClusterResources()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    resources = ClusterResources.from_dict(data.pop("resources", None))
-    base = default_config().to_dict()
-    if data.get("task", base["task"]) != base["task"]:  # the default's task_kwargs and sizes are sum's
-        base.update(task_kwargs={}, train_sizes=None)
-    for key, value in data.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "task_kwargs":
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    try:
-        return IDAConfig.from_dict(base), resources
-    except TypeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-
-
-def with_overrides(cfg: IDAConfig, **overrides) -> IDAConfig:
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ that `ida_ray.config.IDAConfig` can nest them (`objective: honest` with an `hone
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ida_ray.errors import ConfigError
 
@@ -28,7 +29,7 @@ class ComparisonConfig:
     # widen log p(better) - log p(worse) by pushing both down.
     joint_likelihood: float = 1.0
 
-    def validate(self) -> list[str]:
+    def problems(self) -> list[str]:
         p = []
         if self.beta <= 0 or self.temperature <= 0:
             p.append("comparison.beta and comparison.temperature must be > 0")
@@ -49,8 +50,8 @@ class HonestConfig:
     theta1_prefixes: tuple[str, ...] = ("lm.lm_head.", "lm.model.embed_tokens.", "lm.model.norm.")
     stop_gradient_intended: bool = True  # the seed's stop-gradient in C; False only for ablation
     theta1_c_difference: bool = True  # θ₁ step minimises λ(C(θ₂new) - C(θ₂old)); False: ablation
-    mode: str = "likelihood"  # "likelihood": L on labels | "comparisons": L on confident verdicts
-    optimizer: str = "adam"  # "adam" | "sgd" (stochastic gradient either way; adam is faster here)
+    mode: Literal["likelihood", "comparisons"] = "likelihood"  # "likelihood": L on labels | "comparisons": L on confident verdicts
+    optimizer: Literal["adam", "sgd"] = "adam"  # "adam" | "sgd" (stochastic gradient either way; adam is faster here)
     lr1: float = 2e-3
     lr2: float = 2e-3
     momentum: float = 0.9  # sgd only
@@ -60,7 +61,7 @@ class HonestConfig:
     steps: int = 1500
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
 
-    def validate(self) -> HonestConfig:
+    def problems(self) -> list[str]:
         p = []
         if self.lam < 0 or self.alpha1 < 0 or self.alpha2 < 0:
             p.append("lam, alpha1, alpha2 must be >= 0")
@@ -74,7 +75,12 @@ class HonestConfig:
             p.append("batch sizes must be >= 1 and steps >= 0")
         if not self.theta1_prefixes:
             p.append("theta1_prefixes must name at least one parameter group")
-        p += self.comparison.validate()
+        p += self.comparison.problems()
+        return p
+
+    def validate(self) -> HonestConfig:
+        """For the honest trainer used on its own (experiments/honest.py), outside an IDAConfig."""
+        p = self.problems()
         if p:
             raise ConfigError("invalid honest config:\n  - " + "\n  - ".join(p))
         return self

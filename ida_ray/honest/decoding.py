@@ -18,8 +18,9 @@ def decode(lm, tokenizer, prompts: list[str], samples: int = 1, temperature: flo
     that does not end within max_new_tokens is None."""
     out: list[list[str | None]] = []
     sampling = temperature is not None
+    device = next(lm.parameters()).device  # the learner's device: the prompts go where the model is
     for i in range(0, len(prompts), batch):
-        enc = tokenizer(prompts[i: i + batch], return_tensors="pt", padding=True)
+        enc = tokenizer(prompts[i: i + batch], return_tensors="pt", padding=True).to(device)
         seqs = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
                            temperature=temperature if sampling else None, top_k=None, top_p=None,
                            num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id,

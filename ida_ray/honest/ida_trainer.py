@@ -7,19 +7,20 @@ The two labelling processes of section 5 map onto what IDA already produces:
            systematic error; an answer example whose label it agrees with is trusted, and the
            trusted answers are the small set on which C holds the two heads to agree
 
-`HonestIDATrainer` has the interface of `ida_ray.training.Trainer` (prepare_round,
-model_step, adversary_step, fit, optimizer_states), so the Ray Train learner drives either
-one the same way; `model` is the two-headed model's plain LlamaForCausalLM (trunk + intended
-head), which is what replicas serve.
+`HonestObjective` is an `ida_ray.training.Objective`, so both backends' learners drive it as
+they drive imitation; its `served_model` is the two-headed model's plain LlamaForCausalLM
+(trunk + intended head), which is what replicas serve.
 """
 from __future__ import annotations
 
+import functools
 import random
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from ida_ray.config import HonestConfig, TrainConfig
+from ida_ray.config import HonestConfig, IDAConfig, TrainConfig
 from ida_ray.errors import IDAError
 from ida_ray.examples import Example
 from ida_ray.honest.decoding import head_answers
@@ -29,7 +30,7 @@ from ida_ray.honest.two_headed import TwoHeadedLM
 from ida_ray.losses import collate_lm
 from ida_ray.prompts import question_of_answer_prompt
 from ida_ray.tasks.base import Task
-from ida_ray.training import Trainer
+from ida_ray.training import Objective, Wrap, no_wrap
 
 
 def is_trusted(example: Example, simple: SimpleLabeller) -> bool:
@@ -42,57 +43,109 @@ def is_trusted(example: Example, simple: SimpleLabeller) -> bool:
         return False
 
 
-class HonestIDATrainer(Trainer):
+class HonestObjective(Objective):
+    """Section 5 on the trees' examples: θ₁/θ₂ alternating updates of the two-headed model
+    through the intended head, C on the round's trusted answers; the adversary as in imitation.
+    The updates take their gradients with autograd.grad, which DDP's hooks do not see, so
+    `reduce_grads` averages them across ranks."""
+
+    name = "honest"
+
     def __init__(self, model: TwoHeadedLM, adversary, tokenizer, train_cfg: TrainConfig, honest_cfg: HonestConfig,
-                 simple: SimpleLabeller, seed: int = 0, device="cpu",
-                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None):
-        # Not Trainer.__init__: the model's optimisers are the objective's two (θ₁, θ₂).
-        self.two_headed, self.model = model, model.lm
-        self.adversary, self.tokenizer, self.cfg, self.honest_cfg = adversary, tokenizer, train_cfg, honest_cfg
-        self.adversary_opt = torch.optim.AdamW(adversary.parameters(), lr=train_cfg.adversary_lr)
-        self.objective = HonestTrainer(model, honest_cfg, reduce_grads=reduce_grads)
-        self.simple, self.device = simple, device
-        self.rng = random.Random(seed)
+                 simple: SimpleLabeller, seed: int = 0, device="cpu", wrap: Wrap = no_wrap,
+                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
+                 probe: tuple[Task, list[str]] | None = None):
+        """probe: (task, held-out questions where the simple labeller errs), measured after
+        each round (rank 0 only; the others pass None)."""
+        super().__init__(adversary, tokenizer, train_cfg, seed, device, wrap)
+        self.model = model.to(device)
+        self.honest_cfg, self.simple, self.probe = honest_cfg, simple, probe
+        self.trainer = HonestTrainer(self.model, honest_cfg, reduce_grads=reduce_grads)
         self.trusted: list[Example] = []
 
-    def _batch(self, examples: list[Example]) -> dict:
-        return {k: v.to(self.device) for k, v in collate_lm(self.tokenizer, examples).items()}
+    @classmethod
+    def build(cls, cfg: IDAConfig, *, rank: int = 0, world_size: int = 1, device="cpu",
+              wrap: Wrap = no_wrap) -> HonestObjective:
+        from ida_ray.honest.labels import simple_labeller
+        from ida_ray.honest.two_headed import build_two_headed
+        from ida_ray.models import build_adversary
+        from ida_ray.tasks import get_task
+
+        model, tokenizer = build_two_headed(cfg.model, cfg.seed)
+        adversary, _ = build_adversary(cfg.model, cfg.seed + 1)
+        task = get_task(cfg.task, **cfg.task_kwargs)
+        simple = simple_labeller(task)
+        probe = None
+        if rank == 0:  # held out: a seed the run's own question draws never use
+            probe = (task, questions_where_simple_errs(task, simple, cfg.sizes(task), 64, seed=cfg.seed + 7_919_993))
+        return cls(model, adversary, tokenizer, cfg.train, cfg.honest, simple, cfg.seed + rank, device, wrap,
+                   reduce_grads=functools.partial(all_reduce_mean, world_size=world_size), probe=probe)
+
+    @property
+    def served_model(self) -> torch.nn.Module:
+        """The trunk and the intended head: a plain LlamaForCausalLM."""
+        return self.model.lm
 
     def prepare_round(self, examples: list[Example]) -> None:
         """The round's small trusted set: its answer examples that the simple labeller agrees with."""
         self.trusted = [e for e in examples if is_trusted(e, self.simple)]
 
     def model_step(self, examples: list[Example]) -> float:
-        big = self._batch(examples)
+        big = self._batch(collate_lm, examples)
         small = None
         if self.trusted:
-            small = self._batch(self.rng.choices(self.trusted, k=self.honest_cfg.small_batch_size))
-        return self.objective.step(lambda m: intended_nll(m, big), small).data_loss
+            small = self._batch(collate_lm, self.rng.choices(self.trusted, k=self.honest_cfg.small_batch_size))
+        return self.trainer.step(lambda m: intended_nll(m, big), small).data_loss
 
-    def round_stats(self, steps: int) -> dict:
-        """The last `steps` updates: mean C before/after, and each group's distance from θ₀."""
-        h = self.objective.history[-steps:] if steps else []
+    def round_stats(self, model_steps: int) -> dict:
+        """The last `model_steps` updates: mean C, each group's distance from θ₀; and the probe."""
+        h = self.trainer.history[-model_steps:] if model_steps else []
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-        return {"trusted_examples": len(self.trusted),
-                "disagreement_c": mean([s.c_before for s in h[-20:]]),
-                "theta1_sq_distance": h[-1].dist1 if h else float("nan"),
-                "theta2_sq_distance": h[-1].dist2 if h else float("nan")}
+        stats = {"trusted_examples": len(self.trusted),
+                 "disagreement_c": mean([s.c_before for s in h[-20:]]),
+                 "theta1_sq_distance": h[-1].dist1 if h else float("nan"),
+                 "theta2_sq_distance": h[-1].dist2 if h else float("nan")}
+        if self.probe is not None:
+            task, questions = self.probe
+            stats.update(honest_probe(self.model, self.tokenizer, task, self.simple, questions))
+        return stats
+
+    def save_model(self, directory: Path) -> None:
+        """model/ stays a plain HF directory (trunk + intended head), the second head beside it."""
+        from ida_ray.honest.two_headed import save_two_headed
+
+        save_two_headed(self.model, self.tokenizer, directory)
+
+    def load_model(self, directory: Path) -> None:
+        from ida_ray.honest.two_headed import load_two_headed
+
+        self.model.load_state_dict(load_two_headed(directory).state_dict())
 
     def optimizer_states(self) -> dict:
-        o = self.objective
+        o = self.trainer
         return {"theta1_opt": o.opt1.state_dict(), "theta2_opt": o.opt2.state_dict(),
                 "adversary_opt": self.adversary_opt.state_dict(),
                 # θ₀ of the L2 anchors: a resumed run must keep pulling toward the same point
                 "init1": o.init1, "init2": o.init2}
 
     def load_optimizer_states(self, states: dict) -> None:
-        o = self.objective
+        o = self.trainer
         o.opt1.load_state_dict(states["theta1_opt"])
         o.opt2.load_state_dict(states["theta2_opt"])
         self.adversary_opt.load_state_dict(states["adversary_opt"])
         for mine, saved in ((o.init1, states["init1"]), (o.init2, states["init2"])):
             for name in mine:
                 mine[name] = saved[name].to(mine[name].device)
+
+
+def all_reduce_mean(grads: list[torch.Tensor], world_size: int) -> None:
+    """Average gradients in place across the data-parallel ranks (a no-op on one process)."""
+    import torch.distributed as dist
+
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        for g in grads:
+            dist.all_reduce(g)
+            g /= world_size
 
 
 def questions_where_simple_errs(task: Task, simple: SimpleLabeller, sizes, n: int, seed: int,

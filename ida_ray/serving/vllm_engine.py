@@ -8,7 +8,8 @@ token ids, so vLLM and transformers see the same sequences:
   decoded completion without EOS, the log-prob includes EOS, `finished` means EOS was produced.
 - logprob: log M(completion + EOS | prompt) from vLLM's prompt_logprobs on the whole
   sequence, summed over the completion and EOS positions.
-- adversary: a separate scorer (ida_ray/serving/adversary_scorer.py).
+- adversary: a separate scorer (ida_ray/serving/adversary_scorer.py); an engine started
+  without an adversary raises NoAdversary rather than scoring 0.0.
 
 Continuous batching comes from vLLM: every concurrent call is its own request and the
 scheduler batches them (each request returns only its final output, and log-probs come in
@@ -36,7 +37,7 @@ from ida_ray.serving.adversary_scorer import TorchAdversaryScorer, VllmAdversary
 from ida_ray.serving.step_log import StepLog, list_summary
 from ida_ray.serving.swap_gate import SwapGate
 from ida_ray.engine import Engine, Generation
-from ida_ray.errors import ConfigError, IDAError
+from ida_ray.errors import ConfigError, IDAError, NoAdversary
 from ida_ray.losses import encode
 
 
@@ -286,7 +287,8 @@ class VllmEngine(Engine):
 
     async def adversary(self, prompts, completions):
         if self.scorer is None:
-            return [0.0] * len(prompts)
+            raise NoAdversary("adversary scores asked of a VllmEngine that was started without an adversary "
+                              "(adversary_dir=None)")
         async with self.gate.request():
             return await self.scorer.score(prompts, completions)
 

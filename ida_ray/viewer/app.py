@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from ida_ray.errors import MalformedQuestion
-from ida_ray.human_expert import UnknownRequest
+from ida_ray.experts import UnknownRequest
 from ida_ray.viewer.store import TreeStore, annotated, facets, matches
 
 STATIC = Path(__file__).parent / "static"

@@ -5,26 +5,15 @@ expander's amplification trees wait on, and serves the viewer's /human page over
 driver's process (bound to cfg.human_host, 127.0.0.1 by default): the person answers each
 fan-out and fan-in there, a malformed answer comes back with the task parser's error, and a
 request left unanswered for cfg.human_timeout_s fails its tree (an ExpertFailure) while the
-run goes on. `human_workload` sizes the run for one person.
+run goes on. `ida-ray train --expert human` sizes the run for one person (HUMAN_AMPLIFY_TREES).
 """
 from __future__ import annotations
-
-from dataclasses import replace
 
 from ida_ray.config import IDAConfig
 
 # Amplification trees per iteration when a person is the expert and nothing else is asked for:
 # at the start each tree is ~4-15 requests (fewer as H' takes over), so an iteration is minutes.
 HUMAN_AMPLIFY_TREES = 4
-
-
-def human_workload(cfg: IDAConfig, config_keys=()) -> IDAConfig:
-    """A person-sized run for `expert: human`: HUMAN_AMPLIFY_TREES amplification trees per
-    iteration unless the config file (`config_keys`: its top-level keys) sets the number.
-    Distillation and evaluation are the model's alone and keep their sizes."""
-    if cfg.expert != "human" or "amplify_trees_per_iteration" in config_keys:
-        return cfg
-    return replace(cfg, amplify_trees_per_iteration=HUMAN_AMPLIFY_TREES)
 
 
 class HumanPage:

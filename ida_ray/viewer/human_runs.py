@@ -18,7 +18,7 @@ from pathlib import Path
 from ida_ray.amplify import amplify_tree
 from ida_ray.config import AmplifyConfig
 from ida_ray.engine import Engine
-from ida_ray.human_expert import HumanExpert, HumanQueue
+from ida_ray.experts import HumanExpert, HumanQueue
 from ida_ray.tasks.base import Task
 
 TREE_FILE = "human.jsonl"

@@ -1,4 +1,4 @@
-// The person's side of ida_ray.human_expert: pending requests are polled every second.
+// The person's side of ida_ray.experts.HumanQueue: pending requests are polled every second.
 // Cards are kept across polls (keyed by request id) so a reply being typed is never lost.
 // Serving a training run (`ida-ray train --expert human`), the page starts no trees of its
 // own (can_start is false): it shows the run's progress instead of the tree form.

@@ -1,8 +1,9 @@
-"""A person as the expert H: each fan-out, fan-in and answer request waits in a queue until
-someone answers it in the browser (the human page of `ida_ray.viewer`).
+"""The expert H, behind the async interface every expert offers (`fan_out`, `fan_in`,
+`answer`): the task's coded oracle (`CodedExpert`, the default) or a person (`HumanExpert`).
 
-`HumanExpert` offers the same coroutines as `ida_ray.amplify.CodedExpert`, so
-`amplify_tree(..., expert=HumanExpert(task, queue))` expands a tree with a person as H.
+`amplify_tree(..., expert=HumanExpert(task, queue))` expands a tree with a person as H: each
+fan-out, fan-in and answer request waits in a `HumanQueue` until someone answers it in the
+browser (the human page of `ida_ray.viewer`).
 A submission is checked by the task's parser before the algorithm sees it: a malformed one
 is rejected, the request stays pending, and the parser's message is kept on the request so
 the page shows it to the person. A request nobody answers within its timeout fails with
@@ -32,6 +33,26 @@ INSTRUCTIONS = {
     "fan_in": "Combine the two subanswers into the answer (!answer), or ask two more subquestions (?q1&q2).",
     "answer": "Write the answer (no prefix).",
 }
+
+
+class CodedExpert:
+    """H as the task's coded oracle, behind the async interface every expert offers.
+
+    Any object with these three coroutines can stand in for H (a person answering through
+    `HumanExpert`, a stronger model): `amplify_tree(expert=...)`.
+    `fan_out` and `fan_in` return a Step; `answer` returns an answer string."""
+
+    def __init__(self, task: Task):
+        self.task = task
+
+    async def fan_out(self, question: str) -> Step:
+        return self.task.expert_fan_out(question)
+
+    async def fan_in(self, question: str, sub: tuple[tuple[str, str], tuple[str, str]]) -> Step:
+        return self.task.expert_fan_in(question, sub)
+
+    async def answer(self, question: str) -> str:
+        return self.task.expert_answer(question)
 
 
 class HumanTimeout(ExpertFailure):
@@ -158,7 +179,7 @@ def _resolve(future: asyncio.Future, value) -> None:
 
 
 class HumanExpert:
-    """H answered by a person through a HumanQueue; see `ida_ray.amplify.CodedExpert`."""
+    """H answered by a person through a HumanQueue; see `CodedExpert`."""
 
     def __init__(self, task: Task, queue: HumanQueue, timeout_s: float | None = None):
         self.task, self.queue, self.timeout_s = task, queue, timeout_s

@@ -1,0 +1,188 @@
+"""The Ray backend of the IDA loop: model replicas (vLLM or torch engines), tree expanders over
+them, the replay buffer actor and the Ray Train learner. It runs inside the coordinator actor
+(ida_ray/actors/coordinator.py), which hosts the loop.
+
+  start    replay buffer, learner workers (starting while the replicas start), replicas from
+           the initial or the resume checkpoint's weights, expanders over them
+  expand   jobs in chunks over the expanders, re-issuing the chunks of an expander that dies
+           (ida_ray/cluster/job_dispatch.py); replica queue depths watched meanwhile
+  record   examples and tree records into the replay buffer actor
+  train    one round on every learner rank (ida_ray/cluster/learner_group.py)
+  swap     the new weights payload into every replica, checked by version; the expanders'
+           pools keep it to resync replicas that Ray restarts
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+
+import ray
+
+from ida_ray.cluster.dashboard import IDAMetrics
+from ida_ray.cluster.job_dispatch import dispatch_jobs
+from ida_ray.config import IDAConfig
+from ida_ray.loop import Backend, Progress
+from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
+from ida_ray.run_dir import DASHBOARD_FILE, write_json_atomic
+from ida_ray.tasks import get_task
+from ida_ray.tree import Tree
+
+
+class RayBackend(Backend):
+    def __init__(self, cfg: IDAConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.task = get_task(cfg.task, **cfg.task_kwargs)
+        self.metrics = IDAMetrics(self.run_dir.name)
+        self.replicas: list = []
+        self.expanders: list = []
+        self.engine = None  # the ReplicaPool, once the replicas are up
+        self.buffer = None
+        self.learner = None
+        self.latest_weights: tuple[object, int] | None = None  # (payload ref, version) last swapped
+        self.max_queue_depth: dict[str, int] = {}
+        self.setup_seconds: dict[str, float] = {}
+
+    async def start(self, completed: int, checkpoint: str | None) -> dict:
+        from ida_ray.actors.expander import start_expanders
+        from ida_ray.actors.replay_buffer import REPLAY_BUFFER_NAME, start_replay_buffer
+        from ida_ray.actors.replica import start_replicas
+        from ida_ray.cluster.learner_group import Learner
+        from ida_ray.models import create_model_dirs
+        from ida_ray.serving.engine_pool import ReplicaPool
+        from ida_ray.serving.weights import WeightsPayload
+
+        cfg, res = self.cfg, self.cfg.resources
+        self.buffer = start_replay_buffer(cfg.train.replay_capacity, self.run_dir, cfg.seed,
+                                          completed_iterations=completed if checkpoint else None)
+        await self.buffer.stats.remote()
+        # The learner's workers start (model build, process group) while the replicas start.
+        self.learner = Learner(cfg, self.run_dir, buffer_name=REPLAY_BUFFER_NAME, start_iteration=completed,
+                               resume_from=checkpoint, cpus_per_worker=res.learner_cpus,
+                               torch_threads=res.learner_threads, round_timeout_s=res.round_timeout_s)
+        self.learner.start()
+        t1 = time.time()
+        if checkpoint:
+            model_dir, adversary_dir = Path(checkpoint) / "model", Path(checkpoint) / "adversary"
+        else:
+            model_dir, adversary_dir = create_model_dirs(self.run_dir / "initial", cfg.model, cfg.seed)
+        # start_replicas blocks until every engine is up: run it off the actor's event loop.
+        self.replicas = await asyncio.to_thread(
+            start_replicas, cfg.replicas, str(model_dir), str(adversary_dir), engine=cfg.engine,
+            use_gpu=cfg.use_gpu, max_new_tokens=cfg.amplify.max_new_tokens, num_cpus=res.replica_cpus,
+            kv_cache_gib=res.kv_cache_gib)
+        self.setup_seconds["replicas"] = round(time.time() - t1, 2)
+        self.engine = ReplicaPool(self.replicas)
+        if checkpoint:  # the checkpoint's weights are served; give them their version number
+            ref = ray.put(WeightsPayload.from_dirs(model_dir, adversary_dir))
+            await self.engine.swap_weights(ref, completed)
+            self.latest_weights = (ref, completed)
+        human_queue = None
+        if cfg.expert == "human":  # the driver's queue actor (the one its /human page answers)
+            from ida_ray.actors.human_queue import start_human_queue
+
+            human_queue = await asyncio.to_thread(start_human_queue, cfg.human_timeout_s)
+        self.expanders = start_expanders(cfg.expanders, self.replicas, num_cpus=res.expander_cpus, task=cfg.task,
+                                         task_kwargs=cfg.task_kwargs, amplify=cfg.amplify,
+                                         trees_in_flight=max(1, math.ceil(cfg.trees_in_flight / cfg.expanders)),
+                                         human_queue=human_queue)
+        await asyncio.gather(*(e.health.remote() for e in self.expanders))
+        return dict(self.setup_seconds)
+
+    async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[ExpandResult], DispatchStats]:
+        """Chunks small enough that progress shows and a lost expander costs little."""
+        chunk = max(4, math.ceil(len(jobs) / (len(self.expanders) * 8)))
+        self.max_queue_depth = {}
+        await asyncio.gather(*(self._tell_weights(e) for e in self.expanders), return_exceptions=True)
+        watcher = asyncio.ensure_future(self._watch_replicas())
+        try:
+            return await dispatch_jobs(self.expanders, jobs, self.task, chunk_size=chunk, on_chunk_done=on_done,
+                                       on_reissue=self._tell_weights)
+        finally:
+            watcher.cancel()
+
+    async def _tell_weights(self, expander) -> None:
+        """A restarted expander's pool starts without the latest weights."""
+        if self.latest_weights is not None:
+            ref, version = self.latest_weights
+            await expander.remember_weights.remote([ref], version)
+
+    async def record(self, iteration: int, results: list[ExpandResult]) -> int:
+        await asyncio.gather(self.buffer.add.remote([e for r in results for e in r.examples]),
+                             self.buffer.add_trees.remote(iteration, [r.tree for r in results]))
+        return (await self.buffer.stats.remote())["size"]
+
+    async def train(self, iteration: int) -> TrainResult:
+        return await self.learner.train(iteration)
+
+    async def swap(self, trained: TrainResult) -> dict[str, int]:
+        swapped = await self.engine.swap_weights(trained.weights, trained.weight_version)
+        self.latest_weights = (trained.weights, trained.weight_version)
+        for e in self.expanders:  # their pools resync replicas that Ray restarts
+            e.remember_weights.remote([trained.weights], trained.weight_version)
+        return swapped
+
+    async def figures(self) -> dict:
+        health = await self.replica_health()
+        self.metrics.record_replicas(health)
+        return {"replica_versions": {h["name"]: h["version"] for h in health},
+                "replica_max_queue_depth": dict(self.max_queue_depth), "replica_faults": await self._pool_faults(),
+                "learner_start_seconds": self.learner.start_seconds}
+
+    def publish(self, m: dict, trees: list[Tree], phases: dict[str, float]) -> None:
+        self.metrics.record_trees(trees, phases["expand"])
+        self.metrics.record_losses(m["model_loss"], m["adversary_loss"])
+        self.metrics.record_accuracy(m["accuracy_by_size"])
+        self.metrics.record_honest(m.get("honest"))
+        self.metrics.record_iteration(m["iteration"] + 1, m["buffer"], phases)
+        write_json_atomic(self.run_dir / DASHBOARD_FILE, self.metrics.snapshot)
+
+    async def _watch_replicas(self, every_s: float = 2.0) -> None:
+        """While trees expand, send each replica's queue depth and weight version to the
+        dashboard and keep the deepest queue seen (an idle replica's queue is always empty)."""
+        while True:
+            health = await self.replica_health()
+            self.metrics.record_replicas(health)
+            for h in health:
+                self.max_queue_depth[h["name"]] = max(self.max_queue_depth.get(h["name"], 0), h.get("queue_depth", 0))
+            await asyncio.sleep(every_s)
+
+    async def replica_health(self, timeout_s: float = 10.0) -> list[dict]:
+        """health() of every replica that answers; one that is dead or restarting is left out
+        (the pools route around it), so a lost replica never stops the loop."""
+        async def one(r):
+            return await asyncio.wait_for(r.health.remote(), timeout_s)
+        got = await asyncio.gather(*(one(r) for r in self.replicas), return_exceptions=True)
+        return [h for h in got if isinstance(h, dict)]
+
+    async def _pool_faults(self) -> dict:
+        """Replica faults the expanders' pools handled so far (batches re-sent after a replica
+        died, items failed for good, restarted replicas brought back to the latest weights),
+        summed over the expanders that answer; an expander restarted by Ray starts from 0."""
+        got = await asyncio.gather(*(e.health.remote() for e in self.expanders), return_exceptions=True)
+        pools = [h["pool"] for h in got if isinstance(h, dict)]
+        return {k: sum(p.get(k, 0) for p in pools) for k in ("resent", "failed_items", "resyncs")}
+
+    async def health(self) -> dict:
+        return {"replicas": await self.replica_health(),
+                "expanders": list(await asyncio.gather(*(e.health.remote() for e in self.expanders))),
+                "replay_buffer": await self.buffer.stats.remote() if self.buffer else None,
+                "learner_start_seconds": self.learner.start_seconds if self.learner else None}
+
+    async def close(self) -> None:
+        """Stop the learner's run, then the actors this backend started."""
+        if self.learner is not None:
+            await asyncio.to_thread(self.learner.stop)
+            if self.learner.control is not None:
+                ray.kill(self.learner.control)
+        for r in self.replicas:
+            try:
+                await asyncio.wait_for(r.shutdown.remote(), 30)
+            except Exception:  # noqa: BLE001 - a dead replica has nothing left to shut down
+                pass
+        for h in self.expanders + self.replicas + ([self.buffer] if self.buffer else []):
+            ray.kill(h, no_restart=True)
+        if self.engine is not None:
+            self.engine.close()

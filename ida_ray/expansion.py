@@ -1,0 +1,44 @@
+"""Expanding jobs into trees on any Engine: what the local backend runs in-process and each
+TreeExpander actor runs over its replica pool. One result per job, in job order; a tree's own
+failures are recorded on the tree, never raised past it."""
+from __future__ import annotations
+
+import uuid
+
+from ida_ray.amplify import amplify_tree, distill_tree
+from ida_ray.config import AmplifyConfig
+from ida_ray.engine import Engine, gather_limited
+from ida_ray.examples import tree_examples
+from ida_ray.messages import ExpandJob, ExpandResult
+from ida_ray.tasks.base import Task
+from ida_ray.tree import Node, Tree
+
+
+async def expand_job(task: Task, engine: Engine, job: ExpandJob, cfg: AmplifyConfig, expert=None) -> ExpandResult:
+    """The job's tree and its examples. `expert`: H of amplification trees (None: the task's
+    coded expert); distillation trees are the model's alone and never ask H."""
+    if job.mode == "amplify":
+        tree = await amplify_tree(task, engine, job.question, cfg, job.rng(), job.iteration, hprime=job.hprime,
+                                  source=job.source, expert=expert)
+    else:
+        tree = await distill_tree(task, engine, job.question, cfg, job.iteration, source=job.source)
+    return ExpandResult(job.job_id, tree, tree_examples(tree))
+
+
+async def expand_jobs(task: Task, engine: Engine, jobs: list[ExpandJob], cfg: AmplifyConfig, trees_in_flight: int,
+                      expert=None) -> list[ExpandResult]:
+    """Every job, at most `trees_in_flight` trees at once (the engine batches their calls)."""
+    return await gather_limited([expand_job(task, engine, j, cfg, expert) for j in jobs], trees_in_flight)
+
+
+def failure_result(task: Task, job: ExpandJob, error: dict) -> ExpandResult:
+    """The result of a job that produced no tree: a record with the error on the tree and its
+    root, and no training examples."""
+    try:
+        size = task.size(job.question)
+    except Exception:  # noqa: BLE001 - the question may be the reason it failed
+        size = -1
+    root = Node(question=job.question, depth=0, error=error)
+    tree = Tree(tree_id=uuid.uuid4().hex, task=task.name, question=job.question, size=size, mode=job.mode,
+                iteration=job.iteration, root=root, error=error, source=job.source)
+    return ExpandResult(job.job_id, tree, [])

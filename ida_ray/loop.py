@@ -1,0 +1,335 @@
+"""The IDA iteration, written once (ALGORITHM.md sections 2-4).
+
+    run = IDARun(cfg, LocalBackend(cfg))          # or RayBackend(cfg): the same loop
+    await run.start()
+    for it in range(run.completed, cfg.iterations):
+        metrics = await run.run_iteration(it)
+
+One iteration, over a small `Backend` interface:
+
+  1. questions   the training distribution, plus (after the first iteration) a share picked
+                 by the adversary, plus this iteration's slice of the questions file
+  2. expand      amplification trees with H' and distillation trees with the model alone
+  3. record      every tree's examples into the replay buffer, its record to run_dir/trees/
+  4. train       the model and the adversary, one round; a checkpoint
+  5. swap        the new weights into whatever serves the model
+  6. evaluate    the model alone on held-out questions of every size
+  7. metrics     one record to metrics.jsonl, the plot, state.json (what resume needs)
+
+Two backends implement the interface: `ida_ray.local_backend.LocalBackend` (one process, the
+torch engine, no Ray) and `ida_ray.cluster.ray_backend.RayBackend` (vLLM replicas, tree
+expanders and a Ray Train learner). Options a backend cannot serve are refused before anything
+starts (`ida_ray.preflight.backend_problems`).
+
+Resume: state.json names the checkpoint of the last completed iteration; the backend starts
+from its weights and optimiser states and the replay buffer from its spill (minus anything
+newer than the checkpoint); the question RNG from its saved state.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from ida_ray.amplify import adversarial_question
+from ida_ray.config import IDAConfig
+from ida_ray.engine import Engine, gather_limited
+from ida_ray.evaluation import evaluate, heldout_questions
+from ida_ray.expansion import failure_result
+from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
+from ida_ray.questions import UserQuestion, for_iteration
+from ida_ray.run_dir import (PLOT_FILE, STATE_FILE, append_metrics, check_run_dir, read_history,
+                             rng_state_from_json, rng_state_to_json, write_json_atomic)
+from ida_ray.tasks import get_task
+from ida_ray.tasks.base import Task
+from ida_ray.tree import Tree
+
+Progress = Callable[[int], None]
+
+
+class Backend(ABC):
+    """Where the model is served, trees are expanded and the learner trains."""
+
+    engine: Engine
+    """Serves the loop's own model calls: adversarial question draws and evaluation."""
+
+    @abstractmethod
+    async def start(self, completed: int, checkpoint: str | None) -> dict:
+        """Start serving (from `checkpoint`'s weights when resuming after `completed`
+        iterations) and training; returns start-up figures (seconds per part)."""
+
+    @abstractmethod
+    async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[ExpandResult], DispatchStats]:
+        """One result per job, in job order (a failed tree carries its error)."""
+
+    @abstractmethod
+    async def record(self, iteration: int, results: list[ExpandResult]) -> int:
+        """Add the results' examples to the replay buffer (in job order, so seeded sampling
+        draws the same examples on every run of a configuration) and write the trees;
+        returns the buffer's size."""
+
+    @abstractmethod
+    async def train(self, iteration: int) -> TrainResult:
+        """One training round of the model and the adversary, checkpointed."""
+
+    @abstractmethod
+    async def swap(self, trained: TrainResult) -> dict[str, int]:
+        """Serve the round's weights; returns each server's weight version."""
+
+    async def figures(self) -> dict:
+        """The backend's own figures for the iteration's metrics record."""
+        return {}
+
+    def publish(self, metrics: dict, trees: list[Tree], phases: dict[str, float]) -> None:
+        """Send the iteration's figures to live monitoring (the Ray dashboard)."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------
+# Step 1: the iteration's questions.
+# ---------------------------------------------------------------------------------------
+async def draw_questions(task: Task, engine: Engine, cfg: IDAConfig, n: int, rng: random.Random,
+                         adversarial: bool) -> list[tuple[str, str]]:
+    """n (question, source) pairs: the training distribution plus, when `adversarial`, a
+    share chosen by the adversary (k candidates, Gumbel-max on predicted weakness)."""
+    sizes = cfg.sizes(task)
+    n_adv = int(round(n * cfg.amplify.adversarial_fraction)) if adversarial else 0
+    plain = [(task.generate(rng.choice(sizes), rng), "train") for _ in range(n - n_adv)]
+    seeds = [rng.randrange(2**31) for _ in range(n_adv)]
+    adv = await gather_limited([adversarial_question(task, engine, sizes, cfg.amplify, random.Random(s))
+                                for s in seeds], cfg.trees_in_flight)
+    return plain + [(q, "adversarial") for q in adv]
+
+
+def user_jobs(task: Task, cfg: IDAConfig, entries: list[UserQuestion], it: int,
+              source_name: str) -> tuple[list[ExpandJob], list[ExpandResult]]:
+    """This iteration's share of the questions file: amplification jobs for the well-formed
+    entries, failure records (kind malformed_question) for the others."""
+    jobs, rejected = [], []
+    for q in for_iteration(entries, it, cfg.iterations):
+        # Seeded by the entry alone: the run's own draws are unchanged by the file.
+        job = ExpandJob(job_id=f"u{q.index}", question=q.question, mode="amplify", iteration=it, source="user",
+                        seed=random.Random(f"user-{cfg.seed}-{q.index}").randrange(2**31))
+        if q.problem is None:
+            jobs.append(job)
+        else:
+            rejected.append(failure_result(task, job, {"kind": "malformed_question",
+                                                       "message": f"{source_name} line {q.line}: {q.problem}"}))
+    return jobs, rejected
+
+
+# ---------------------------------------------------------------------------------------
+# Step 7: the iteration's figures.
+# ---------------------------------------------------------------------------------------
+def tree_metrics(trees: list[Tree]) -> dict:
+    """Expert calls per tree, who answered each node, errors by kind, for one batch of trees."""
+    amp = [t for t in trees if t.mode == "amplify"]
+    who: Counter = Counter()
+    errors: Counter = Counter()
+    for t in trees:
+        if t.error:
+            errors[t.error["kind"]] += 1
+        for node in t.nodes():
+            if node.answered_by:
+                who[node.answered_by] += 1
+    by_size: dict[int, list[int]] = {}
+    for t in amp:
+        by_size.setdefault(t.size, []).append(t.expert_calls)
+    return {
+        "trees": len(trees),
+        "amplify_trees": len(amp),
+        "trees_failed": sum(1 for t in trees if t.error),
+        "expert_calls_per_tree": sum(t.expert_calls for t in amp) / max(1, len(amp)),
+        "expert_calls_per_tree_by_size": {s: sum(v) / len(v) for s, v in sorted(by_size.items())},
+        "model_calls_per_tree": sum(t.model_calls for t in trees) / max(1, len(trees)),
+        "nodes": sum(len(t.nodes()) for t in trees),
+        "answered_by": dict(who),
+        "errors": dict(errors),
+    }
+
+
+class IDARun:
+    """A run: the loop over iterations, its run directory and its resume state."""
+
+    def __init__(self, cfg: IDAConfig, backend: Backend, *, resume: bool = False,
+                 user_questions: list[UserQuestion] | None = None, questions_file: str | None = None):
+        self.cfg = cfg.validate()
+        self.backend = backend
+        self.user_questions = list(user_questions or [])
+        self.questions_file = questions_file
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state = check_run_dir(cfg, resume)
+        self.task = get_task(cfg.task, **cfg.task_kwargs)
+        self.sizes = cfg.sizes(self.task)
+        self.rng = random.Random(cfg.seed)
+        self.completed = 0
+        self.history: list[dict] = []
+        self.initial_accuracy: dict[int, float] = {}
+        if self.state:
+            self.completed = self.state["completed_iterations"]
+            self.rng.setstate(rng_state_from_json(self.state["rng_state"]))
+            self.history = read_history(self.run_dir, self.completed)
+            self.initial_accuracy = {int(k): v for k, v in self.state.get("initial_accuracy", {}).items()}
+        self.heldout = heldout_questions(self.task, self.sizes, cfg.eval_questions_per_size, cfg.seed)
+        self.setup_seconds: dict = {}
+        self.progress_info = {"phase": "created", "iteration": self.completed, "done": 0, "total": 0}
+
+    def set_phase(self, phase: str, total: int = 0) -> None:
+        """What the run is doing now (`total`: the work items of the phase), for progress bars."""
+        self.progress_info.update(phase=phase, done=0, total=total, since=time.time())
+
+    def progress(self) -> dict:
+        return dict(self.progress_info, completed=self.completed)
+
+    async def start(self) -> dict:
+        """Start the backend and measure the model before training (a fresh run)."""
+        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        t0 = time.time()
+        self.set_phase("starting")
+        self.setup_seconds = await self.backend.start(self.completed, self.state["checkpoint"] if self.state else None)
+        if not self.state:  # the baseline the learning curve starts from
+            self.set_phase("evaluating the initial model")
+            self.initial_accuracy = await evaluate(self.task, self.backend.engine, self.heldout)
+        self.setup_seconds["total"] = round(time.time() - t0, 2)
+        self.set_phase("ready")
+        return {"completed_iterations": self.completed, "setup_seconds": self.setup_seconds,
+                "initial_accuracy": self.initial_accuracy}
+
+    async def run_iteration(self, it: int) -> dict:
+        if it != self.completed:
+            raise ValueError(f"iteration {it} requested, but {self.completed} iterations are complete")
+        cfg, phases = self.cfg, {}
+        t_start = t = time.time()
+
+        def lap(name):
+            nonlocal t
+            now = time.time()
+            phases[name] = round(now - t, 3)
+            t = now
+
+        self.set_phase("drawing questions")                                               # 1. questions
+        jobs, rejected = await self.plan(it)
+        lap("questions")
+
+        self.set_phase("expanding trees", len(jobs))                                      # 2. amplify, distil
+        results, dispatch = await self.backend.expand(jobs, self._done)
+        results += rejected
+        dispatch.rejected = len(rejected)
+        lap("expand")
+
+        buffer_size = await self.backend.record(it, results)                           # 3. record
+        trees = [r.tree for r in results]
+        lap("record_trees")
+
+        self.set_phase("training")                                                        # 4. train
+        trained = await self.backend.train(it)
+        lap("train")
+
+        self.set_phase("swapping weights")                                                # 5. swap
+        swapped = await self.backend.swap(trained)
+        lap("swap")
+
+        self.set_phase("evaluating")                                                      # 6. evaluate
+        accuracy = await evaluate(self.task, self.backend.engine, self.heldout)
+        lap("eval")
+
+        self.set_phase("recording")                                                       # 7. metrics
+        m = self.metrics(it, results, trees, trained, swapped, accuracy, buffer_size, dispatch, phases)
+        m.update(await self.backend.figures())
+        self.completed = it + 1
+        self.history.append(m)
+        self.backend.publish(m, trees, phases)
+        self.save(m, trained)
+        lap("record")
+        m["phase_seconds"] = phases
+        m["seconds"] = round(time.time() - t_start, 2)
+        append_metrics(self.run_dir, m)
+        self.set_phase("iteration done")
+        return m
+
+    async def plan(self, it: int) -> tuple[list[ExpandJob], list[ExpandResult]]:
+        """The iteration's jobs, and the failure records of malformed questions-file entries."""
+        cfg = self.cfg
+        questions = await draw_questions(self.task, self.backend.engine, cfg, cfg.amplify_trees_per_iteration,
+                                         self.rng, adversarial=it > 0)
+        seeds = [self.rng.randrange(2**31) for _ in questions]
+        distill_qs = [self.task.generate(self.rng.choice(self.sizes), self.rng)
+                      for _ in range(cfg.distill_trees_per_iteration)]
+        jobs = [ExpandJob(job_id=f"a{i}", question=q, mode="amplify", iteration=it, source=src, seed=s)
+                for i, ((q, src), s) in enumerate(zip(questions, seeds))]
+        jobs += [ExpandJob(job_id=f"d{i}", question=q, mode="distill", iteration=it) for i, q in enumerate(distill_qs)]
+        where = Path(self.questions_file).name if self.questions_file else "questions file"
+        extra, rejected = user_jobs(self.task, cfg, self.user_questions, it, where)
+        return jobs + extra, rejected
+
+    def _done(self, n: int) -> None:
+        self.progress_info["done"] += n
+
+    def metrics(self, it: int, results: list[ExpandResult], trees: list[Tree], trained: TrainResult,
+                swapped: dict[str, int], accuracy: dict[int, float], buffer_size: int, dispatch: DispatchStats,
+                phases: dict[str, float]) -> dict:
+        s = trained.stats
+        m = tree_metrics(trees)
+        m.update(
+            iteration=it, weight_version=trained.weight_version, examples=sum(len(r.examples) for r in results),
+            buffer=buffer_size, model_loss=s.model_loss, adversary_loss=s.adversary_loss,
+            model_steps=s.model_steps, adversary_steps=s.adversary_steps, learner_ranks_in_sync=trained.ranks_in_sync,
+            accuracy_by_size=accuracy, swapped=swapped, replica_versions=swapped, jobs=asdict(dispatch),
+            nodes_per_second=round(m["nodes"] / phases["expand"], 2) if phases["expand"] else 0.0,
+            learner_round={"model_train_seconds": s.model_train_seconds, "train_seconds": s.train_seconds,
+                           "checkpoint_seconds": s.checkpoint_seconds, "round_seconds": s.round_seconds},
+            checkpoint=trained.checkpoint_path, expand_seconds=phases["expand"], setup_seconds=self.setup_seconds)
+        if s.objective_stats:
+            m[self.cfg.objective] = s.objective_stats
+        return m
+
+    def save(self, m: dict, trained: TrainResult) -> None:
+        from ida_ray.plots import plot_history
+
+        plot_history(self.history, self.run_dir / PLOT_FILE, title=f"ida-ray: {self.cfg.task} ({self.run_dir.name})")
+        write_json_atomic(self.run_dir / STATE_FILE, {
+            "completed_iterations": self.completed, "checkpoint": trained.checkpoint_path,
+            "rng_state": rng_state_to_json(self.rng.getstate()), "config": self.cfg.to_dict(),
+            "initial_accuracy": self.initial_accuracy, "questions_file": self.questions_file,
+            "weight_version": trained.weight_version, "time": time.time()})
+
+    async def run(self, log=print) -> list[dict]:
+        """Start, then every remaining iteration; the backend is closed at the end."""
+        try:
+            await self.start()
+            for it in range(self.completed, self.cfg.iterations):
+                m = await self.run_iteration(it)
+                log(iteration_line(m))
+            return self.history
+        finally:
+            await asyncio.shield(self.backend.close())
+
+
+def format_accuracy(acc: dict) -> str:
+    return " ".join(f"{s}:{a:.2f}" for s, a in sorted(((int(k), v) for k, v in acc.items())))
+
+
+def format_honest(h: dict) -> str:
+    """The honest objective's round figures (objective "honest")."""
+    f = lambda v: "n/a" if v is None or v != v else f"{v:.2f}"  # noqa: E731
+    return (f"honest: C {f(h.get('disagreement_c'))} on {h.get('trusted_examples')} trusted answers | where the "
+            f"simple labeller errs ({h.get('questions')} held-out): intended head right "
+            f"{f(h.get('intended_right_where_simple_errs'))}, instrumental copies simple "
+            f"{f(h.get('instrumental_copies_simple_where_simple_errs'))}")
+
+
+def iteration_line(m: dict) -> str:
+    """One iteration as the console shows it."""
+    return (f"iter {m['iteration']}: acc {format_accuracy(m['accuracy_by_size'])} | expert calls/tree "
+            f"{m['expert_calls_per_tree']:.2f} | loss {m['model_loss']:.3f} adv {m['adversary_loss']:.3f} | "
+            f"{m['seconds']:.0f}s ({', '.join(f'{k} {v:.0f}' for k, v in m['phase_seconds'].items())})"
+            + (f"\n  {format_honest(m['honest'])}" if m.get("honest") else ""))

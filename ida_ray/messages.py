@@ -1,0 +1,134 @@
+"""The typed messages that pass between the parts of a run: tree jobs and their results,
+training commands and round results. Plain dataclasses, engine- and Ray-agnostic; Ray
+pickles them across actors as they are."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ida_ray.errors import IDAError
+from ida_ray.examples import Example
+from ida_ray.tree import Tree
+
+Mode = Literal["amplify", "distill"]
+Source = Literal["train", "adversarial", "user"]
+
+
+class InvalidJob(IDAError, ValueError):
+    kind = "invalid_job"
+
+
+@dataclass(frozen=True)
+class ExpandJob:
+    """One tree to expand."""
+
+    job_id: str
+    """Unique within an iteration: "a3" (amplification), "d7" (distillation), "u2" (questions file)."""
+    question: str
+    mode: Mode
+    iteration: int
+    source: Source = "train"
+    seed: int = 0
+    """Seeds the tree's branch choices and audits, so a re-issued tree is the same tree."""
+    hprime: bool | None = None
+    """Overrides AmplifyConfig.use_hprime for this tree (None: the config's)."""
+
+    def __post_init__(self):
+        if not isinstance(self.question, str):
+            raise InvalidJob(f"job {self.job_id}: question must be a string, got {self.question!r}")
+        if self.mode not in ("amplify", "distill"):
+            raise InvalidJob(f"job {self.job_id}: mode must be 'amplify' or 'distill', got {self.mode!r}")
+        if self.source not in ("train", "adversarial", "user"):
+            raise InvalidJob(f"job {self.job_id}: source must be train, adversarial or user, got {self.source!r}")
+        for name in ("seed", "iteration"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidJob(f"job {self.job_id}: {name} must be an int, got {value!r}")
+
+    def rng(self) -> random.Random:
+        return random.Random(self.seed)
+
+
+@dataclass
+class ExpandResult:
+    """A job's tree (a failed one carries its error) and the training examples it yields."""
+
+    job_id: str
+    tree: Tree
+    examples: list[Example]
+
+
+@dataclass
+class DispatchStats:
+    """What spreading an iteration's jobs over the expanders took (backend "ray")."""
+
+    submitted: int = 0
+    chunks: int = 0
+    reissued_chunks: int = 0
+    """Chunks sent again after their expander died."""
+    reissued_jobs: int = 0
+    failed_chunks: int = 0
+    """Chunks given failure records (no expander answered, or it raised)."""
+    lost_jobs: int = 0
+    rejected: int = 0
+    """Questions-file entries refused before expansion (malformed_question)."""
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """One training round, the same on every learner rank."""
+
+    iteration: int
+    model_steps: int
+    adversary_steps: int
+
+
+@dataclass
+class RoundStats:
+    """One rank's training round."""
+
+    iteration: int
+    weight_version: int
+    model_loss: float
+    adversary_loss: float
+    model_steps: int
+    adversary_steps: int
+    model_train_seconds: float
+    train_seconds: float
+    local_batch_size: int
+    objective_stats: dict = field(default_factory=dict)
+    """The objective's own figures of the round (honest: C, the trusted set, the probe)."""
+    checkpoint_seconds: float = 0.0
+    round_seconds: float = 0.0
+
+
+@dataclass
+class RankResult:
+    """What a learner rank publishes after a round."""
+
+    rank: int
+    stats: RoundStats
+    digest: str
+    """sha256 of the rank's parameters: equal on every rank when DDP keeps them in sync."""
+    checkpoint_path: str | None = None
+    """Rank 0: the round's checkpoint directory."""
+    payload_ref: list | None = None
+    """Rank 0: [ObjectRef of the WeightsPayload], in a list so Ray passes the reference."""
+
+
+@dataclass
+class TrainResult:
+    """A training round as the loop sees it, from either backend."""
+
+    stats: RoundStats
+    """Rank 0's round."""
+    checkpoint_path: str
+    weights: object
+    """What `Backend.swap` serves: a payload ObjectRef (ray) or the modules' states (local)."""
+    seconds: float
+    ranks_in_sync: bool = True
+
+    @property
+    def weight_version(self) -> int:
+        return self.stats.weight_version
