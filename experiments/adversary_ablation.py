@@ -3,12 +3,13 @@ choosing which branch to expand (AmplifyConfig.branch_choice="adversary") agains
 ("uniform"), on the same seeds.
 
     python -m experiments.adversary_ablation [--seeds 0 1] [--task sum] [--metric largest --threshold 0.8]
-                                           [--minutes-per-run 20] [--workers 2] [--quick]
+                                           [--minutes-per-run 20] [--workers 2] [--quick] [--set KEY=VALUE ...]
 
-Each run is the single-process IDA loop (experiments.evidence_learning.run_ida, the learning
-evidence's per-task configuration in smaller iterations: 128 + 128 trees and 150 model steps).
-Everything but the branch choice is the same between
-the two arms of a seed: model and adversary initialisation, question stream, training. In
+Each run is the IDA loop on the local backend (experiments.evidence_learning.run_ida) on the
+preset configs/adversary_ablation.yaml: the learning evidence's configuration of the task
+(configs/evidence_<task>.yaml) in smaller iterations, 128 + 128 trees and 150 model steps;
+--seeds, --log-dir, --quick and --set override it. Everything but the branch choice is the
+same between the two arms of a seed: model and adversary initialisation, question stream, training. In
 the uniform arm the adversary is still trained and still picks the adversarial share of the
 questions; only the split decision ignores it. A run stops once it reaches the threshold, or
 after the iteration cap (the same for both arms), or at its time bound (a safety net: a run it
@@ -22,21 +23,19 @@ uniform / adversary per seed, and their geometric mean over seeds.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import multiprocessing
-import os
-import platform
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 
-from experiments.evidence_learning import ROOT, TASK_NAMES, run_ida, task_config, task_logger
+import yaml
 
-DEFAULT_OUT = ROOT / "docs" / "results" / "adversary.json"
+from experiments import common
+from experiments.evidence_learning import QUICK, ROOT, TASK_NAMES, preset, run_ida, task_logger
+
+DEFAULT_OUT = common.default_out("adversary")
 ARMS = ("adversary", "uniform")
-ITERATION_CAP = 20
+PRESET = "adversary_ablation"
 
 
 def accuracy_metric(acc: dict, metric: str) -> float:
@@ -63,26 +62,47 @@ def calls_to_threshold(cumulative_calls: list[float], scores: list[float], thres
     return None
 
 
-def ablation_config(task: str, seed: int, quick: bool, run_dir: str):
-    """The learning evidence's configuration for the task, in smaller iterations (fewer trees and
-    steps each), so the threshold crossing is located more finely in expert calls."""
-    cfg = task_config(task, quick=quick, seed=seed, run_dir=run_dir)
-    if not quick:
-        cfg.iterations = ITERATION_CAP
-        cfg.amplify_trees_per_iteration = cfg.distill_trees_per_iteration = 128
-        cfg.train.steps_per_iteration, cfg.train.adversary_steps_per_iteration = 150, 30
-    return cfg
+def _dotted(values: dict, prefix: str = "") -> dict:
+    """Nested sections as dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "task_kwargs":
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def ablation_overrides() -> dict:
+    """What configs/adversary_ablation.yaml changes in the learning evidence's run (its own
+    keys, as dotted overrides): the same changes go over any task's evidence preset."""
+    from ida_ray.config import presets
+
+    own = yaml.safe_load(presets()[PRESET].read_text())
+    own.pop("base", None)
+    return _dotted(own)
+
+
+def ablation_config(task: str, seed: int, quick: bool, run_dir: str, arm: str | None = None,
+                    overrides: dict | None = None):
+    """The learning evidence's preset of the task with the ablation's smaller iterations (fewer
+    trees and steps each, so the threshold crossing is located more finely in expert calls):
+    for sum, exactly the preset configs/adversary_ablation.yaml. Then the seed, the run
+    directory, the quick-run sizes, the arm's branch choice and --set on top."""
+    from ida_ray.config import load_config
+
+    over = {**ablation_overrides(), "seed": seed, "run_dir": run_dir, **(QUICK if quick else {})}
+    if arm is not None:
+        over["amplify.branch_choice"] = arm
+    return load_config(preset(task), {**over, **(overrides or {})})
 
 
 def run_arm(arm: str, seed: int, task: str, metric: str, threshold: float, budget_s: float, quick: bool,
-            log_dir: str) -> dict:
+            log_dir: str, overrides: dict | None = None) -> dict:
     """One IDA run with the given branch choice; runs in a worker process."""
-    import torch
-
-    torch.set_num_threads(1)
+    common.one_thread()
     t0 = time.time()
-    cfg = ablation_config(task, seed, quick, f"{log_dir}/{arm}-{seed}")
-    cfg.amplify.branch_choice = arm
+    cfg = ablation_config(task, seed, quick, arm_run_dir(log_dir, arm, seed), arm, overrides)
     log = task_logger(f"{arm}-seed{seed}", log_dir)
     _, history, stopped_by = run_ida(
         cfg, budget_s, log, stop=lambda h: accuracy_metric(h[-1]["accuracy_by_size"], metric) >= threshold)
@@ -99,6 +119,10 @@ def run_arm(arm: str, seed: int, task: str, metric: str, threshold: float, budge
             "expert_calls_per_tree": [m["expert_calls_per_tree"] for m in history],
             "accuracy_by_size_per_iteration": [m["accuracy_by_size"] for m in history],
             "seconds": round(time.time() - t0, 1)}
+
+
+def arm_run_dir(log_dir: str, arm: str, seed: int) -> str:
+    return f"{log_dir}/{arm}-{seed}"
 
 
 def summarise(runs: list[dict], seeds: list[int]) -> dict:
@@ -130,11 +154,7 @@ def summarise(runs: list[dict], seeds: list[int]) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"adversary": ("C0", "o-"), "uniform": ("C3", "s--")}
     for r in result["runs"]:
@@ -148,56 +168,59 @@ def plot(result: dict, path: Path) -> None:
                  f"(ratio {result['expert_calls_ratio_uniform_over_adversary']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__, "adversary")
     ap.add_argument("--task", default="sum", choices=TASK_NAMES)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    common.add_seeds(ap, default=[0, 1])
     ap.add_argument("--metric", default="largest", choices=("mean", "largest"))
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--minutes-per-run", type=float, default=20.0,
-                    help=f"safety bound on one run; both arms get the same iteration cap ({ITERATION_CAP})")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--log-dir", default=str(ROOT / "runs" / "adversary_ablation"))
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+                    help="safety bound on one run; both arms get the same iteration cap (the preset's iterations)")
+    common.add_workers(ap)
+    common.add_quick(ap, "smoke run: 2 tiny iterations per run")
+    ap.add_argument("--log-dir", default=str(ROOT / "runs" / "adversary_ablation"),
+                    help="logs <arm>-seed<seed>.log and run directories <arm>-<seed>/ (default: %(default)s)")
+    common.add_fresh(ap)
+    common.add_overrides(ap)
     args = ap.parse_args(argv)
     if len(args.seeds) < 1 or not 0 < args.threshold <= 1 or args.workers < 1:
         ap.error("need at least one seed, 0 < threshold <= 1 and workers >= 1")
+    overrides = common.parse_overrides(ap, args.overrides)
+    common.check_configs(ap, lambda: [ablation_config(args.task, seed, args.quick, arm_run_dir(args.log_dir, arm, seed),
+                                                      arm, overrides)
+                                      for seed in args.seeds for arm in ARMS], args.fresh)
 
     t0 = time.time()
     runs = []
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
+    with common.process_pool(args.workers) as pool:
         # Seed-major order, so with two workers both arms of a seed run side by side under the
         # same machine load.
         futures = [pool.submit(run_arm, arm, seed, args.task, args.metric, args.threshold,
-                               60 * args.minutes_per_run, args.quick, args.log_dir)
+                               60 * args.minutes_per_run, args.quick, args.log_dir, overrides)
                    for seed in args.seeds for arm in ARMS]
         for fut in as_completed(futures):
             runs.append(fut.result())
     runs.sort(key=lambda r: (r["seed"], ARMS.index(r["arm"])))
-    sample = ablation_config(args.task, args.seeds[0], args.quick, args.log_dir)
-    sample.amplify.branch_choice = "varied: adversary | uniform"
+    sample = ablation_config(args.task, args.seeds[0], args.quick, args.log_dir, overrides=overrides).to_dict()
+    sample["amplify"]["branch_choice"] = "varied: adversary | uniform"
     result = {
         "config": {"task": args.task, "metric": args.metric, "threshold": args.threshold,
                    "minutes_per_run": args.minutes_per_run, "quick": args.quick,
-                   "ida": sample.to_dict(),
+                   "preset": PRESET if args.task == "sum" else f"{preset(args.task)} + {PRESET}'s own keys",
+                   "overrides": overrides, "ida": sample,
                    "calls_counted": "cumulative expert calls over amplification trees, "
                                     "linearly interpolated at the threshold"},
         "seeds": args.seeds,
         **summarise(runs, args.seeds),
         "runs": runs,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": common.machine_info(),
         "wall_seconds": round(time.time() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    common.write_result(result, args.out, "adversary_ablation", argv)
+    plot(result, common.png_beside(args.out))
     for seed, e in result["per_seed"].items():
         print(f"seed {seed}: {e}")
     print(f"expert calls ratio uniform/adversary: {result['expert_calls_ratio_uniform_over_adversary']} "

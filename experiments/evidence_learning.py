@@ -1,16 +1,18 @@
 """Evidence that IDA learns: every built-in task, IDA beside a supervised baseline.
 
     python -m experiments.evidence_learning [--tasks sum perm assign path] [--minutes-per-task 18]
-                                          [--workers 2] [--quick] [--out docs/results/learning.json]
+                                          [--workers 2] [--quick] [--set KEY=VALUE ...]
+                                          [--out docs/results/learning.json]
 
-For each task, IDA runs in one process (ida_ray.local_loop.LocalIDA, in-process torch
-engine, coded expert, no ground-truth label in training) and records held-out accuracy by size
-(model alone, greedy) and expert calls per amplification tree at every iteration. IDA iterates
-until the next iteration and the baseline it would then owe no longer fit in the task's time
-budget (the baseline's cost per step and per evaluation is measured on a probe model before
-IDA starts), or `max_iterations` is reached; then the
-supervised baseline (ida_ray.supervised) trains the same model spec, from the same seed, for
-the same number of gradient steps x batch size on ground-truth answers drawn from the same
+For each task, IDA runs in one process on the task's preset, configs/evidence_<task>.yaml
+(the one IDA loop, ida_ray.loop.IDARun, on the local backend: in-process torch engine, coded
+expert, no ground-truth label in training; --seed, --log-dir, --quick and --set override it)
+and records held-out accuracy by size (model alone, greedy) and expert calls per amplification
+tree at every iteration. IDA iterates until the next iteration and the baseline it would then
+owe no longer fit in the task's time budget (the baseline's cost per step and per evaluation is
+measured on a probe model before IDA starts), or the preset's `iterations` cap is reached; then
+the supervised baseline (ida_ray.supervised) trains the same model spec, from the same seed,
+for the same number of gradient steps x batch size on ground-truth answers drawn from the same
 size distribution, and is scored on the same held-out questions.
 
 Tasks run in separate processes, `--workers` at a time, each torch process on one thread:
@@ -21,105 +23,76 @@ Writes the JSON and a PNG beside it; the JSON's "config" field records what was 
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import multiprocessing
-import os
-import platform
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from concurrent.futures import as_completed
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "docs" / "results" / "learning.json"
+from experiments import common
+
+ROOT = common.ROOT
+DEFAULT_OUT = common.default_out("learning")
 TASK_NAMES = ("sum", "perm", "assign", "path")
 
-
-@dataclass(frozen=True)
-class TaskSetup:
-    task_kwargs: dict
-    # Longest expert completion at the largest size plus a margin (sum 8, perm 22, assign 42,
-    # path 40 characters): generations that run on cost time on every model call.
-    max_new_tokens: int
-    # Per iteration: amplification trees (as many distillation trees) and model steps. Tasks
-    # with long prompts (fan-in prompts of assign and path run to ~130 tokens) get smaller
-    # iterations, so a time budget still holds several of them: IDA climbs sizes an iteration
-    # at a time.
-    trees: int = 128
-    steps: int = 120
-    replay: int = 6000  # replay buffer capacity (examples): about the last two iterations' worth
+# --quick: a smoke run, as dotted overrides over any task's preset (2 tiny iterations).
+QUICK = {"iterations": 2, "amplify_trees_per_iteration": 24, "distill_trees_per_iteration": 24,
+         "eval_questions_per_size": 12, "train.steps_per_iteration": 10, "train.adversary_steps_per_iteration": 3,
+         "train.batch_size": 32}
 
 
-TASK_SETUPS = {
-    # As the tuned core run (experiments/core_learning.py): digits 0..3 (with 0..9 the tiny model
-    # needs far more steps) and the weakest expert, base size 1, so sizes 1..4.
-    "sum": TaskSetup({"base_size": 1, "max_digit": 3}, 12, trees=256, steps=300, replay=10_000),
-    "perm": TaskSetup({"base_size": 2}, 26, trees=96, steps=100),
-    # assign and path as sum: the weakest expert (base size 1), so sizes 1..4 (4x the base),
-    # which keeps fan-in prompts short enough for several iterations in the budget. perm
-    # needs base 2 (a power of 1 cannot be split), so sizes 1..8.
-    "assign": TaskSetup({"base_size": 1}, 40, trees=128, steps=120),
-    "path": TaskSetup({"base_size": 1}, 36, trees=128, steps=120),
-}
+def preset(name: str) -> str:
+    """The task's preset: configs/evidence_<task>.yaml."""
+    return f"evidence_{name}"
 
 
-def task_config(name: str, *, quick: bool, seed: int = 0, run_dir: str = "runs/evidence_learning"):
-    from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
+def task_config(name: str, *, quick: bool, seed: int = 0, run_dir: str | Path = "runs/evidence_learning",
+                overrides: dict | None = None):
+    """The task's preset, with the seed, run_dir <run_dir>/<task>, the quick-run sizes when
+    `quick`, and any further dotted overrides (the command line's --set) on top."""
+    from ida_ray.config import load_config
 
-    setup = TASK_SETUPS[name]
-    if quick:
-        return IDAConfig(task=name, task_kwargs=setup.task_kwargs, iterations=2, seed=seed, engine="torch",
-                         amplify_trees_per_iteration=24, distill_trees_per_iteration=24, eval_questions_per_size=12,
-                         amplify=AmplifyConfig(max_new_tokens=setup.max_new_tokens),
-                         train=TrainConfig(steps_per_iteration=10, adversary_steps_per_iteration=3, batch_size=32),
-                         run_dir=f"{run_dir}/{name}")
-    # The time budget, not this cap, ends a run: 12 iterations took sum only 9 of its 24 minutes.
-    return IDAConfig(task=name, task_kwargs=setup.task_kwargs, iterations=60, seed=seed, engine="torch",
-                     amplify_trees_per_iteration=setup.trees, distill_trees_per_iteration=setup.trees,
-                     eval_questions_per_size=100, amplify=AmplifyConfig(max_new_tokens=setup.max_new_tokens),
-                     train=TrainConfig(steps_per_iteration=setup.steps, adversary_steps_per_iteration=setup.steps // 5,
-                                       replay_capacity=setup.replay),
-                     run_dir=f"{run_dir}/{name}")
+    return load_config(preset(name), {"seed": seed, "run_dir": f"{run_dir}/{name}", **(QUICK if quick else {}),
+                                      **(overrides or {})})
 
 
 def task_logger(name: str, log_dir: str | Path):
     """A log function that prints and appends to log_dir/<name>.log, stamped with elapsed time."""
-    log_path = Path(log_dir) / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-
-    def log(msg: str) -> None:
-        line = f"[{name} {time.time() - t_start:5.0f}s] {msg}"
-        print(line, flush=True)
-        with log_path.open("a") as f:
-            f.write(line + "\n")
-
-    return log
+    return common.timed_log(name, log_dir)
 
 
 def run_ida(cfg, budget_s: float, log, stop=None, reserve=None):
-    """LocalIDA for up to cfg.iterations iterations, stopping before an iteration that would
-    overrun `budget_s` (estimated from the last one) together with `reserve(iterations)`, the
-    seconds still owed afterwards for that many iterations, or once `stop(history)` is true.
-    Returns (the LocalIDA, per-iteration metrics, why it stopped)."""
-    from ida_ray.local_loop import LocalIDA
+    """The IDA loop (ida_ray.loop.IDARun on the local backend) for up to cfg.iterations
+    iterations, stopping before an iteration that would overrun `budget_s` (estimated from the
+    last one) together with `reserve(iterations)`, the seconds still owed afterwards for that
+    many iterations, or once `stop(history)` is true. Returns (the IDARun, per-iteration
+    metrics, why it stopped)."""
+    from ida_ray.local_backend import LocalBackend
+    from ida_ray.loop import IDARun, format_accuracy, iteration_line
+    from ida_ray.preflight import check_config
 
     t0 = time.time()
-    ida = LocalIDA(cfg, log=log)
-    history: list[dict] = []
-    for it in range(cfg.iterations):
-        m = asyncio.run(ida.run_iteration(it))
-        history.append(m)
-        log(f"iter {it}: expert calls/tree {m['expert_calls_per_tree']:.2f} loss {m['model_loss']:.3f} "
-            f"acc {_fmt(m['accuracy_by_size'])} ({m['seconds']}s)")
-        if stop is not None and stop(history):
-            return ida, history, "stop_condition"
-        owed = reserve(it + 2) if reserve else 0.0
-        if it + 1 < cfg.iterations and time.time() - t0 + m["seconds"] + owed > budget_s:
-            return ida, history, "time_budget"
-    return ida, history, "max_iterations"
+    cfg = check_config(cfg)
+    run = IDARun(cfg, LocalBackend(cfg))
+
+    async def drive() -> str:
+        try:
+            info = await run.start()
+            log(f"ready in {info['setup_seconds']['total']:.0f}s; accuracy before training: "
+                f"{format_accuracy(info['initial_accuracy'])}")
+            for it in range(run.completed, cfg.iterations):
+                m = await run.run_iteration(it)
+                log(iteration_line(m))
+                if stop is not None and stop(run.history):
+                    return "stop_condition"
+                owed = reserve(it + 2) if reserve else 0.0
+                if it + 1 < cfg.iterations and time.time() - t0 + m["seconds"] + owed > budget_s:
+                    return "time_budget"
+            return "max_iterations"
+        finally:
+            await run.backend.close()
+
+    stopped_by = asyncio.run(drive())
+    return run, run.history, stopped_by
 
 
 def baseline_costs(cfg, probe_steps: int = 6) -> tuple[float, float]:
@@ -142,28 +115,26 @@ def baseline_costs(cfg, probe_steps: int = 6) -> tuple[float, float]:
     return step_s, time.time() - t0
 
 
-def run_task(name: str, budget_s: float, quick: bool, seed: int, log_dir: str) -> dict:
+def run_task(name: str, budget_s: float, quick: bool, seed: int, log_dir: str, overrides: dict | None = None) -> dict:
     """IDA then the supervised baseline for one task; runs in a worker process."""
-    import torch
-
-    torch.set_num_threads(1)
+    common.one_thread()
     from ida_ray.supervised import SupervisedBaseline
 
     t_start = time.time()
     log = task_logger(name, log_dir)
-    cfg = task_config(name, quick=quick, seed=seed, run_dir=log_dir)
+    cfg = task_config(name, quick=quick, seed=seed, run_dir=log_dir, overrides=overrides)
     step_s, eval_s = baseline_costs(cfg)
     log(f"baseline costs: {step_s:.3f} s/step, {eval_s:.1f} s/evaluation")
     per_it = cfg.train.steps_per_iteration
-    ida, history, stopped_by = run_ida(cfg, budget_s - (time.time() - t_start), log,
+    run, history, stopped_by = run_ida(cfg, budget_s - (time.time() - t_start), log,
                                        reserve=lambda iterations: iterations * (per_it * step_s + eval_s))
     ida_seconds = time.time() - t_start
     steps = len(history) * cfg.train.steps_per_iteration
 
-    task = ida.task
+    task = run.task
     baseline = SupervisedBaseline(task, cfg.sizes(task), cfg.model, cfg.train, cfg.seed,
                                   max_new_tokens=cfg.amplify.max_new_tokens)
-    sup = baseline.fit(steps, ida.heldout, eval_every=cfg.train.steps_per_iteration, log=log)
+    sup = baseline.fit(steps, run.heldout, eval_every=cfg.train.steps_per_iteration, log=log)
 
     largest = max(cfg.sizes(task))
     calls = [m["expert_calls_per_tree"] for m in history]
@@ -201,29 +172,13 @@ def _mean(acc: dict) -> float:
     return round(sum(acc.values()) / len(acc), 4)
 
 
-def _fmt(acc: dict) -> str:
-    return " ".join(f"{s}:{a:.2f}" for s, a in acc.items())
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 1) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out.with_suffix(".png"))
+def write(result: dict, out: Path, argv=None) -> None:
+    common.write_result(result, out, "evidence_learning", argv)
+    plot(result, common.png_beside(out))
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     tasks = result["tasks"]
     n_panels = len(tasks) + 1
     cols = min(3, n_panels)
@@ -266,39 +221,42 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle("IDA (coded expert, no labels) vs supervised (ground truth), same steps x batch"
                  + (" [quick smoke run]" if result["config"]["quick"] else ""))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__, "learning")
     ap.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES)
     ap.add_argument("--minutes-per-task", type=float, default=18.0,
                     help="wall-clock budget of one task (IDA and its baseline)")
-    ap.add_argument("--workers", type=int, default=2, help="tasks run at once, one process each")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 tiny iterations per task")
-    ap.add_argument("--log-dir", default=str(ROOT / "runs" / "evidence_learning"))
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    common.add_workers(ap)
+    common.add_seed(ap)
+    common.add_quick(ap, "smoke run: 2 tiny iterations per task")
+    ap.add_argument("--log-dir", default=str(ROOT / "runs" / "evidence_learning"),
+                    help="logs <task>.log and run directories <task>/ (default: %(default)s)")
+    common.add_fresh(ap)
+    common.add_overrides(ap)
     args = ap.parse_args(argv)
     if args.minutes_per_task <= 0 or args.workers < 1:
         ap.error("--minutes-per-task must be > 0 and --workers >= 1")
+    overrides = common.parse_overrides(ap, args.overrides)
+    common.check_configs(ap, lambda: [task_config(n, quick=args.quick, seed=args.seed, run_dir=args.log_dir,
+                                                  overrides=overrides) for n in args.tasks], args.fresh)
 
     t0 = time.time()
     result = {
         "config": {"tasks": args.tasks, "minutes_per_task": args.minutes_per_task, "workers": args.workers,
-                   "seed": args.seed, "quick": args.quick,
+                   "seed": args.seed, "quick": args.quick, "presets": {n: preset(n) for n in args.tasks},
+                   "overrides": overrides,
                    "torch_threads_per_process": 1,
                    "baseline": "same model spec and seed, same gradient steps x batch size, answer head only, "
                                "ground-truth labels, fresh questions from the same size distribution"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_start": _load_average()},
+        "machine": common.machine_info(load_average_at_start=common.load_average()),
         "tasks": {},
     }
     budget_s = 60 * args.minutes_per_task
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
-        futures = {pool.submit(run_task, name, budget_s, args.quick, args.seed, args.log_dir): name
+    with common.process_pool(args.workers) as pool:
+        futures = {pool.submit(run_task, name, budget_s, args.quick, args.seed, args.log_dir, overrides): name
                    for name in args.tasks}
         for fut in as_completed(futures):
             name = futures[fut]
@@ -310,9 +268,9 @@ def main(argv=None) -> dict:
             # Keep the tasks in the order asked, whatever order they finish in.
             result["tasks"] = {n: result["tasks"][n] for n in args.tasks if n in result["tasks"]}
             result["wall_seconds"] = round(time.time() - t0, 1)
-            result["machine"]["load_average_at_end"] = _load_average()
+            result["machine"]["load_average_at_end"] = common.load_average()
             if result["tasks"]:
-                write(result, args.out)
+                write(result, args.out, argv)
     print_summary(result)
     print(f"wrote {args.out} ({result['wall_seconds']:.0f}s)")
     return result

@@ -23,8 +23,6 @@ Writes the table to --out and a bar plot beside it (.png).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import time
 from dataclasses import asdict, replace
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from experiments import common
 from ida_ray.honest.comparisons import ConfidentJudge
 from ida_ray.honest.decoding import decode, head_answers
 from ida_ray.honest.fit import fit_comparisons, fit_likelihood, label_examples
@@ -128,11 +127,7 @@ def by_method(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     mean = lambda m, k: sum(r[k] for r in rows if r["method"] == m) / sum(r["method"] == m for r in rows)  # noqa
     bars = [("answering head: correct where simple errs", "errs_truth_acc", "C2"),
@@ -154,23 +149,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set(ylabel="fraction of held-out questions", ylim=(0, 1.05), title=title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__, "honest")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--n-small", type=int, default=2000)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    common.add_seeds(ap, default=[0])
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1 is fastest)")
-    ap.add_argument("--out", default="docs/results/honest.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    log = lambda s: print(f"[{time.time() - t0:5.0f}s] {s}", flush=True)  # noqa: E731
+    log = common.timed_log(t0=t0)
     task = get_task("sum")
     simple = simple_labeller(task)
     data = build_datasets(task, simple, ComplexLabeller(task), args.n_small, error_fraction=0.1, sizes=(2, 3, 4),
@@ -205,12 +197,10 @@ def main(argv=None) -> dict:
         "by_method": by_method(rows), "rows": rows, "wall_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time(), 1),
         "note": "wall_seconds were measured on a 2-core machine shared with other jobs (load 7-20); cpu_seconds "
                 "is the process's own CPU time, about the wall time on an idle core with --threads 1"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    plot(rows, out.with_suffix(".png"), f"Honest answering on sum (simple labeller: carry dropped at 20); "
+    out = common.write_result(result, args.out, "honest", argv)
+    plot(rows, common.png_beside(out), f"Honest answering on sum (simple labeller: carry dropped at 20); "
                                         f"{args.steps} updates, seeds {args.seeds}")
-    log(f"wrote {out} and {out.with_suffix('.png')}")
+    log(f"wrote {out} and {common.png_beside(out)}")
     return result
 
 

@@ -26,20 +26,19 @@ measurement gets fresh questions.
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
 import json
 import os
-import platform
 import pstats
 import random
 import tempfile
 import time
 from pathlib import Path
 
+from experiments import common
 from ida_ray.actors.expander import TreeExpander
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "scaling.json"
+DEFAULT_OUT = common.default_out("scaling")
 REPLICAS = (1, 2)
 EXPANDERS = (1, 2, 4)
 
@@ -250,11 +249,7 @@ def cpu_fractions(cpu: dict[str, float]) -> dict[str, float]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 1.1]})
     grid = result["grid"]
     for i, r in enumerate(REPLICAS):
@@ -277,13 +272,11 @@ def plot(result: dict, path: Path) -> None:
     ax3.set(xlabel="share of the local cluster's CPU seconds", xlim=(0, 1),
             title="where the CPU time goes (1 replica, 1 expander)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__, "scaling")
     ap.add_argument("--trees", type=int, default=96, help="trees per grid measurement")
     ap.add_argument("--in-flight", type=int, default=96, help="total trees in flight in the grid")
     ap.add_argument("--sweep", type=int, nargs="+", default=[1, 8, 64, 256], help="trees in flight to sweep")
@@ -291,8 +284,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray cluster")
-    ap.add_argument("--quick", action="store_true", help="smoke run: few trees, short sweep")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    common.add_quick(ap, "smoke run: few trees, short sweep")
     args = ap.parse_args(argv)
     if args.quick:
         args.trees, args.in_flight, args.sweep, args.repeats = 16, 16, [1, 16], 1
@@ -356,8 +348,7 @@ def main(argv=None) -> dict:
         "config": {"trees": args.trees, "in_flight": args.in_flight, "sweep": args.sweep, "quick": args.quick,
                    "repeats": args.repeats, "grid_value": "fastest of the repeats",
                    "ray_num_cpus": args.num_cpus},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu",
-                    "load_average": [round(x, 1) for x in os.getloadavg()]},
+        "machine": common.machine_info(device="cpu"),
         "replica_start_seconds": round(start_s, 1),
         "nodes_per_s": {f"{g['replicas']}x{g['expanders']}": g["nodes_per_s"] for g in grid},
         "nodes_per_s_by_replicas": {str(r): {str(g["expanders"]): g["nodes_per_s"] for g in grid if g["replicas"] == r}
@@ -388,9 +379,8 @@ def main(argv=None) -> dict:
         "in_flight_sweep": sweep,
         "wall_seconds": round(time.perf_counter() - t_all, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    common.write_result(result, args.out, "scaling", argv)
+    plot(result, common.png_beside(args.out))
     print(json.dumps({k: result[k] for k in ("nodes_per_s", "speedup_over_1x1", "seconds_per_node_by_trees_in_flight")}))
     print(json.dumps(result["profile"]["cpu_fractions"]), json.dumps(result["profile"]["expander_event_loop"]))
     print(f"wrote {args.out} ({result['wall_seconds']:.0f}s)")

@@ -24,18 +24,17 @@ engine, is measured against it at a batch of 256 on a second replica.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
-import platform
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "throughput.json"
+from experiments import common
+
+DEFAULT_OUT = common.default_out("throughput")
 
 
 def make_jobs(n: int, size: int, seed: int) -> list[dict]:
@@ -185,7 +184,7 @@ def measure_adversary(replicas: dict, n: int = 256, repeats: int = 5) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = common.parser(__doc__, "throughput")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 64, 256], help="trees in flight")
     ap.add_argument("--trees-per-level", type=int, nargs="+", default=None,
                     help="trees run at each level (default: max(4, 2 x level), 512 at 256)")
@@ -195,7 +194,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the local Ray cluster")
     ap.add_argument("--skip-adversary", action="store_true")
     ap.add_argument("--adversary-only", action="store_true", help="only compare the adversary backends")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     counts = args.trees_per_level or [max(4, 2 * n) for n in args.levels]
     if len(counts) != len(args.levels):
@@ -258,7 +256,7 @@ def main(argv=None) -> dict:
         "workload": {"task": "sum", "size": args.size, "mode": "amplify", "use_hprime": False,
                      "max_new_tokens": args.max_new_tokens, "model": vars(spec), "untrained": True,
                      "result_cache": "off"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu"},
+        "machine": common.machine_info(device="cpu"),
         "replica": {"engine": replica_info["engine"], "adversary_backend": replica_info["adversary_backend"],
                     "max_num_seqs": 256},
         "replica_start_seconds": round(start_s, 1),
@@ -278,8 +276,7 @@ def main(argv=None) -> dict:
         "baseline": baseline,
         "baseline_runs": baseline_runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    common.write_result(result, args.out, "throughput", argv)
     print_table(result)
     print(f"wrote {args.out}")
     return result

@@ -142,7 +142,7 @@ class ClusterResources:
         p = []
         for name in ("replica_cpus", "expander_cpus", "learner_cpus"):
             if getattr(self, name) < 0:
-                p.append(f"resources.{name} must be >= 0, got {getattr(self, name)}")
+                p.append(f"resources.{name} must be a number >= 0, got {getattr(self, name)}")
         if not self.round_timeout_s > 0:
             p.append(f"resources.round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.kv_cache_gib < 1:
@@ -219,6 +219,7 @@ class IDAConfig:
         problems = type_problems(self)
         if not problems:  # ranges cannot be compared on values of the wrong type
             problems = self._problems()
+        problems = choice_problems(self) + problems
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self
@@ -314,9 +315,8 @@ def _from_mapping(cls, d, prefix: str, problems: list[str]):
 def _type_problem(name: str, value, hint) -> str | None:
     """Why `value` does not fit the annotation `hint` (None if it does)."""
     origin = typing.get_origin(hint)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        return None if value in choices else f"{name} must be one of {list(choices)}, got {value!r}"
+    if origin is Literal:  # checked by choice_problems: a wrong choice still lets ranges be compared
+        return None
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         found = [_type_problem(name, value, h) for h in options]
@@ -349,6 +349,19 @@ def _type_problem(name: str, value, hint) -> str | None:
     if dataclasses.is_dataclass(hint):
         return None if isinstance(value, hint) else f"{name} must be a mapping of its options, got {value!r}"
     return None
+
+
+def choice_problems(obj, prefix: str = "") -> list[str]:
+    """Every `Literal` field of the dataclass `obj` (and of its nested sections) against its choices."""
+    problems = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            problems.append(f"{prefix}{f.name} must be one of {list(typing.get_args(hint))}, got {value!r}")
+        elif dataclasses.is_dataclass(value):
+            problems += choice_problems(value, f"{prefix}{f.name}.")
+    return problems
 
 
 def type_problems(obj, prefix: str = "") -> list[str]:

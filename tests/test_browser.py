@@ -247,9 +247,9 @@ def test_train_with_the_person_as_expert_until_the_run_ends(human_run, browser, 
     from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
 
-    from ida_ray.entrypoints.train import default_config
+    from ida_ray.config import load_config
 
-    task = get_task("sum", **default_config().task_kwargs)  # the run's task: the config overlays the default
+    task = get_task("sum", **load_config("default").task_kwargs)  # the run's task: the config overlays the default
     browser.get(human_run.base + "/human")
     wait(browser, lambda d: "training run" in d.find_element(By.ID, "run-status").text, "the run's status line")
     assert not browser.find_element(By.ID, "runs-section").is_displayed()  # the run starts its own trees

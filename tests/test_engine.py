@@ -7,7 +7,7 @@ import torch
 from ida_ray.engine import TorchEngine
 from ida_ray.examples import Example
 from ida_ray.models import ModelSpec, build_adversary, build_model
-from ida_ray.training import Trainer
+from ida_ray.training import ImitationObjective
 from ida_ray.config import TrainConfig
 
 SPEC = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
@@ -39,7 +39,7 @@ def test_batched_generation_equals_one_at_a_time(parts):
 def test_logprob_of_a_finished_generation_matches_its_generation_logprob(parts):
     model, adversary, tok = parts
     # Teach the model one answer so generation ends with EOS.
-    trainer = Trainer(model, adversary, tok, TrainConfig(lr=1e-2))
+    trainer = ImitationObjective(model, adversary, tok, TrainConfig(lr=1e-2))
     for _ in range(60):
         trainer.model_step([Example("answer", "A1,2=", "3")] * 8)
     eng = TorchEngine(model, adversary, tok, max_new_tokens=6)
@@ -65,7 +65,7 @@ def test_weight_swap_changes_outputs_and_version(parts):
 def test_adversary_trains_toward_its_targets(parts):
     _, adversary, tok = parts
     model, _ = build_model(SPEC)
-    trainer = Trainer(model, adversary, tok, TrainConfig(adversary_lr=1e-2))
+    trainer = ImitationObjective(model, adversary, tok, TrainConfig(adversary_lr=1e-2))
     data = [Example("adversary", "A1,2=", "3", -0.1), Example("adversary", "A1,2=", "9", -8.0)]
     for _ in range(150):
         trainer.adversary_step(data * 4)

@@ -15,12 +15,12 @@ pytest.importorskip("vllm")
 ray = pytest.importorskip("ray")
 
 from ida_ray.serving.engine_pool import ReplicaPool  # noqa: E402
-from ida_ray.actors.expander import InvalidJob, start_expanders  # noqa: E402
+from ida_ray.actors.expander import start_expanders  # noqa: E402
+from ida_ray.messages import ExpandJob, InvalidJob  # noqa: E402
 from ida_ray.serving.weights import WeightsPayload  # noqa: E402
 from ida_ray.actors.replica import start_replicas  # noqa: E402
 from ida_ray.models import ModelSpec  # noqa: E402
 from ida_ray.tasks import get_task  # noqa: E402
-from ida_ray.tree import Tree  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -57,8 +57,8 @@ def expander(replicas):
 
 
 def jobs_for(questions, modes=("amplify",), start=0):
-    return [{"question": q, "mode": modes[i % len(modes)], "seed": i, "iteration": 2, "source": "train",
-             "job_id": f"job-{start + i}"} for i, q in enumerate(questions)]
+    return [ExpandJob(job_id=f"job-{start + i}", question=q, mode=modes[i % len(modes)], iteration=2, seed=i)
+            for i, q in enumerate(questions)]
 
 
 def questions(n, seed, sizes=range(1, 9)):
@@ -71,20 +71,20 @@ def test_every_job_yields_its_tree_and_examples(replicas, expander):
     qs = questions(16, seed=0) + ["1,2,3,4,5,6,7,8"]
     jobs = jobs_for(qs, modes=("amplify", "distill"))
     results = ray.get(expander.expand.remote(jobs), timeout=300)
-    assert [r["job_id"] for r in results] == [j["job_id"] for j in jobs]
+    assert [r.job_id for r in results] == [j.job_id for j in jobs]
     for job, res in zip(jobs, results):
-        tree = Tree.from_dict(res["tree"])
-        assert tree.question == job["question"] and tree.mode == job["mode"] and tree.iteration == 2
-        if job["mode"] == "amplify":
+        tree = res.tree
+        assert tree.question == job.question and tree.mode == job.mode and tree.iteration == 2
+        if job.mode == "amplify":
             # The expert drives these trees (no H'), the model's answers are recursed on:
             # the amplified answer is right and every completed node gives examples.
-            assert tree.ok and tree.answer == task.solve(job["question"]), tree.error
-            assert any(e["kind"] == "answer" and e["prompt"] == f"A{job['question']}=" for e in res["examples"])
+            assert tree.ok and tree.answer == task.solve(job.question), tree.error
+            assert any(e.kind == "answer" and e.prompt == f"A{job.question}=" for e in res.examples)
         else:
             # An untrained model's distillation tree fails; the failure is recorded, not raised.
             assert tree.error is not None and tree.error["kind"] in ("output_too_long", "parse_error")
         assert tree.weight_versions == [0]
-    deep = Tree.from_dict(results[-1]["tree"])
+    deep = results[-1].tree
     assert max(n.depth for n in deep.nodes()) >= 2 and deep.model_calls > 10
     health = ray.get(expander.health.remote())
     assert health["trees_completed"] == len(jobs) and health["trees_in_flight"] == 0
@@ -108,10 +108,14 @@ def test_trees_in_flight_stay_within_the_bound(expander):
 
 
 def test_a_malformed_job_is_rejected_before_any_tree(expander):
+    with pytest.raises(InvalidJob, match="mode must be 'amplify' or 'distill'"):
+        ExpandJob("j", "1", "guess", iteration=0)  # a job checks its own fields when it is made
+    with pytest.raises(InvalidJob, match="seed must be an int"):
+        ExpandJob("j", "1", "amplify", iteration=0, seed="3")
     before = ray.get(expander.health.remote())["trees_completed"]
-    with pytest.raises(InvalidJob, match="mode"):
+    with pytest.raises(InvalidJob, match="expected an ExpandJob, got dict"):
         try:
-            ray.get(expander.expand.remote([{"question": "1,2", "mode": "amplify"}, {"question": "1", "mode": "guess"}]))
+            ray.get(expander.expand.remote([ExpandJob("a", "1,2", "amplify", iteration=0), {"question": "1"}]))
         except ray.exceptions.RayTaskError as exc:
             raise exc.cause
     assert ray.get(expander.health.remote())["trees_completed"] == before
@@ -122,13 +126,13 @@ def test_a_dead_replica_is_routed_around_and_losing_all_is_recorded(replicas, ex
     ray.kill(replicas[1], no_restart=True)
     qs = questions(8, seed=2)
     results = ray.get(expander.expand.remote(jobs_for(qs, start=200)), timeout=300)
-    assert [Tree.from_dict(r["tree"]).answer for r in results] == [task.solve(q) for q in qs]
+    assert [r.tree.answer for r in results] == [task.solve(q) for q in qs]
     pool = ray.get(expander.health.remote())["pool"]
     assert [r["up"] for r in pool["replicas"]] == [True, False]
     ray.kill(replicas[0], no_restart=True)
     t0 = time.time()
     (res,) = ray.get(expander.expand.remote(jobs_for(["1,2,3"], start=300)), timeout=120)
-    assert res["tree"]["error"]["kind"] == "engine_failure"  # recorded on the tree, no hang
+    assert res.tree.error["kind"] == "engine_failure"  # recorded on the tree, no hang
     assert time.time() - t0 < 60
 
 

@@ -21,14 +21,15 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
-from ida_ray.actors.coordinator import ClusterResources
 from ida_ray.cluster.job_dispatch import dispatch_jobs
 from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError, ParseError
 from ida_ray.questions import context_needed, for_iteration, read_questions
 from ida_ray.tasks import get_task
-from ida_ray.tree import Tree
 from ida_ray.entrypoints import cli
+from ida_ray.examples import Example
+from ida_ray.expansion import failure_result
+from ida_ray.messages import ExpandJob, ExpandResult
 
 ROOT = Path(__file__).resolve().parents[1]
 SUM = get_task("sum")
@@ -124,28 +125,28 @@ class FakeExpander:
         self.told += 1
 
     async def _expand(self, jobs):
-        self.calls.append([j["job_id"] for j in jobs])
+        self.calls.append([j.job_id for j in jobs])
         await asyncio.sleep(0.01)
         if self.mode == "die" and self.die_times > 0:
             self.die_times -= 1
             raise ActorDiedError()
         if self.mode == "raise":
             raise RayTaskError("expand", "traceback", ParseError("bad output"))
-        return [{"job_id": j["job_id"], "tree": {"question": j["question"]}, "examples": [{"kind": "answer"}]}
-                for j in jobs]
+        return [ExpandResult(j.job_id, failure_result(SUM, j, {"kind": "none"}).tree,
+                             [Example("answer", f"A{j.question}=", "1")]) for j in jobs]
 
 
 def _jobs(n, prefix="a"):
-    return [{"question": f"{i % 9 + 1},{i % 7}", "mode": "amplify", "seed": i, "iteration": 1, "source": "train",
-             "job_id": f"{prefix}{i}"} for i in range(n)]
+    return [ExpandJob(job_id=f"{prefix}{i}", question=f"{i % 9 + 1},{i % 7}", mode="amplify", iteration=1, seed=i)
+            for i in range(n)]
 
 
 def test_dispatch_reissues_a_dead_expanders_chunks_exactly_once():
     dead, live = FakeExpander("die", die_times=1), FakeExpander()
     jobs = _jobs(20)
     results, stats = asyncio.run(dispatch_jobs([dead, live], jobs, SUM, chunk_size=4, on_reissue=lambda h: h._remember(0, 0)))
-    assert [r["job_id"] for r in results] == [j["job_id"] for j in jobs]
-    assert all(r["examples"] for r in results)  # every job expanded, none replaced by a failure
+    assert [r.job_id for r in results] == [j.job_id for j in jobs]
+    assert all(r.examples for r in results)  # every job expanded, none replaced by a failure
     # dead took chunks 0, 2, 4 first and died once; the chunk it died on went to live.
     assert stats.reissued_chunks == 1 and stats.reissued_jobs == 4 and stats.lost_jobs == 0
     expanded = [i for e in (dead, live) for call in e.calls for i in call]
@@ -157,7 +158,7 @@ def test_dispatch_waits_for_a_lone_expander_to_restart():
     restarting actor fail at once, so the dispatcher probes with back-off first."""
     lone = FakeExpander("die", die_times=1, restarting_probes=3)
     results, stats = asyncio.run(dispatch_jobs([lone], _jobs(3), SUM, chunk_size=4))
-    assert all(r["examples"] for r in results) and stats.reissued_chunks == 1 and lone.restarting_probes == 0
+    assert all(r.examples for r in results) and stats.reissued_chunks == 1 and lone.restarting_probes == 0
 
 
 def test_dispatch_gives_up_with_a_record_per_job_and_never_hangs():
@@ -165,15 +166,15 @@ def test_dispatch_gives_up_with_a_record_per_job_and_never_hangs():
     t0 = time.time()
     results, stats = asyncio.run(dispatch_jobs([FakeExpander("die"), FakeExpander("die")], jobs, SUM, chunk_size=4))
     assert time.time() - t0 < 5
-    assert [r["job_id"] for r in results] == [j["job_id"] for j in jobs]
-    trees = [Tree.from_dict(r["tree"]) for r in results]
-    assert {t.error["kind"] for t in trees} == {"expander_lost"} and not any(r["examples"] for r in results)
-    assert [t.question for t in trees] == [j["question"] for j in jobs] and trees[0].size == 2
+    assert [r.job_id for r in results] == [j.job_id for j in jobs]
+    trees = [r.tree for r in results]
+    assert {t.error["kind"] for t in trees} == {"expander_lost"} and not any(r.examples for r in results)
+    assert [t.question for t in trees] == [j.question for j in jobs] and trees[0].size == 2
     # Both dead for good: each chunk tries once and finds no expander to re-send to.
     assert stats.lost_jobs == 6 and stats.failed_chunks == 2 and stats.reissued_chunks == 0
     # An error raised inside an expander is not retried: it would fail the same way.
     results, stats = asyncio.run(dispatch_jobs([FakeExpander("raise"), FakeExpander()], _jobs(3), SUM, chunk_size=4))
-    assert {r["tree"]["error"]["kind"] for r in results} == {"parse_error"} and stats.reissued_chunks == 0
+    assert {r.tree.error["kind"] for r in results} == {"parse_error"} and stats.reissued_chunks == 0
     with pytest.raises(ValueError, match="unique"):
         asyncio.run(dispatch_jobs([FakeExpander()], _jobs(2) + _jobs(1), SUM, chunk_size=4))
 
@@ -249,7 +250,7 @@ def test_local_cluster_dashboard_binds_to_localhost(monkeypatch):
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    assert init_ray(IDAConfig(engine="torch"), ClusterResources(), address=None, dashboard=True) is True
+    assert init_ray(IDAConfig(engine="torch"), address=None, dashboard=True) is True
     assert seen["dashboard_host"] == "127.0.0.1" and seen["include_dashboard"] is True
 
 
@@ -295,10 +296,10 @@ class _Payload:
 
 
 def test_a_booby_trapped_checkpoint_runs_no_code(tmp_path):
-    from ida_ray.actors.learner import load_checkpoint
+    from ida_ray.checkpoint import load_checkpoint
     from ida_ray.config import TrainConfig
     from ida_ray.models import ModelSpec, build_adversary, build_model, create_model_dirs
-    from ida_ray.training import Trainer
+    from ida_ray.training import ImitationObjective
 
     spec = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     ckpt = tmp_path / "iteration_0000"
@@ -308,7 +309,7 @@ def test_a_booby_trapped_checkpoint_runs_no_code(tmp_path):
     torch.save({"model_opt": _Payload(marker)}, ckpt / "optimizer.pt")
     model, tok = build_model(spec)
     adversary, _ = build_adversary(spec)
-    trainer = Trainer(model, adversary, tok, TrainConfig())
+    trainer = ImitationObjective(model, adversary, tok, TrainConfig())
     with pytest.raises(Exception, match="(?i)weights.only|unsupported global|unpickl"):
         load_checkpoint(ckpt, trainer)
     assert not marker.exists()
@@ -356,13 +357,13 @@ def test_a_replica_killed_mid_expansion_loses_no_tree(cluster, model_dirs):
                                   trees_in_flight=12, pool_options={"probe_max_interval_s": 1.0})
     try:
         qs = _questions(30, seed=1)
-        jobs = [{"question": q, "mode": "amplify", "seed": i, "job_id": f"r{i}"} for i, q in enumerate(qs)]
+        jobs = [ExpandJob(f"r{i}", q, "amplify", iteration=0, seed=i) for i, q in enumerate(qs)]
         ref = expander.expand.remote(jobs)
         _wait_until(lambda: ray.get(replica.health.remote())["calls"].get("generate", 0) >= 3)
         ray.kill(replica, no_restart=False)
         results = ray.get(ref, timeout=300)
-        trees = [Tree.from_dict(r["tree"]) for r in results]
-        assert [r["job_id"] for r in results] == [j["job_id"] for j in jobs]
+        trees = [r.tree for r in results]
+        assert [r.job_id for r in results] == [j.job_id for j in jobs]
         assert [t.error for t in trees] == [None] * len(qs)
         assert [t.answer for t in trees] == [SUM.solve(q) for q in qs]
         pool = ray.get(expander.health.remote())["pool"]
@@ -386,7 +387,7 @@ def test_an_expander_killed_mid_expansion_has_its_trees_reissued(cluster, model_
                                 trees_in_flight=8)
     try:
         qs = _questions(32, seed=2)
-        jobs = [{"question": q, "mode": "amplify", "seed": i, "job_id": f"e{i}"} for i, q in enumerate(qs)]
+        jobs = [ExpandJob(f"e{i}", q, "amplify", iteration=0, seed=i) for i, q in enumerate(qs)]
 
         async def run():
             dispatch = asyncio.ensure_future(dispatch_jobs(expanders, jobs, SUM, chunk_size=4))
@@ -396,8 +397,8 @@ def test_an_expander_killed_mid_expansion_has_its_trees_reissued(cluster, model_
             return await dispatch
 
         results, stats = asyncio.run(asyncio.wait_for(run(), 300))
-        trees = [Tree.from_dict(r["tree"]) for r in results]
-        assert [r["job_id"] for r in results] == [j["job_id"] for j in jobs]
+        trees = [r.tree for r in results]
+        assert [r.job_id for r in results] == [j.job_id for j in jobs]
         assert len({t.tree_id for t in trees}) == len(jobs)
         assert [t.answer for t in trees] == [SUM.solve(q) for q in qs] and not any(t.error for t in trees)
         assert stats.reissued_chunks >= 1 and stats.lost_jobs == 0
@@ -414,7 +415,7 @@ def test_an_expander_killed_mid_expansion_has_its_trees_reissued(cluster, model_
         t0 = time.time()
         results, stats = asyncio.run(dispatch_jobs(expanders, jobs[:5], SUM, chunk_size=4))
         assert time.time() - t0 < 60
-        assert [r["tree"]["error"]["kind"] for r in results] == ["expander_lost"] * 5 and stats.lost_jobs == 5
+        assert [r.tree.error["kind"] for r in results] == ["expander_lost"] * 5 and stats.lost_jobs == 5
     finally:
         for e in expanders:
             ray.kill(e, no_restart=True)

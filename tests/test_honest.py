@@ -345,11 +345,11 @@ def test_trusted_examples_are_answers_the_simple_labeller_agrees_with():
     assert not is_trusted(Example("answer", "O9,9=", "18"), simple)  # not an answer prompt
 
 
-def test_honest_ida_trainer_learns_the_large_set_and_holds_heads_together_on_the_trusted_set():
+def test_honest_objective_learns_the_large_set_and_holds_heads_together_on_the_trusted_set():
     """Same seed and data with and without C: both learn the large set through the intended
     head; only with C does the instrumental head follow it on the trusted set."""
     from ida_ray.config import TrainConfig
-    from ida_ray.honest.ida_trainer import HonestIDATrainer, is_trusted
+    from ida_ray.honest.ida_trainer import HonestObjective, is_trusted
     from ida_ray.models import build_adversary
 
     simple = SumDropsCarryIntoTwenties(TASK)
@@ -360,7 +360,7 @@ def test_honest_ida_trainer_learns_the_large_set_and_holds_heads_together_on_the
     for lam in (0.0, 1.0):
         model, tok = build_two_headed(TINY, seed=0)
         adversary, _ = build_adversary(TINY, seed=1)
-        trainer = HonestIDATrainer(model, adversary, tok, TrainConfig(batch_size=16, steps_per_iteration=80,
+        trainer = HonestObjective(model, adversary, tok, TrainConfig(batch_size=16, steps_per_iteration=80,
                                                                       adversary_steps_per_iteration=0),
                                    HonestConfig(lam=lam, small_batch_size=16, lr1=1e-2, lr2=1e-2), simple, seed=0)
         big, small = collate_lm(tok, examples), collate_lm(tok, trusted)
@@ -369,7 +369,7 @@ def test_honest_ida_trainer_learns_the_large_set_and_holds_heads_together_on_the
         stats = trainer.fit(examples)
         assert trainer.trusted == trusted and stats.model_steps == 80
         with torch.no_grad():
-            out[lam] = (nll0, float(intended_nll(model, big)), trainer.objective.disagreement_on(small))
+            out[lam] = (nll0, float(intended_nll(model, big)), trainer.trainer.disagreement_on(small))
         r = trainer.round_stats(80)
         assert r["trusted_examples"] == len(trusted) and r["theta2_sq_distance"] > 0
     for lam, (nll0, nll, _) in out.items():
@@ -415,16 +415,16 @@ def test_honest_learner_checkpoint_round_trip(tmp_path):
     """A learner checkpoint of the honest objective: model/ loads as a plain LlamaForCausalLM
     answering with the intended head; both heads, the optimisers and θ₀ come back on resume;
     an imitation run refuses it."""
-    from ida_ray.actors.learner import LearnerFailure, load_checkpoint, save_checkpoint
+    from ida_ray.checkpoint import LearnerFailure, load_checkpoint, save_checkpoint
     from ida_ray.config import TrainConfig
-    from ida_ray.honest.ida_trainer import HonestIDATrainer
+    from ida_ray.honest.ida_trainer import HonestObjective
     from ida_ray.models import build_adversary, build_model
-    from ida_ray.training import Trainer
+    from ida_ray.training import ImitationObjective
 
     def make(seed):
         model, tok = build_two_headed(TINY, seed=seed)
         adversary, _ = build_adversary(TINY, seed=seed + 1)
-        return HonestIDATrainer(model, adversary, tok, TrainConfig(batch_size=8, steps_per_iteration=3,
+        return HonestObjective(model, adversary, tok, TrainConfig(batch_size=8, steps_per_iteration=3,
                                                                    adversary_steps_per_iteration=0),
                                 HonestConfig(small_batch_size=4), SumDropsCarryIntoTwenties(TASK))
 
@@ -432,17 +432,17 @@ def test_honest_learner_checkpoint_round_trip(tmp_path):
     a.fit(ida_examples(20)[1])
     save_checkpoint(tmp_path, a, iteration=4)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    assert torch.equal(plain.lm_head.weight, a.two_headed.lm.lm_head.weight)
+    assert torch.equal(plain.lm_head.weight, a.served_model.lm_head.weight)
     b = make(9)
     meta = load_checkpoint(tmp_path, b)
     assert meta["objective"] == "honest" and meta["iteration"] == 4
-    for (n, p), (_, q) in zip(a.two_headed.named_parameters(), b.two_headed.named_parameters()):
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p, q), n
-    assert all(torch.equal(a.objective.init2[n], b.objective.init2[n]) for n in a.objective.init2)
-    assert b.objective.opt2.state_dict()["state"]  # Adam moments restored
+    assert all(torch.equal(a.trainer.init2[n], b.trainer.init2[n]) for n in a.trainer.init2)
+    assert b.trainer.opt2.state_dict()["state"]  # Adam moments restored
     lm, tok = build_model(TINY, 0)
     with pytest.raises(LearnerFailure, match="objective 'honest'"):
-        load_checkpoint(tmp_path, Trainer(lm, build_adversary(TINY, 1)[0], tok, TrainConfig()))
+        load_checkpoint(tmp_path, ImitationObjective(lm, build_adversary(TINY, 1)[0], tok, TrainConfig()))
 
 
 class _Generated(Exception):

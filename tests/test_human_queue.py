@@ -16,10 +16,11 @@ from fastapi.testclient import TestClient
 from ida_ray.actors.human_queue import HumanQueueClient, RayHumanBackend, start_human_queue
 from ida_ray.errors import ExpertFailure
 from ida_ray.experts import HumanExpert, HumanTimeout, UnknownRequest
+from ida_ray.messages import ExpandJob
 from ida_ray.prompts import format_step
 from ida_ray.steps import Answer, Split
 from ida_ray.tasks import get_task
-from ida_ray.tree import EXPERT, Tree
+from ida_ray.tree import EXPERT
 from ida_ray.viewer import create_app
 
 pytestmark = pytest.mark.ray
@@ -151,8 +152,8 @@ def test_expander_amplifies_with_the_person_and_distills_alone(cluster, model_di
     handles = [expander, *replicas, queue]
     try:
         assert ray.get(expander.health.remote())["expert"] == "human"
-        ref = expander.expand.remote([{"question": "1,2,3", "mode": "amplify", "seed": 0, "job_id": "a"},
-                                      {"question": "1,2,3", "mode": "distill", "job_id": "d"}])
+        ref = expander.expand.remote([ExpandJob("a", "1,2,3", "amplify", iteration=0, seed=0),
+                                      ExpandJob("d", "1,2,3", "distill", iteration=0)])
         backend, sent = RayHumanBackend(queue), {}
         while not ray.wait([ref], timeout=0.1)[0]:
             for req in backend.requests()["requests"]:
@@ -163,7 +164,7 @@ def test_expander_amplifies_with_the_person_and_distills_alone(cluster, model_di
                 assert backend.submit(req["request_id"], text)["accepted"]
                 sent[(req["kind"], req["question"])] = text
             assert len(sent) < 30
-        amp, dist = (Tree.from_dict(r["tree"]) for r in ray.get(ref))
+        amp, dist = (r.tree for r in ray.get(ref))
         assert amp.error is None and amp.answer == "6" and amp.expert_calls == len(sent) >= 2
         steps = [(s.role, n.question, s.output) for n in amp.nodes()
                  for s in [n.fan_out] + [r.fan_in for r in n.rounds] if s is not None and s.who == EXPERT]
@@ -175,8 +176,8 @@ def test_expander_amplifies_with_the_person_and_distills_alone(cluster, model_di
         (unanswered,) = start_expanders(1, replicas, name_prefix="hq-expander-nobody", num_cpus=0.5, max_restarts=0,
                                         amplify={"use_hprime": False, "max_new_tokens": 8}, human_queue=slow_queue)
         handles += [slow_queue, unanswered]
-        (res,) = ray.get(unanswered.expand.remote([{"question": "1,2,3", "job_id": "t"}]), timeout=60)
-        tree = Tree.from_dict(res["tree"])
+        (res,) = ray.get(unanswered.expand.remote([ExpandJob("t", "1,2,3", "amplify", iteration=0)]), timeout=60)
+        tree = res.tree
         assert tree.error["kind"] == "expert_failure"
         assert "no answer from the person within 0.5s" in tree.error["message"]
         assert ray.get(unanswered.health.remote())["trees_failed"] == 1
@@ -233,7 +234,7 @@ def test_bad_human_settings_are_clear_errors_before_ray(monkeypatch, capsys, tmp
     config.write_text("expert: person\nhuman_timeout_s: -1\n")
     assert cli.main(["train", "--config", str(config), "--engine", "torch"]) == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert "expert must be 'coded' or 'human'" in err and "human_timeout_s must be > 0" in err
+    assert "expert must be one of ['coded', 'human']" in err and "human_timeout_s must be > 0" in err
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

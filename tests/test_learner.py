@@ -10,24 +10,34 @@ from pathlib import Path
 import pytest
 import ray
 
-from ida_ray.actors.learner import Learner, LearnerFailure, latest_checkpoint, learner_loop  # noqa: F401
-from ida_ray.actors.replay_buffer import ReplayStore, compact_spill, spill_path, start_replay_buffer
-from ida_ray.serving.weights import WeightsPayload
+from ida_ray.actors.replay_buffer import start_replay_buffer
+from ida_ray.checkpoint import LearnerFailure, latest_checkpoint
+from ida_ray.cluster.learner_group import Learner
 from ida_ray.config import IDAConfig, TrainConfig
 from ida_ray.examples import Example
+from ida_ray.expansion import failure_result
+from ida_ray.messages import ExpandJob
 from ida_ray.models import ModelSpec
+from ida_ray.replay import ReplayStore, compact_spill, spill_path
+from ida_ray.serving.weights import WeightsPayload
+from ida_ray.tasks import get_task
 
 SPEC = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=64)
 
 
-def _examples(version: int = 0, n: int = 40) -> list[dict]:
+def _examples(version: int = 0, n: int = 40) -> list[Example]:
     out = []
     for i in range(n):
         q = f"{i % 10},{(i * 3) % 10}"
-        out.append(Example("answer", f"A{q}=", str(i % 10 + (i * 3) % 10), None, version, f"t{i}").to_dict())
-        out.append(Example("fan_out", f"O{q}=", f"!{i % 10 + (i * 3) % 10}", None, version, f"t{i}").to_dict())
-        out.append(Example("adversary", f"A{q}=", str(i % 7), -0.1 * (i % 5), version, f"t{i}").to_dict())
+        out.append(Example("answer", f"A{q}=", str(i % 10 + (i * 3) % 10), None, version, f"t{i}"))
+        out.append(Example("fan_out", f"O{q}=", f"!{i % 10 + (i * 3) % 10}", None, version, f"t{i}"))
+        out.append(Example("adversary", f"A{q}=", str(i % 7), -0.1 * (i % 5), version, f"t{i}"))
     return out
+
+
+def _tree(iteration: int):
+    job = ExpandJob(job_id="j", question="1,2", mode="amplify", iteration=iteration)
+    return failure_result(get_task("sum"), job, {"kind": "test", "message": "a record"}).tree
 
 
 # -- replay buffer (no Ray) ----------------------------------------------------------------
@@ -36,11 +46,11 @@ def test_replay_store_spills_and_resumes_only_completed_iterations(tmp_path):
     store.add(_examples(0, 10))
     store.add(_examples(1, 10))
     store.add(_examples(2, 10))  # iteration 2 "crashed" before its checkpoint
-    store.add_trees(0, [{"tree_id": "a"}])
-    store.add_trees(2, [{"tree_id": "b"}])
+    store.add_trees(0, [_tree(0)])
+    store.add_trees(2, [_tree(2)])
     assert store.stats()["by_weight_version"] == {0: 30, 1: 30, 2: 30}
     a = store.sample(16, ["answer"], seed=5)
-    assert a == store.sample(16, ["answer"], seed=5) and {e["kind"] for e in a} == {"answer"}
+    assert a == store.sample(16, ["answer"], seed=5) and {e.kind for e in a} == {"answer"}
     assert store.sample(4, ["fan_in"], seed=1) == []
 
     resumed = ReplayStore(capacity=100, run_dir=tmp_path, seed=0, completed_iterations=2)
@@ -54,7 +64,7 @@ def test_replay_store_spills_and_resumes_only_completed_iterations(tmp_path):
 def test_compact_spill_keeps_newest_and_drops_a_torn_line(tmp_path):
     path = spill_path(tmp_path)
     path.parent.mkdir(parents=True)
-    lines = [json.dumps(e) for e in _examples(0, 5)]
+    lines = [json.dumps(e.to_dict()) for e in _examples(0, 5)]
     path.write_text("\n".join(lines) + '\n{"kind": "answer", "prom')
     assert compact_spill(path, capacity=4, max_weight_version=None) == 1 + len(lines) - 4
     assert path.read_text().splitlines() == lines[-4:]
@@ -79,15 +89,13 @@ def _grad_check_loop(config):
     from ray.train.torch import get_device, prepare_model
 
     import ray.train
-    from ida_ray.actors.learner import make_ddp_trainer, param_digest
     from ida_ray.losses import collate_lm, model_loss
-    from ida_ray.models import build_adversary, build_model
+    from ida_ray.training import ImitationObjective, param_digest
 
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     cfg = IDAConfig.from_dict(config["ida_config"])
-    model, tok = build_model(cfg.model, cfg.seed)
-    adversary, _ = build_adversary(cfg.model, cfg.seed + 1)
-    trainer = make_ddp_trainer(model, adversary, tok, cfg.train, cfg.seed + rank, prepare_model, get_device())
+    trainer = ImitationObjective.build(cfg, rank=rank, world_size=world, device=get_device(), wrap=prepare_model)
+    model, tok = trainer.model, trainer.tokenizer
     examples = [Example(**e) for e in config["examples"] if e["kind"] == "answer"]
     batch = examples[rank * 8:(rank + 1) * 8]  # different data on each rank
     local = copy.deepcopy(model)
@@ -101,7 +109,7 @@ def _grad_check_loop(config):
     for _ in range(3):
         trainer.model_step(examples[(rank + 2) * 4:(rank + 3) * 4])
     digests = [None] * world
-    dist.all_gather_object(digests, param_digest(model))
+    dist.all_gather_object(digests, param_digest(trainer))
     # Ray Train V2 attaches metrics to checkpoints only: rank 0 writes its findings to a file.
     if rank == 0:
         Path(config["out"]).write_text(json.dumps({
@@ -126,7 +134,8 @@ def test_ddp_two_workers_average_gradients(ray_cluster, tmp_path):
     cfg = _cfg(tmp_path, 2)
     out = tmp_path / "gradcheck.json"
     TorchTrainer(
-        _grad_check_loop, train_loop_config={"ida_config": cfg.to_dict(), "examples": _examples(), "out": str(out)},
+        _grad_check_loop, train_loop_config={"ida_config": cfg.to_dict(), "examples": [e.to_dict() for e in _examples()],
+                                             "out": str(out)},
         torch_config=TorchConfig(backend="gloo"), scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(storage_path=str(tmp_path / "store"), name="gradcheck")).fit()
     m = json.loads(out.read_text())
@@ -145,18 +154,21 @@ def test_learner_rounds_checkpoint_resume(ray_cluster, tmp_path):
     learner.start()
     try:
         r0 = asyncio.run(learner.train(0))
+        d0 = learner.last_digests
         r1 = asyncio.run(learner.train(1, steps=2, adversary_steps=1))
+        d1 = learner.last_digests
         # The payload lives in rank 0's object store until its next round or the run's end.
-        payload = ray.get(r1.payload_ref)
+        payload = ray.get(r1.weights)
     finally:
         learner.stop()
     assert not learner._thread.is_alive()
     assert learner.start_seconds is not None and learner.start_seconds > 0
-    assert (r0.model_steps, r0.adversary_steps, r1.model_steps, r1.adversary_steps) == (4, 2, 2, 1)
-    assert r0.ranks_in_sync and r1.ranks_in_sync and len(r1.digests) == 2
-    assert r0.digests[0] != r1.digests[0]  # training changed the weights
-    assert r1.model_loss == r1.model_loss and r1.adversary_loss == r1.adversary_loss  # not NaN
-    assert r1.weight_version == 2 and r1.rank_metrics[1]["local_batch_size"] == 4
+    s0, s1 = r0.stats, r1.stats
+    assert (s0.model_steps, s0.adversary_steps, s1.model_steps, s1.adversary_steps) == (4, 2, 2, 1)
+    assert r0.ranks_in_sync and r1.ranks_in_sync and len(d1) == 2
+    assert d0[0] != d1[0]  # training changed the weights
+    assert s1.model_loss == s1.model_loss and s1.adversary_loss == s1.adversary_loss  # not NaN
+    assert r1.weight_version == 2 and s1.local_batch_size == 4  # batch 8 over 2 ranks
     assert isinstance(payload, WeightsPayload) and payload.model and payload.adversary
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
     assert ckpt is not None and ckpt.name == "iteration_0001" and str(ckpt) == r1.checkpoint_path
@@ -168,10 +180,10 @@ def test_learner_rounds_checkpoint_resume(ray_cluster, tmp_path):
                       start_iteration=2, resume_from=ckpt)
     learner.start()
     try:
-        r2 = asyncio.run(learner.train(2, steps=0, adversary_steps=0))
+        asyncio.run(learner.train(2, steps=0, adversary_steps=0))
     finally:
         learner.stop()
-    assert r2.digests[0] == r1.digests[0]  # no steps: exactly the checkpointed weights
+    assert learner.last_digests[0] == d1[0]  # no steps: exactly the checkpointed weights
     assert latest_checkpoint(tmp_path / "checkpoints").name == "iteration_0002"
 
 
@@ -203,11 +215,11 @@ def test_learner_honest_objective_two_workers(ray_cluster, tmp_path):
     learner.start()
     try:
         r0 = asyncio.run(learner.train(0))
-        payload = ray.get(r0.payload_ref)
+        payload = ray.get(r0.weights)
     finally:
         learner.stop()
-    assert r0.ranks_in_sync and len(r0.digests) == 2 and r0.model_steps == 4
-    h = r0.rank_metrics[0]["honest"]
+    assert r0.ranks_in_sync and len(learner.last_digests) == 2 and r0.stats.model_steps == 4
+    h = r0.stats.objective_stats
     assert h["trusted_examples"] > 0 and h["disagreement_c"] >= 0 and h["questions"] > 0
     assert 0 <= h["intended_right_where_simple_errs"] <= 1
     ckpt = Path(r0.checkpoint_path)

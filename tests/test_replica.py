@@ -21,7 +21,7 @@ from ida_ray.engine import TorchEngine  # noqa: E402
 from ida_ray.examples import Example  # noqa: E402
 from ida_ray.models import ModelSpec, build_adversary, build_model  # noqa: E402
 from ida_ray.prompts import answer_prompt  # noqa: E402
-from ida_ray.training import Trainer  # noqa: E402
+from ida_ray.training import ImitationObjective  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -56,7 +56,7 @@ def trained_parts(seed: int, steps: int):
     an adversary regressed onto targets."""
     model, tok = build_model(SPEC, seed=seed)
     adversary, _ = build_adversary(SPEC, seed=seed + 1)
-    trainer = Trainer(model, adversary, tok, TrainConfig(lr=1e-2, adversary_lr=1e-2), seed)
+    trainer = ImitationObjective(model, adversary, tok, TrainConfig(lr=1e-2, adversary_lr=1e-2), seed)
     examples = [Example("answer", answer_prompt(q), a) for q, a in TRAIN.items()]
     adv = [Example("adversary", answer_prompt(q), a, -0.5 * i) for i, (q, a) in enumerate(TRAIN.items())]
     for _ in range(steps):

@@ -1,4 +1,4 @@
-"""A person as the expert H of a distributed run: one `HumanQueue` (ida_ray/human_expert.py)
+"""A person as the expert H of a distributed run: one `HumanQueue` (ida_ray/experts.py)
 in a named async Ray actor, shared by every expander and the web page the driver serves.
 
     queue = start_human_queue(timeout_s=1800)                  # the driver, once per run
@@ -20,7 +20,7 @@ import time
 
 import ray
 
-from ida_ray.human_expert import HumanQueue, HumanTimeout, UnknownRequest
+from ida_ray.experts import HumanQueue, HumanTimeout, UnknownRequest
 from ida_ray.tasks.base import Task
 
 HUMAN_QUEUE_NAME = "ida-human-queue"

@@ -26,9 +26,9 @@ from ida_ray.errors import IDAError
 
 def build_human_runs(run_dir: Path, task_name: str, timeout_s: float, seed: int, model_dir: str | None,
                      max_new_tokens: int):
-    """HumanRuns on the tiny model served in-process (the engine of ida_ray.local_loop)."""
+    """HumanRuns on the tiny model served in-process (the engine of the local backend)."""
     from ida_ray.engine import TorchEngine
-    from ida_ray.human_expert import HumanQueue
+    from ida_ray.experts import HumanQueue
     from ida_ray.models import ModelSpec, build_adversary, build_model, load_adversary, load_model
     from ida_ray.tasks import get_task
     from ida_ray.tokenizer import build_tokenizer
