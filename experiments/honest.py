@@ -194,7 +194,8 @@ def main(argv=None) -> dict:
             "agree_acc": "answering head = truth, on inputs where simple is right",
             "instrumental_*": "the same for the instrumental head",
             "c_small_set": "C on the whole small set at the end (nats per answer)"},
-        "by_method": by_method(rows), "rows": rows, "wall_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time(), 1),
+        "by_method": by_method(rows), "rows": rows, "wall_seconds": round(time.time() - t0, 1),
+        "cpu_seconds": round(time.process_time(), 1),
         "note": "wall_seconds were measured on a 2-core machine shared with other jobs (load 7-20); cpu_seconds "
                 "is the process's own CPU time, about the wall time on an idle core with --threads 1"}
     out = common.write_result(result, args.out, "honest", argv)

@@ -170,7 +170,7 @@ def measure_adversary(replicas: dict, n: int = 256, repeats: int = 5) -> dict:
              for _ in range(n)]
     prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
     rates = {name: {"one_call": [], "separate_calls": []} for name in replicas}
-    for name, replica in replicas.items():
+    for replica in replicas.values():
         ray.get(replica.adversary.remote(prompts, completions))  # warm-up
     for _ in range(repeats):
         for name, replica in replicas.items():

@@ -19,11 +19,10 @@ import uuid
 
 from ida_ray.config import AmplifyConfig
 from ida_ray.engine import Engine, Generation
-from ida_ray.errors import (DepthExceeded, ExpertFailure, FanInRoundsExceeded, IDAError, OutputTooLong,
-                            ParseError)
+from ida_ray.errors import DepthExceeded, ExpertFailure, FanInRoundsExceeded, IDAError, OutputTooLong, ParseError
 from ida_ray.experts import CodedExpert
 from ida_ray.prompts import answer_prompt, fan_in_prompt, fan_out_prompt, format_step, parse_answer, parse_step
-from ida_ray.steps import Answer, Split, Step
+from ida_ray.steps import Split, Step
 from ida_ray.tasks.base import Task
 from ida_ray.tree import EXPERT, HPRIME, MODEL, Node, Round, StepRecord, Tree, error_record
 

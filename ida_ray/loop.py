@@ -44,8 +44,16 @@ from ida_ray.evaluation import evaluate, heldout_questions
 from ida_ray.expansion import failure_result
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
 from ida_ray.questions import UserQuestion, for_iteration
-from ida_ray.run_dir import (PLOT_FILE, STATE_FILE, append_metrics, check_run_dir, read_history,
-                             rng_state_from_json, rng_state_to_json, write_json_atomic)
+from ida_ray.run_dir import (
+    PLOT_FILE,
+    STATE_FILE,
+    append_metrics,
+    check_run_dir,
+    read_history,
+    rng_state_from_json,
+    rng_state_to_json,
+    write_json_atomic,
+)
 from ida_ray.tasks import get_task
 from ida_ray.tasks.base import Task
 from ida_ray.tree import Tree
@@ -207,7 +215,7 @@ class IDARun:
     async def run_iteration(self, it: int) -> dict:
         if it != self.completed:
             raise ValueError(f"iteration {it} requested, but {self.completed} iterations are complete")
-        cfg, phases = self.cfg, {}
+        phases: dict[str, float] = {}
         t_start = t = time.time()
 
         def lap(name):

@@ -9,8 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig,
-                          LlamaForCausalLM, LlamaForSequenceClassification)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
 
 from ida_ray.tokenizer import build_tokenizer
 

@@ -17,6 +17,7 @@ from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
 from ida_ray.questions import UserQuestion, context_needed, read_questions
 
+
 def _context_problem(cfg: IDAConfig, task) -> str | None:
     """The largest training questions' trees must fit the model's context."""
     rng = random.Random(cfg.seed)

@@ -5,16 +5,16 @@ import random
 from collections import Counter
 
 import pytest
+from scripted_engine import ScriptedEngine, garbage_policy, oracle_policy
 
 from ida_ray.amplify import adversarial_question, amplify_tree, distill_tree, gumbel_argmax
 from ida_ray.config import AmplifyConfig
 from ida_ray.examples import tree_examples
 from ida_ray.prompts import answer_prompt
-from ida_ray.steps import Answer, Split
+from ida_ray.steps import Split
 from ida_ray.tasks import get_task
 from ida_ray.tasks.sum_list import SumList
 from ida_ray.tree import EXPERT, HPRIME, MODEL, Tree
-from scripted_engine import ScriptedEngine, garbage_policy, oracle_policy
 
 TASK = get_task("sum")
 

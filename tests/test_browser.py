@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_viewer import make_trees, write_run
 
 from ida_ray.prompts import format_step
-from ida_ray.tree import EXPERT
 from ida_ray.tasks import get_task
-from test_viewer import make_trees, write_run
+from ida_ray.tree import EXPERT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -75,7 +75,7 @@ class Served:
             except OSError:
                 if self.proc.poll() is not None or time.time() > deadline:
                     self.stop()
-                    raise AssertionError(f"{args[:2]} did not serve the page:\n{log_path.read_text()[-5000:]}")
+                    raise AssertionError(f"{args[:2]} did not serve the page:\n{log_path.read_text()[-5000:]}") from None
                 time.sleep(0.3)
 
     def stop(self) -> None:

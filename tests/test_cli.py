@@ -142,6 +142,23 @@ def test_default_is_local_cpu_vllm_sum():
     assert cfg.backend == "ray" and cfg.validate() is cfg
 
 
+def test_one_tiny_iteration_from_the_command_line(tmp_path):
+    """The installed console script, as a user runs it: one tiny iteration in one process."""
+    exe = Path(sys.executable).parent / "ida-ray"
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [str(exe), "train", "--backend", "local", "--iterations", "1", "--amplify-trees", "8", "--run-dir",
+         str(run_dir), "--no-progress", "distill_trees_per_iteration=4", "eval_questions_per_size=4",
+         "train.steps_per_iteration=3", "train.adversary_steps_per_iteration=1",
+         "model={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== ida-ray results ==" in done.stdout and "iter 0:" in done.stdout
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["backend"], config["engine"], config["amplify_trees_per_iteration"]) == ("local", "torch", 8)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_console_script_runs_and_resumes(tmp_path):

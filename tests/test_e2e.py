@@ -13,8 +13,8 @@ import pytest
 import ray
 
 from ida_ray.config import AmplifyConfig, ClusterResources, IDAConfig, TrainConfig
-from ida_ray.errors import ConfigError
 from ida_ray.entrypoints.train import train
+from ida_ray.errors import ConfigError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -2,13 +2,12 @@
 import asyncio
 
 import pytest
-import torch
 
+from ida_ray.config import TrainConfig
 from ida_ray.engine import TorchEngine
 from ida_ray.examples import Example
 from ida_ray.models import ModelSpec, build_adversary, build_model
 from ida_ray.training import ImitationObjective
-from ida_ray.config import TrainConfig
 
 SPEC = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 

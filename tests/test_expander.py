@@ -14,12 +14,12 @@ import pytest
 pytest.importorskip("vllm")
 ray = pytest.importorskip("ray")
 
-from ida_ray.serving.engine_pool import ReplicaPool  # noqa: E402
 from ida_ray.actors.expander import start_expanders  # noqa: E402
-from ida_ray.messages import ExpandJob, InvalidJob  # noqa: E402
-from ida_ray.serving.weights import WeightsPayload  # noqa: E402
 from ida_ray.actors.replica import start_replicas  # noqa: E402
+from ida_ray.messages import ExpandJob, InvalidJob  # noqa: E402
 from ida_ray.models import ModelSpec  # noqa: E402
+from ida_ray.serving.engine_pool import ReplicaPool  # noqa: E402
+from ida_ray.serving.weights import WeightsPayload  # noqa: E402
 from ida_ray.tasks import get_task  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -117,7 +117,7 @@ def test_a_malformed_job_is_rejected_before_any_tree(expander):
         try:
             ray.get(expander.expand.remote([ExpandJob("a", "1,2", "amplify", iteration=0), {"question": "1"}]))
         except ray.exceptions.RayTaskError as exc:
-            raise exc.cause
+            raise exc.cause from None
     assert ray.get(expander.health.remote())["trees_completed"] == before
 
 

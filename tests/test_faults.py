@@ -23,13 +23,13 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from ida_ray.cluster.job_dispatch import dispatch_jobs
 from ida_ray.config import IDAConfig
-from ida_ray.errors import ConfigError, ParseError
-from ida_ray.questions import context_needed, for_iteration, read_questions
-from ida_ray.tasks import get_task
 from ida_ray.entrypoints import cli
+from ida_ray.errors import ConfigError, ParseError
 from ida_ray.examples import Example
 from ida_ray.expansion import failure_result
 from ida_ray.messages import ExpandJob, ExpandResult
+from ida_ray.questions import context_needed, for_iteration, read_questions
+from ida_ray.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 SUM = get_task("sum")
@@ -321,7 +321,7 @@ def test_a_booby_trapped_checkpoint_runs_no_code(tmp_path):
     evil.mkdir()
     (evil / "config.json").write_text((ckpt / "model" / "config.json").read_text())
     torch.save(_Payload(marker), evil / "pytorch_model.bin")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises, it must not unpickle
         load_model(evil)
     assert not marker.exists()
 

@@ -10,13 +10,25 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from ida_ray.errors import ConfigError
 from ida_ray.examples import Example
-from ida_ray.honest.comparisons import (Comparison, ConfidentJudge, amplified_answers, collate_comparisons,
-                                        collect_comparisons, comparison_nll)
+from ida_ray.honest.comparisons import (
+    Comparison,
+    ConfidentJudge,
+    amplified_answers,
+    collate_comparisons,
+    collect_comparisons,
+    comparison_nll,
+)
 from ida_ray.honest.fit import label_examples
-from ida_ray.honest.labels import (ComplexLabeller, SumDropsCarryIntoTwenties, build_datasets, simple_labeller)
-from ida_ray.honest.objective import (ComparisonConfig, HonestConfig, HonestTrainer, disagreement, intended_nll,
-                                      split_parameters)
-from ida_ray.honest.two_headed import (INSTRUMENTAL_FILE, build_two_headed, load_two_headed, save_two_headed)
+from ida_ray.honest.labels import ComplexLabeller, SumDropsCarryIntoTwenties, build_datasets, simple_labeller
+from ida_ray.honest.objective import (
+    ComparisonConfig,
+    HonestConfig,
+    HonestTrainer,
+    disagreement,
+    intended_nll,
+    split_parameters,
+)
+from ida_ray.honest.two_headed import INSTRUMENTAL_FILE, build_two_headed, load_two_headed, save_two_headed
 from ida_ray.losses import collate_lm
 from ida_ray.models import ModelSpec
 from ida_ray.prompts import answer_prompt
@@ -262,7 +274,8 @@ def test_collected_comparisons_are_confident_and_favour_the_complex_answer(model
         trainer.step(lambda m: intended_nll(m, batch), batch)
     questions = [TASK.generate(2, rng) for _ in range(40)]
     judge = ConfidentJudge(TASK)
-    comps = collect_comparisons(model, tok, questions, TASK, judge, ComparisonConfig(samples=12, temperature=2.0, amplified=False))
+    comps = collect_comparisons(model, tok, questions, TASK, judge,
+                                ComparisonConfig(samples=12, temperature=2.0, amplified=False))
     assert judge.judged > judge.kept == len(comps) > 0  # an untrained model: most pairs are dropped
     assert all(c.better == TASK.solve(c.question) != c.worse and c.confidence == 1.0 for c in comps)
 

@@ -84,11 +84,11 @@ def _grad_check_loop(config):
     the mean of every rank's local (unsynced) gradient computed on a copy of the model."""
     import copy
 
+    import ray.train
     import torch
     import torch.distributed as dist
     from ray.train.torch import get_device, prepare_model
 
-    import ray.train
     from ida_ray.losses import collate_lm, model_loss
     from ida_ray.training import ImitationObjective, param_digest
 

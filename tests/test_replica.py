@@ -13,14 +13,14 @@ import torch
 pytest.importorskip("vllm")
 ray = pytest.importorskip("ray")
 
-from ida_ray.serving.engine_pool import ReplicaPool  # noqa: E402
 from ida_ray.actors.replica import start_replicas  # noqa: E402
-from ida_ray.serving.weights import WeightsError, WeightsPayload  # noqa: E402
 from ida_ray.config import TrainConfig  # noqa: E402
 from ida_ray.engine import TorchEngine  # noqa: E402
 from ida_ray.examples import Example  # noqa: E402
 from ida_ray.models import ModelSpec, build_adversary, build_model  # noqa: E402
 from ida_ray.prompts import answer_prompt  # noqa: E402
+from ida_ray.serving.engine_pool import ReplicaPool  # noqa: E402
+from ida_ray.serving.weights import WeightsError, WeightsPayload  # noqa: E402
 from ida_ray.training import ImitationObjective  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -169,7 +169,7 @@ def test_a_payload_that_does_not_fit_is_rejected(replicas, swapped, tiny_spec):
         try:
             ray.get(replicas[0].load_weights.remote(WeightsPayload.from_modules(other), version + 1))
         except ray.exceptions.RayTaskError as exc:
-            raise exc.cause
+            raise exc.cause from None
     assert ray.get(replicas[0].weight_version.remote()) == version
     with pytest.raises(WeightsError):
         WeightsPayload(None, None)
@@ -189,8 +189,8 @@ def test_payload_roundtrip_keeps_tensors(tmp_path, weights_v1):
 def test_fast_prompt_encoding_equals_the_tokenizer():
     """The replica's char-level fast path gives exactly ida_ray.losses.encode's ids, including
     text with unknown characters and text that spells a special token."""
-    from ida_ray.serving.vllm_engine import PromptEncoder
     from ida_ray.losses import encode
+    from ida_ray.serving.vllm_engine import PromptEncoder
     from ida_ray.tokenizer import build_tokenizer
 
     tok = build_tokenizer()

@@ -12,6 +12,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scripted_engine import ScriptedEngine, oracle_policy
 
 from ida_ray.amplify import amplify_tree
 from ida_ray.config import AmplifyConfig
@@ -20,7 +21,6 @@ from ida_ray.prompts import RESERVED
 from ida_ray.steps import Answer, Split
 from ida_ray.tasks import QUESTION_CHARS, TASKS, expert_tree_answer, get_task
 from ida_ray.tree import EXPERT
-from scripted_engine import ScriptedEngine, oracle_policy
 
 NAMES = sorted(TASKS)
 SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
@@ -94,7 +94,7 @@ def test_expert_tree_equals_solve_at_every_default_size(name, seed):
         answer, steps = expert_steps(task, q)
         assert answer == expert_tree_answer(task, q) == task.solve(q), q
         assert task.is_valid_answer(q, answer)
-        for question, step, sub in steps:
+        for question, step, _sub in steps:
             assert legal(question) and task.parse(question) is not None
             texts = [step.text] if isinstance(step, Answer) else [step.q1, step.q2]
             assert all(legal(t) for t in texts), (question, step)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from scripted_engine import ScriptedEngine, garbage_policy, oracle_policy
 
 from ida_ray.amplify import amplify_tree, distill_tree
 from ida_ray.config import AmplifyConfig
@@ -18,7 +19,6 @@ from ida_ray.tree import EXPERT, HPRIME
 from ida_ray.viewer import create_app
 from ida_ray.viewer.human_runs import HumanRuns
 from ida_ray.viewer.store import TreeStore
-from scripted_engine import ScriptedEngine, garbage_policy, oracle_policy
 
 TASK = get_task("sum")
 

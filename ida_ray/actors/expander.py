@@ -25,9 +25,9 @@ import time
 
 from ida_ray.config import AmplifyConfig
 from ida_ray.expansion import expand_job
+from ida_ray.experts import HumanExpert
 from ida_ray.messages import ExpandJob, ExpandResult, InvalidJob
 from ida_ray.serving.engine_pool import ReplicaPool
-from ida_ray.experts import HumanExpert
 from ida_ray.tasks import get_task
 
 

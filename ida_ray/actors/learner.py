@@ -92,7 +92,7 @@ class LearnerControl:
                     await self._changed.wait()
         try:
             return await asyncio.wait_for(ready(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return RoundResults()
 
     async def ready(self, rank: int, last: int) -> None:

@@ -46,8 +46,16 @@ from collections import Counter
 from pathlib import Path
 
 from ida_ray.serving.step_log import list_summary
-from ida_ray.serving.weights import (WEIGHTS_FILE, WeightsError, WeightsPayload, check_shapes, pack_dir, shapes_of_bytes,
-                            shapes_of_file, unpack_dir)
+from ida_ray.serving.weights import (
+    WEIGHTS_FILE,
+    WeightsError,
+    WeightsPayload,
+    check_shapes,
+    pack_dir,
+    shapes_of_bytes,
+    shapes_of_file,
+    unpack_dir,
+)
 
 ENGINES = ("vllm", "torch")
 

@@ -8,11 +8,12 @@ raises RayActorError: ActorDiedError, or ActorUnavailableError while it restarts
 chunk is sent again, to the next expander in turn (which may be the same one once Ray has
 restarted it). Calls to an actor that Ray is restarting fail at once rather than wait, so
 before a re-send the expander is probed with back-off until it answers (up to
-`restart_timeout_s`); one that is dead for good (ActorDiedError) is passed over. Trees are seeded per job, so a re-issued tree is the tree the first attempt
-would have built. After `max_attempts` tries, or when an expander raises inside `expand` (a
-bug or an invalid job: retrying would fail the same way), each job of the chunk gets a failed
-tree record instead, with the error's kind, so the caller still gets exactly one record per
-job. Results are checked by job_id: a duplicate or a missing id is a bug and raises.
+`restart_timeout_s`); one that is dead for good (ActorDiedError) is passed over. Trees are
+seeded per job, so a re-issued tree is the tree the first attempt would have built. After
+`max_attempts` tries, or when an expander raises inside `expand` (a bug or an invalid job:
+retrying would fail the same way), each job of the chunk gets a failed tree record instead,
+with the error's kind, so the caller still gets exactly one record per job. Results are
+checked by job_id: a duplicate or a missing id is a bug and raises.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ async def _reachable(handle, timeout_s: float) -> bool:
             return True
         except ActorDiedError:
             return False
-        except (RayActorError, asyncio.TimeoutError):
+        except (TimeoutError, RayActorError):
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(delay)

@@ -50,7 +50,8 @@ class HonestConfig:
     theta1_prefixes: tuple[str, ...] = ("lm.lm_head.", "lm.model.embed_tokens.", "lm.model.norm.")
     stop_gradient_intended: bool = True  # the seed's stop-gradient in C; False only for ablation
     theta1_c_difference: bool = True  # θ₁ step minimises λ(C(θ₂new) - C(θ₂old)); False: ablation
-    mode: Literal["likelihood", "comparisons"] = "likelihood"  # "likelihood": L on labels | "comparisons": L on confident verdicts
+    # "likelihood": L on labels | "comparisons": L on confident verdicts
+    mode: Literal["likelihood", "comparisons"] = "likelihood"
     optimizer: Literal["adam", "sgd"] = "adam"  # "adam" | "sgd" (stochastic gradient either way; adam is faster here)
     lr1: float = 2e-3
     lr2: float = 2e-3

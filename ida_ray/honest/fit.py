@@ -4,13 +4,18 @@ comparisons (comparison mode). Both draw minibatches with replacement and call
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ida_ray.examples import Example
-from ida_ray.honest.comparisons import (Comparison, ConfidentJudge, collate_comparisons, collect_comparisons,
-                                        comparison_nll)
+from ida_ray.honest.comparisons import (
+    Comparison,
+    ConfidentJudge,
+    collate_comparisons,
+    collect_comparisons,
+    comparison_nll,
+)
 from ida_ray.honest.labels import Labelled
 from ida_ray.honest.objective import HonestTrainer, intended_nll
 from ida_ray.losses import collate_lm

@@ -47,11 +47,10 @@ Choices the seed leaves open, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from ida_ray.errors import ConfigError

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from ida_ray.serving.step_log import StepLog
 from ida_ray.engine import MicroBatcher, adversary_scores
 from ida_ray.examples import Example
 from ida_ray.losses import collate_adversary, encode
 from ida_ray.models import load_adversary
+from ida_ray.serving.step_log import StepLog
 
 
 class TorchAdversaryScorer:

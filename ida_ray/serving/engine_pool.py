@@ -193,7 +193,7 @@ class ReplicaPool(Engine):
             wake.clear()  # every waiter is woken by the next set() and checks again
             try:
                 await asyncio.wait_for(wake.wait(), timeout=None if up else remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _release(self, rep: _Replica, n: int) -> None:

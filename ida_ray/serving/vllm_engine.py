@@ -33,12 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ida_ray.serving.adversary_scorer import TorchAdversaryScorer, VllmAdversaryScorer
-from ida_ray.serving.step_log import StepLog, list_summary
-from ida_ray.serving.swap_gate import SwapGate
 from ida_ray.engine import Engine, Generation
 from ida_ray.errors import ConfigError, IDAError, NoAdversary
 from ida_ray.losses import encode
+from ida_ray.serving.adversary_scorer import TorchAdversaryScorer, VllmAdversaryScorer
+from ida_ray.serving.step_log import StepLog, list_summary
+from ida_ray.serving.swap_gate import SwapGate
 
 
 class RequestTooLong(IDAError, ValueError):

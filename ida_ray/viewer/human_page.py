@@ -22,8 +22,8 @@ class HumanPage:
 
     def __init__(self, cfg: IDAConfig, log=print):
         from ida_ray.actors.human_queue import RayHumanBackend, start_human_queue
-        from ida_ray.viewer import create_app
         from ida_ray.entrypoints.viewer import PageServer
+        from ida_ray.viewer import create_app
 
         self.cfg, self.coordinator = cfg, None
         self.queue = start_human_queue(cfg.human_timeout_s)
