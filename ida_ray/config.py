@@ -157,7 +157,8 @@ class IDAConfig:
     """One run: the task, the loop's sizes, the expert, the objective, where it runs."""
 
     task: str = "sum"
-    """Task name (ida_ray.tasks.TASKS)."""
+    """A built-in task's name (sum, perm, assign, path) or a user's Task class as an import
+    path, `my_pkg.tasks:Kinship` (docs/TASKS.md)."""
     task_kwargs: dict = field(default_factory=dict)
     """Options of the task's constructor (e.g. sum: base_size, max_digit)."""
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -225,11 +226,13 @@ class IDAConfig:
         return self
 
     def _problems(self) -> list[str]:
-        from ida_ray.tasks import TASKS
+        from ida_ray.tasks import task_class
 
         p = []
-        if self.task not in TASKS:
-            p.append(f"task {self.task!r} is not one of {sorted(TASKS)}")
+        try:
+            task_class(self.task)
+        except ConfigError as exc:
+            p.append(str(exc))
         for name in ("iterations", "amplify_trees_per_iteration", "trees_in_flight", "replicas", "expanders",
                      "learner_workers", "eval_questions_per_size"):
             if getattr(self, name) < 1:

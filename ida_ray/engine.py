@@ -173,7 +173,7 @@ class TorchEngine(Engine):
     def _generate_batch(self, prompts: list[str]) -> list[Generation]:
         version = self._version
         tok = self.tokenizer
-        enc = tok(prompts, return_tensors="pt", padding=True)
+        enc = self._left_padded(prompts)
         out = self.model.generate(
             **enc, max_new_tokens=self.max_new_tokens, do_sample=False, output_scores=True,
             return_dict_in_generate=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -191,12 +191,28 @@ class TorchEngine(Engine):
             results.append(Generation(text, float(lp), finished, version))
         return results
 
+    def _bos(self) -> list[int]:
+        return [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+
+    def _left_padded(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """[BOS] prompt, left-padded for generation: the same ids training sees
+        (`ida_ray.losses.encode`), whatever the tokenizer's own special-token rules."""
+        seqs = [self._bos() + self._ids(p) for p in prompts]
+        device = next(self.model.parameters()).device
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
     def _teacher_forced(self, pairs: list[tuple[str, str]], with_eos: bool):
         """Right-padded [BOS] prompt completion [EOS] batch, and each completion's span."""
         tok = self.tokenizer
         seqs, spans = [], []
         for prompt, completion in pairs:
-            p = [tok.bos_token_id] + self._ids(prompt)
+            p = self._bos() + self._ids(prompt)
             c = self._ids(completion) + ([tok.eos_token_id] if with_eos else [])
             seqs.append(p + c)
             spans.append((len(p), len(p) + len(c)))

@@ -20,5 +20,5 @@ async def evaluate(task: Task, engine: Engine, questions: dict[int, list[str]]) 
     gens = await engine.generate([answer_prompt(q) for _, q in flat])
     right: dict[int, list[int]] = {s: [] for s in questions}
     for (s, q), g in zip(flat, gens):
-        right[s].append(int(g.finished and g.text == task.solve(q)))
+        right[s].append(int(g.finished and task.is_correct(q, g.text)))
     return {s: sum(v) / len(v) for s, v in right.items()}

@@ -1,6 +1,6 @@
 """Loss functions over batches of examples.
 
-Sequences are [BOS] prompt completion [EOS], right-padded; only completion and EOS tokens
+Sequences are [BOS] prompt completion [EOS] (BOS where the tokenizer has one), right-padded; only completion and EOS tokens
 carry the imitation loss. The loss of a sequence is its summed negative log-likelihood
 (-log M(completion | prompt), as in ALGORITHM.md), averaged over the batch.
 """
@@ -13,8 +13,14 @@ from ida_ray.engine import adversary_scores
 from ida_ray.examples import Example
 
 
+def bos(tokenizer) -> list[int]:
+    """[BOS] for a tokenizer that defines one (Llama's, the project's); [] for one that has
+    none (Qwen's, GPT-2's)."""
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+
+
 def encode(tokenizer, prompt: str, completion: str, eos: bool) -> tuple[list[int], int]:
-    p = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    p = bos(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
     return p + c, len(p)
 

@@ -1,17 +1,24 @@
-"""Tiny models the project builds itself: a Llama-architecture causal LM (the model M) and a
-Llama sequence classifier with one output (the adversary), each saved with the project's
-tokenizer as an HF directory (config.json, model.safetensors, tokenizer.json) that
-transformers and vLLM both load. Nothing is downloaded."""
+"""The model M and the adversary.
+
+M is either the tiny Llama-architecture causal LM the project builds itself, with its
+character tokenizer (the embedded default), or any Hugging Face causal LM a user names by
+`ModelSpec.path` (a local directory, or a hub id where the user's site can download: nothing
+here downloads), with its own tokenizer. The adversary is a small Llama sequence classifier
+with one output, over M's tokenizer, shaped by the spec. Each is saved as an HF directory
+(config.json, model.safetensors, tokenizer files) that transformers and vLLM both load."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -22,8 +29,14 @@ from ida_ray.tokenizer import build_tokenizer
 
 @dataclass(kw_only=True)
 class ModelSpec:
-    """Shape of the tiny Llama the project builds for M (and for the adversary's trunk)."""
+    """M, and the shape of the tiny Llama the project builds (for M when no path is given, and
+    always for the adversary)."""
 
+    path: str | None = None
+    """An HF causal LM to start M from: a local directory or a hub id. None: the tiny Llama
+    below, built from the run's seed. Replicas, learner and evaluation all load these weights."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype for M, in the learner and the replicas (bf16/fp16 on GPU; float32 on CPU)."""
     hidden_size: int = 128
     num_layers: int = 3
     num_heads: int = 4
@@ -41,6 +54,17 @@ class ModelSpec:
             return [f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads ({self.num_heads})"]
         return []
 
+    def context_length(self) -> int:
+        """Prompt plus completion must fit in this: the path's own config, or max_positions."""
+        if self.path is None:
+            return self.max_positions
+        config = AutoConfig.from_pretrained(self.path)
+        return int(getattr(config, "max_position_embeddings", None) or self.max_positions)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
     def llama_config(self, tokenizer, **extra) -> LlamaConfig:
         return LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=self.hidden_size,
@@ -52,16 +76,40 @@ class ModelSpec:
             dtype="float32", **extra)
 
 
-def build_model(spec: ModelSpec, seed: int = 0) -> tuple[LlamaForCausalLM, object]:
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(spec.llama_config(tokenizer))
+def load_tokenizer(source: str | os.PathLike):
+    """A model's own tokenizer, with a pad token (its EOS when it defines none: batches are
+    padded, and masked, so the pad's identity does not matter)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    tokenizer.padding_side = "left"  # generation batches are padded on the left
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        from ida_ray.errors import ConfigError
+
+        raise ConfigError(f"{source}: the tokenizer defines no EOS token, so generations could never finish")
+    return tokenizer
+
+
+def model_tokenizer(spec: ModelSpec):
+    """M's tokenizer: the model's own for a path, else the project's character tokenizer."""
+    return build_tokenizer() if spec.path is None else load_tokenizer(spec.path)
+
+
+def build_model(spec: ModelSpec, seed: int = 0) -> tuple[torch.nn.Module, object]:
+    """M and its tokenizer: loaded from spec.path, or the tiny Llama built from `seed`."""
+    tokenizer = model_tokenizer(spec)
+    if spec.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=spec.torch_dtype)
+    else:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(spec.llama_config(tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
 def build_adversary(spec: ModelSpec, seed: int = 1) -> tuple[LlamaForSequenceClassification, object]:
-    tokenizer = build_tokenizer()
+    """A fresh adversary over M's tokenizer (a small separate model, shaped by the spec)."""
+    tokenizer = model_tokenizer(spec)
     torch.manual_seed(seed)
     adversary = LlamaForSequenceClassification(spec.llama_config(tokenizer, num_labels=1))
     return adversary, tokenizer
@@ -76,8 +124,8 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load_model(directory: str | os.PathLike) -> LlamaForCausalLM:
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
 
 
 def load_adversary(directory: str | os.PathLike) -> LlamaForSequenceClassification:
@@ -95,3 +143,65 @@ def create_model_dirs(root: str | os.PathLike, spec: ModelSpec | None = None, se
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# A second architecture, built here: a tiny Qwen2 with a byte-level BPE tokenizer trained on
+# the task's own text. It stands in for a user's checkpoint (its own tokenizer, no BOS token,
+# tied embeddings, a chat template) on a machine that downloads nothing.
+# ---------------------------------------------------------------------------------------
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on `texts` (any text: every byte has a token), with
+    ChatML specials and template, EOS <|im_end|>, pad <|endoftext|> and no BOS, as Qwen's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left", clean_up_tokenization_spaces=False)
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def create_tiny_qwen2(directory: str | os.PathLike, texts, *, hidden_size: int = 64, num_layers: int = 2,
+                      num_heads: int = 2, num_kv_heads: int = 1, max_positions: int = 256, seed: int = 0) -> Path:
+    """An HF directory holding a fresh Qwen2ForCausalLM (head size hidden/heads: 32 by default,
+    which vLLM-CPU supports) and its BPE tokenizer trained on `texts`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = train_bpe_tokenizer(texts)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, dtype="float32")
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return save_pretrained(model, tokenizer, directory)
+
+
+def task_corpus(task, sizes, n: int = 400, seed: int = 0) -> list[str]:
+    """Text of the task's own prompts and answers in the compact format, to train a tokenizer on."""
+    import random
+
+    from ida_ray.prompts import answer_prompt, fan_out_prompt
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        q = task.generate(rng.choice(list(sizes)), rng)
+        out += [answer_prompt(q) + task.solve(q), fan_out_prompt(q)]
+    return out

@@ -19,13 +19,32 @@ from ida_ray.questions import UserQuestion, context_needed, read_questions
 
 
 def _context_problem(cfg: IDAConfig, task) -> str | None:
-    """The largest training questions' trees must fit the model's context."""
+    """The largest training questions' trees must fit the model's context (counted in
+    characters: at least one token each for the character tokenizer, an upper bound for BPE)."""
     rng = random.Random(cfg.seed)
     size = max(cfg.sizes(task))
     need = max(context_needed(task, task.generate(size, rng), cfg.amplify.max_new_tokens) for _ in range(8))
-    if need > cfg.model.max_positions:
+    have = cfg.model.context_length()
+    if need > have:
+        where = f"model {cfg.model.path}'s context of {have}" if cfg.model.path else f"model.max_positions={have}"
         return (f"questions of size {size} need {need} positions (prompt + amplify.max_new_tokens), more than "
-                f"model.max_positions={cfg.model.max_positions}: raise it, or lower the sizes or max_new_tokens")
+                f"{where}: raise it, or lower the sizes or max_new_tokens")
+    return None
+
+
+def _model_problem(cfg: IDAConfig) -> str | None:
+    """A model path that does not load is refused before any actor tries to load it."""
+    if cfg.model.path is None:
+        return None
+    try:
+        cfg.model.context_length()
+        from ida_ray.models import load_tokenizer
+
+        load_tokenizer(cfg.model.path)
+    except ConfigError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
+        return f"model.path {cfg.model.path!r} does not load as a Hugging Face causal LM: {str(exc)[:300]}"
     return None
 
 
@@ -65,6 +84,8 @@ def check_config(cfg: IDAConfig, *, address: str | None = None) -> IDAConfig:
     """The configuration, validated; ConfigError listing every problem otherwise."""
     cfg.validate()  # the config may have been changed since it was made
     problems = backend_problems(cfg)
+    model_problem = _model_problem(cfg)
+    problems += [model_problem] if model_problem else []
     from ida_ray.tasks import get_task
 
     try:
@@ -107,4 +128,4 @@ def check_questions_file(cfg: IDAConfig, path: str | Path | None) -> list[UserQu
     from ida_ray.tasks import get_task
 
     task = get_task(cfg.task, **cfg.task_kwargs)
-    return read_questions(path, task, cfg.model.max_positions, cfg.amplify.max_new_tokens)
+    return read_questions(path, task, cfg.model.context_length(), cfg.amplify.max_new_tokens)

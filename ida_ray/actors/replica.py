@@ -64,7 +64,7 @@ class ModelReplica:
     def __init__(self, model_dir, adversary_dir=None, *, engine: str = "vllm", adversary_backend: str | None = None,
                  max_new_tokens: int = 48, use_gpu: bool = False, tensor_parallel_size: int = 1,
                  max_num_seqs: int = 256, weight_transfer: str | None = None, name: str = "replica",
-                 seed: int = 0, cache_size: int = 200_000):
+                 seed: int = 0, cache_size: int = 200_000, dtype: str = "float32"):
         """model_dir / adversary_dir: a local HF directory, or its files packed by
         `ida_ray.serving.weights.pack_dir` (what `start_replicas` passes, so no shared filesystem is
         needed). The engines start on the first call (`ready()`)."""
@@ -80,7 +80,7 @@ class ModelReplica:
         self.max_new_tokens = max_new_tokens
         self.cache_size = cache_size  # greedy results kept per weight version; 0 turns caching off
         self.options = dict(use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs,
-                            weight_transfer=weight_transfer, seed=seed)
+                            weight_transfer=weight_transfer, seed=seed, dtype=dtype)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"ida-{name}-"))
         self.model_dir = self._local_dir(model_dir, "initial/model")
         self.adversary_dir = None if adversary_dir is None else self._local_dir(adversary_dir, "initial/adversary")
@@ -127,18 +127,18 @@ class ModelReplica:
             o = self.options
             settings = VllmSettings(use_gpu=o["use_gpu"], tensor_parallel_size=o["tensor_parallel_size"],
                                     max_num_seqs=o["max_num_seqs"], weight_transfer=o["weight_transfer"],
-                                    seed=o["seed"])
+                                    seed=o["seed"], dtype=o["dtype"])
             return VllmEngine(self.model_dir, self.adversary_dir, max_new_tokens=self.max_new_tokens,
                               adversary_backend=self.adversary_backend, settings=settings,
                               cache_size=self.cache_size)
-        from transformers import AutoTokenizer
+        import torch
 
         from ida_ray.engine import TorchEngine
-        from ida_ray.models import load_adversary, load_model
+        from ida_ray.models import load_adversary, load_model, load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         adversary = None if self.adversary_dir is None else load_adversary(self.adversary_dir)
-        return TorchEngine(load_model(self.model_dir), adversary, tokenizer, max_new_tokens=self.max_new_tokens,
+        model = load_model(self.model_dir, getattr(torch, self.options["dtype"]))
+        return TorchEngine(model, adversary, load_tokenizer(self.model_dir), max_new_tokens=self.max_new_tokens,
                            cache_size=self.cache_size)
 
     async def ready(self) -> dict:
@@ -283,8 +283,8 @@ def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm
                    adversary_backend: str | None = None, num_cpus: float = 1, max_restarts: int = 2,
                    max_task_retries: int = 0, kv_cache_gib: int = 1, omp_threads_bind: str | None = None,
                    max_num_seqs: int = 256,
-                   weight_transfer: str | None = None, cache_size: int = 200_000, wait: bool = True,
-                   timeout_s: float = 600) -> list:
+                   weight_transfer: str | None = None, cache_size: int = 200_000, dtype: str = "float32",
+                   wait: bool = True, timeout_s: float = 600) -> list:
     """Start n named replica actors (name_prefix-0, ...) and, with wait, block until every
     engine has started. A replica that fails to start is killed and the error raised."""
     import ray
@@ -310,7 +310,8 @@ def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm
             runtime_env=replica_runtime_env(kv_cache_gib, omp_threads_bind, use_gpu),
         ).remote(model_files, adversary_files, engine=engine, adversary_backend=adversary_backend,
                  max_new_tokens=max_new_tokens, use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size,
-                 max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, name=name, cache_size=cache_size))
+                 max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, name=name, cache_size=cache_size,
+                 dtype=dtype))
     if wait:
         try:
             ray.get([h.ready.remote() for h in handles], timeout=timeout_s)

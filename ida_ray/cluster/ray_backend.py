@@ -72,7 +72,7 @@ class RayBackend(Backend):
         self.replicas = await asyncio.to_thread(
             start_replicas, cfg.replicas, str(model_dir), str(adversary_dir), engine=cfg.engine,
             use_gpu=cfg.use_gpu, max_new_tokens=cfg.amplify.max_new_tokens, num_cpus=res.replica_cpus,
-            kv_cache_gib=res.kv_cache_gib)
+            kv_cache_gib=res.kv_cache_gib, dtype=cfg.model.dtype)
         self.setup_seconds["replicas"] = round(time.time() - t1, 2)
         self.engine = ReplicaPool(self.replicas)
         if checkpoint:  # the checkpoint's weights are served; give them their version number

@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config key, dotted for sections "
                    "(amplify.tau=0.3 train.lr=1e-3 resources.learner_cpus=2); values read as YAML; over the "
                    "file and the flags")
-    t.add_argument("--task", help="task name (default: sum)")
+    t.add_argument("--task", help="a built-in task (sum, perm, assign, path; default: sum) or your Task class "
+                   "as an import path, my_pkg.tasks:Kinship (docs/TASKS.md)")
+    t.add_argument("--model", metavar="PATH", help="start M from this Hugging Face causal LM (a local directory, "
+                   "or a hub id your site can download) with its own tokenizer; default: the tiny Llama built here")
     t.add_argument("--iterations", type=_positive_int, help="IDA iterations to run (in total, when resuming)")
     t.add_argument("--replicas", type=_positive_int, help="model replicas (vLLM engines)")
     t.add_argument("--expanders", type=_positive_int, help="tree expander actors")
@@ -112,7 +115,7 @@ def _check_engine(engine: str, backend: str) -> None:
 
 
 # The flags, as the config keys they set.
-FLAG_KEYS = {"task": "task", "iterations": "iterations", "replicas": "replicas", "expanders": "expanders",
+FLAG_KEYS = {"task": "task", "model": "model.path", "iterations": "iterations", "replicas": "replicas", "expanders": "expanders",
              "learner_workers": "learner_workers", "backend": "backend", "engine": "engine", "gpu": "use_gpu",
              "objective": "objective", "seed": "seed", "amplify_trees": "amplify_trees_per_iteration",
              "expert": "expert", "human_timeout": "human_timeout_s", "human_host": "human_host",

@@ -99,7 +99,7 @@ class PromptEncoder:
 
     def _fast(self, prompt: str, completion: str, eos: bool) -> tuple[list[int], int]:
         get, unk, tok = self.chars.get, self.unk, self.tokenizer
-        p = [tok.bos_token_id] + [get(c, unk) for c in prompt]
+        p = ([] if tok.bos_token_id is None else [tok.bos_token_id]) + [get(c, unk) for c in prompt]
         c = [get(ch, unk) for ch in completion] + ([tok.eos_token_id] if eos else [])
         return p + c, len(p)
 
@@ -162,13 +162,14 @@ class VllmEngine(Engine):
     def __init__(self, model_dir: str | Path, adversary_dir: str | Path | None, *, max_new_tokens: int = 48,
                  adversary_backend: str = "vllm", settings: VllmSettings | None = None,
                  cache_size: int = 200_000):
-        from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        from ida_ray.models import load_tokenizer
 
         if adversary_backend not in ("vllm", "torch"):
             raise ValueError(f"adversary_backend must be 'vllm' or 'torch', got {adversary_backend!r}")
         self.settings = s = settings or VllmSettings()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer = load_tokenizer(model_dir)
         self.encode = PromptEncoder(self.tokenizer)
         self.max_new_tokens = max_new_tokens
         self.model_batches = StepLog()

@@ -41,6 +41,18 @@ def state_dict_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()})
 
 
+def untied_state(module) -> dict[str, torch.Tensor]:
+    """The module's state dict with each shared tensor under its first name only."""
+    seen, out = set(), {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else (name,)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
 def _read_dir(directory: str | os.PathLike) -> tuple[bytes, dict]:
     directory = Path(directory)
     weights, config = directory / WEIGHTS_FILE, directory / CONFIG_FILE
@@ -71,10 +83,12 @@ class WeightsPayload:
 
     @classmethod
     def from_modules(cls, model=None, adversary=None) -> WeightsPayload:
-        """From live transformers modules (e.g. the learner's, unwrapped from DDP)."""
+        """From live transformers modules (e.g. the learner's, unwrapped from DDP). A tied
+        weight (a model whose lm_head shares the embedding, as small Qwen and Llama models do)
+        is sent once, under its first name, as `save_pretrained` writes it."""
         return cls.from_state_dicts(
-            None if model is None else model.state_dict(),
-            None if adversary is None else adversary.state_dict(),
+            None if model is None else untied_state(model),
+            None if adversary is None else untied_state(adversary),
             None if model is None else model.config.to_dict(),
             None if adversary is None else adversary.config.to_dict())
 

@@ -42,6 +42,12 @@ class Task(ABC):
     def solve(self, question: str) -> str:
         """Ground truth. Used for evaluation and tests only, never for training labels."""
 
+    def is_correct(self, question: str, answer: str | None) -> bool:
+        """How an answer is graded (evaluation and the viewer, never training): exact equality
+        with `solve` by default. Override for a normalised comparison (case, whitespace), a
+        numeric tolerance, or any check of the task's own."""
+        return answer is not None and answer == self.solve(question)
+
     def is_valid_answer(self, question: str, answer: str) -> bool:
         """Whether `answer` is well-formed (not necessarily right) for `question`."""
         return bool(answer) and all(c in QUESTION_CHARS for c in answer)

@@ -53,7 +53,7 @@ class Correctness:
         truth = self.solve(task_name, question)
         if truth is None:
             return None
-        return answer == truth
+        return self._tasks[task_name].is_correct(question, answer)
 
 
 def summarise(tree: Tree, correctness: Correctness) -> dict:

@@ -1,0 +1,135 @@
+"""M from a Hugging Face directory (`model.path`): a second architecture built here (a tiny
+Qwen2 with a byte-level BPE tokenizer trained on the task's text: no BOS token, tied
+embeddings, a chat template) stands in for a user's checkpoint. The learner, the engines and
+evaluation start from its weights; checkpoints stay HF directories of that architecture; vLLM
+and transformers agree on its greedy output; its weights swap into a vLLM replica."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ida_ray.config import load_config
+from ida_ray.entrypoints.train import train
+from ida_ray.errors import ConfigError
+from ida_ray.losses import encode
+from ida_ray.models import ModelSpec, build_model, create_tiny_qwen2, load_tokenizer, task_corpus
+from ida_ray.supervised import labelled_examples
+from ida_ray.tasks import get_task
+from ida_ray.training import ImitationObjective
+
+TASK = get_task("sum", base_size=1, max_digit=3)
+RAY_INIT = dict(num_cpus=2, namespace="test-hf-model")  # the `ray_cluster` fixture (tests/conftest.py)
+SIZES = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return create_tiny_qwen2(tmp_path_factory.mktemp("qwen") / "model", task_corpus(TASK, SIZES))
+
+
+@pytest.fixture(scope="module")
+def trained_qwen_dir(qwen_dir, tmp_path_factory):
+    """The tiny Qwen2 trained briefly on right answers, so that its greedy choices are clear
+    (an untrained model's logits are near ties, where two engines may break them differently)."""
+    from ida_ray.config import TrainConfig
+    from ida_ray.models import build_adversary, save_pretrained
+
+    spec = ModelSpec(path=str(qwen_dir))
+    model, tok = build_model(spec)
+    adversary, _ = build_adversary(ModelSpec(path=str(qwen_dir), hidden_size=32, num_layers=1, num_heads=2,
+                                             intermediate_size=64))
+    objective = ImitationObjective(model, adversary, tok, TrainConfig(lr=1e-2, batch_size=32))
+    torch.manual_seed(0)
+    import random
+
+    objective.fit(labelled_examples(TASK, SIZES, 400, random.Random(1)), steps=150, adversary_steps=0)
+    out = tmp_path_factory.mktemp("qwen_trained")
+    return save_pretrained(model, tok, out / "model"), save_pretrained(adversary, tok, out / "adversary")
+
+
+def test_the_tokenizer_is_the_models_own_and_has_no_bos(qwen_dir):
+    tok = load_tokenizer(qwen_dir)
+    assert tok.bos_token_id is None and tok.eos_token == "<|im_end|>" and tok.chat_template
+    ids, n_prompt = encode(tok, "A3,1=", "4", eos=True)
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[:n_prompt]) == "A3,1="  # no BOS in front
+
+
+def tiny_run(run_dir, path, **more):
+    return load_config("default", {
+        "backend": "local", "engine": "torch", "iterations": 1, "train_sizes": list(SIZES),
+        "amplify_trees_per_iteration": 16, "distill_trees_per_iteration": 8, "eval_questions_per_size": 8,
+        "train.steps_per_iteration": 5, "train.adversary_steps_per_iteration": 2, "run_dir": str(run_dir),
+        "model": {"path": str(path), "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        **more})
+
+
+def test_learner_and_engine_start_from_the_checkpoints_weights(qwen_dir, tmp_path):
+    from ida_ray.local_backend import LocalBackend
+
+    backend = LocalBackend(tiny_run(tmp_path, qwen_dir))
+    saved = AutoModelForCausalLM.from_pretrained(qwen_dir).state_dict()
+    for module in (backend.objective.served_model, backend.engine.model):
+        assert type(module).__name__ == "Qwen2ForCausalLM"
+        assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
+
+
+def test_one_iteration_on_a_model_by_path_checkpoints_its_architecture(qwen_dir, tmp_path):
+    (m,) = train(tiny_run(tmp_path, qwen_dir), progress=False, log=lambda s: None)
+    assert m["trees"] == 24 and m["model_steps"] == 5
+    ckpt = tmp_path / "checkpoints" / "local" / "iteration_0000" / "model"
+    assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    reloaded = AutoModelForCausalLM.from_pretrained(ckpt)  # what `vllm serve` and from_pretrained load
+    assert load_tokenizer(ckpt).chat_template and reloaded.config.tie_word_embeddings
+
+
+def test_a_model_path_that_does_not_load_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ConfigError, match="does not load as a Hugging Face causal LM"):
+        train(tiny_run(tmp_path / "run", tmp_path / "no_such_model"), progress=False, log=lambda s: None)
+    assert not (tmp_path / "run" / "state.json").exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_vllm_and_transformers_agree_and_a_swap_lands_on_the_second_architecture(ray_cluster, trained_qwen_dir):
+    from ida_ray.actors.replica import start_replicas
+    from ida_ray.engine import TorchEngine
+    from ida_ray.models import load_adversary, load_model
+    from ida_ray.prompts import answer_prompt
+    from ida_ray.serving.engine_pool import ReplicaPool
+    from ida_ray.serving.weights import WeightsPayload
+
+    model_dir, adversary_dir = trained_qwen_dir
+    import random
+
+    rng = random.Random(7)
+    prompts = [answer_prompt(TASK.generate(rng.choice(SIZES), rng)) for _ in range(24)]
+    local = TorchEngine(load_model(model_dir), load_adversary(adversary_dir), load_tokenizer(model_dir),
+                        max_new_tokens=8)
+    expected = asyncio.run(local.generate(prompts))
+    (replica,) = start_replicas(1, model_dir, adversary_dir, engine="vllm", max_new_tokens=8, name_prefix="qwen",
+                                max_restarts=0, num_cpus=1)
+    pool = ReplicaPool([replica])
+    try:
+        got = asyncio.run(pool.generate(prompts))
+        assert [g.text for g in got] == [g.text for g in expected]
+        assert [round(g.logprob, 2) for g in got] == pytest.approx([round(g.logprob, 2) for g in expected], abs=0.05)
+        # New weights (a different model of the same architecture) swap in, tied embeddings and all.
+        fresh = AutoModelForCausalLM.from_pretrained(model_dir)
+        with torch.no_grad():
+            for p in fresh.parameters():
+                p.mul_(0.5)
+        payload = WeightsPayload.from_modules(fresh, None)
+        assert asyncio.run(pool.swap_weights(payload, 1)) == {"replica[0]": 1}
+        local.load_state(fresh.state_dict(), None, 1)
+        after = asyncio.run(pool.generate(prompts[:8]))
+        assert [g.text for g in after] == [g.text for g in asyncio.run(local.generate(prompts[:8]))]
+        assert {g.weight_version for g in after} == {1}
+    finally:
+        pool.close()
+        import ray
+
+        ray.kill(replica, no_restart=True)
