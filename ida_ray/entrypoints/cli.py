@@ -161,7 +161,14 @@ def run_train(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come between the flags: argparse takes one run of positionals,
+    # so the later ones arrive as unknown arguments and are gathered here.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+    if extra and args.command != "view":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
