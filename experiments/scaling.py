@@ -37,6 +37,7 @@ from pathlib import Path
 
 from experiments import common
 from ida_ray.actors.expander import TreeExpander
+from ida_ray.messages import ExpandJob
 
 DEFAULT_OUT = common.default_out("scaling")
 REPLICAS = (1, 2)
@@ -145,18 +146,12 @@ def cpu_delta(before: dict, after: dict) -> dict[str, float]:
 
 
 # -- measurements ---------------------------------------------------------------------------
-def make_jobs(n: int, size: int, seed: int) -> list[dict]:
+def make_jobs(n: int, size: int, seed: int) -> list[ExpandJob]:
     from ida_ray.tasks import get_task
 
     task, rng = get_task("sum"), random.Random(f"scaling-{seed}")
-    return [{"question": task.generate(size, rng), "mode": "amplify", "seed": seed * 100_000 + i,
-             "iteration": 0, "source": "train", "job_id": f"{seed}-{i}"} for i in range(n)]
-
-
-def count_nodes(node: dict) -> int:
-    """Nodes of a tree record as a dict (Tree.to_dict), read without rebuilding the dataclasses,
-    so records from actors on a newer or older checkout still count."""
-    return 1 + sum(count_nodes(c) for r in node.get("rounds", []) for c in r["children"] if c is not None)
+    return [ExpandJob(job_id=f"{seed}-{i}", question=task.generate(size, rng), mode="amplify", iteration=0,
+                      seed=seed * 100_000 + i) for i in range(n)]
 
 
 def replica_requests(replicas) -> dict:
@@ -169,7 +164,7 @@ def replica_requests(replicas) -> dict:
     return total
 
 
-def measure(replicas, n_expanders: int, jobs: list[dict], in_flight: int, amplify: dict, label: str,
+def measure(replicas, n_expanders: int, jobs: list[ExpandJob], in_flight: int, amplify: dict, label: str,
             expander_cls=None) -> dict:
     """Expand `jobs` over n_expanders (each with in_flight / n_expanders trees in flight)."""
     import ray
@@ -201,12 +196,12 @@ def measure(replicas, n_expanders: int, jobs: list[dict], in_flight: int, amplif
     for e in expanders:
         ray.kill(e, no_restart=True)
 
-    trees = [r["tree"] for rs in results for r in rs]
-    nodes = sum(count_nodes(t["root"]) for t in trees)
+    trees = [r.tree for rs in results for r in rs]
+    nodes = sum(len(t.nodes()) for t in trees)
     requests = {k: req1.get(k, 0) - req0.get(k, 0) for k in req1}
     cpu_total = sum(cpu.values())
     row = {"replicas": len(replicas), "expanders": n_expanders, "trees_in_flight": per * n_expanders,
-           "trees": len(trees), "trees_failed": sum(t["error"] is not None for t in trees), "nodes": nodes,
+           "trees": len(trees), "trees_failed": sum(t.error is not None for t in trees), "nodes": nodes,
            "seconds": round(wall, 2), "nodes_per_s": round(nodes / wall, 2),
            "seconds_per_node": round(wall / nodes, 4), "cpu_seconds_per_node": round(cpu_total / nodes, 4),
            "model_requests": requests.get("generate", 0) + requests.get("logprob", 0),
@@ -230,7 +225,7 @@ def replica_direct_rate(replica, n: int, size: int, seed: int, batch: int = 64) 
 
     from ida_ray.prompts import answer_prompt
 
-    prompts = [answer_prompt(j["question"]) for j in make_jobs(n, size, seed)]
+    prompts = [answer_prompt(j.question) for j in make_jobs(n, size, seed)]
     t0 = time.perf_counter()
     ray.get([replica.generate.remote(prompts[i: i + batch]) for i in range(0, n, batch)])
     return round(n / (time.perf_counter() - t0), 1)

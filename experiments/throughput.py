@@ -33,16 +33,17 @@ import time
 from pathlib import Path
 
 from experiments import common
+from ida_ray.messages import ExpandJob
 
 DEFAULT_OUT = common.default_out("throughput")
 
 
-def make_jobs(n: int, size: int, seed: int) -> list[dict]:
+def make_jobs(n: int, size: int, seed: int) -> list[ExpandJob]:
     from ida_ray.tasks import get_task
 
     task, rng = get_task("sum"), random.Random(seed)
-    return [{"question": task.generate(size, rng), "mode": "amplify", "seed": seed * 100_000 + i,
-             "iteration": 0, "source": "train", "job_id": f"{seed}-{i}"} for i in range(n)]
+    return [ExpandJob(job_id=f"{seed}-{i}", question=task.generate(size, rng), mode="amplify", iteration=0,
+                      seed=seed * 100_000 + i) for i in range(n)]
 
 
 def cpu_seconds(pids: list[int]) -> dict[str, float]:
@@ -74,7 +75,7 @@ def model_requests(health: dict) -> tuple[int, int]:
     return r.get("generate", 0) + r.get("logprob", 0), r.get("adversary", 0)
 
 
-def measure_replica(replica, trees_in_flight: int, jobs: list[dict], amplify: dict) -> dict:
+def measure_replica(replica, trees_in_flight: int, jobs: list[ExpandJob], amplify: dict) -> dict:
     import ray
 
     from ida_ray.actors.expander import start_expanders
@@ -95,8 +96,8 @@ def measure_replica(replica, trees_in_flight: int, jobs: list[dict], amplify: di
     m1, a1 = model_requests(health)
     pool = ray.get(expander.health.remote())["pool"]
     ray.kill(expander, no_restart=True)
-    nodes = sum(len(r_nodes(r)) for r in results)
-    failed = sum(r["tree"]["error"] is not None for r in results)
+    nodes = sum(len(r.tree.nodes()) for r in results)
+    failed = sum(r.tree.error is not None for r in results)
     return {"trees_in_flight": trees_in_flight, "trees": len(jobs), "trees_failed": failed, "nodes": nodes,
             "seconds": round(wall, 2), "nodes_per_s": round(nodes / wall, 2),
             "cpu_seconds": round(cpu, 1), "nodes_per_cpu_s": round(nodes / cpu, 2), "cpu_seconds_by_process": by_process,
@@ -106,13 +107,7 @@ def measure_replica(replica, trees_in_flight: int, jobs: list[dict], amplify: di
             "replica_max_batch": steps1["max"], "load_average": round(os.getloadavg()[0], 1)}
 
 
-def r_nodes(result: dict) -> list:
-    from ida_ray.tree import Tree
-
-    return Tree.from_dict(result["tree"]).nodes()
-
-
-def measure_sequential(model_dir: Path, adversary_dir: Path, jobs: list[dict], amplify: dict, max_new_tokens: int,
+def measure_sequential(model_dir: Path, adversary_dir: Path, jobs: list[ExpandJob], amplify: dict, max_new_tokens: int,
                        threads: int | None = None) -> dict:
     """One tree at a time on TorchEngine(max_batch=1): each model call is its own forward."""
     import torch
@@ -131,7 +126,7 @@ def measure_sequential(model_dir: Path, adversary_dir: Path, jobs: list[dict], a
     torch.set_num_threads(threads or default_threads)
 
     async def run():
-        return [await amplify_tree(task, engine, j["question"], cfg, random.Random(j["seed"])) for j in jobs]
+        return [await amplify_tree(task, engine, j.question, cfg, j.rng()) for j in jobs]
     t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         trees = asyncio.run(run())

@@ -162,7 +162,7 @@ class IDAConfig:
     task_kwargs: dict = field(default_factory=dict)
     """Options of the task's constructor (e.g. sum: base_size, max_digit)."""
     model: ModelSpec = field(default_factory=ModelSpec)
-    """Shape of the tiny model M and adversary the project builds."""
+    """M (an HF checkpoint by path, or the tiny Llama built here) and the adversary's shape."""
     amplify: AmplifyConfig = field(default_factory=AmplifyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     iterations: int = 8
@@ -258,6 +258,9 @@ class IDAConfig:
                 p.append("objective 'honest' in the IDA loop trains on the trees' labels: honest.mode must be "
                          "'likelihood' (comparison mode runs in `python -m experiments.honest`)")
             p += [f"honest.{x}" for x in self.honest.problems()]
+            if self.model.dtype != "float32":
+                p.append(f"objective 'honest' trains in float32 only (its second head is built in float32); "
+                         f"got model.dtype={self.model.dtype!r}")
         return p
 
     def sizes(self, task) -> tuple[int, ...]:

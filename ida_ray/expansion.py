@@ -7,7 +7,7 @@ import uuid
 
 from ida_ray.amplify import amplify_tree, distill_tree
 from ida_ray.config import AmplifyConfig
-from ida_ray.engine import Engine, gather_limited
+from ida_ray.engine import Engine
 from ida_ray.examples import tree_examples
 from ida_ray.messages import ExpandJob, ExpandResult
 from ida_ray.tasks.base import Task
@@ -23,12 +23,6 @@ async def expand_job(task: Task, engine: Engine, job: ExpandJob, cfg: AmplifyCon
     else:
         tree = await distill_tree(task, engine, job.question, cfg, job.iteration, source=job.source)
     return ExpandResult(job.job_id, tree, tree_examples(tree))
-
-
-async def expand_jobs(task: Task, engine: Engine, jobs: list[ExpandJob], cfg: AmplifyConfig, trees_in_flight: int,
-                      expert=None) -> list[ExpandResult]:
-    """Every job, at most `trees_in_flight` trees at once (the engine batches their calls)."""
-    return await gather_limited([expand_job(task, engine, j, cfg, expert) for j in jobs], trees_in_flight)
 
 
 def failure_result(task: Task, job: ExpandJob, error: dict) -> ExpandResult:

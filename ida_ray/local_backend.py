@@ -16,6 +16,7 @@ from pathlib import Path
 from ida_ray.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from ida_ray.config import IDAConfig
 from ida_ray.engine import TorchEngine, gather_limited
+from ida_ray.errors import ConfigError
 from ida_ray.expansion import expand_job
 from ida_ray.loop import Backend, Progress
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainCommand, TrainResult
@@ -30,6 +31,11 @@ class LocalBackend(Backend):
     def __init__(self, cfg: IDAConfig):
         from transformers.utils import logging as hf_logging
 
+        from ida_ray.preflight import backend_problems
+
+        problems = backend_problems(cfg)
+        if problems:  # refused, not ignored, however the backend is made
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         hf_logging.disable_progress_bar()  # a checkpoint per iteration: no bar for each shard
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).resolve()
@@ -43,7 +49,7 @@ class LocalBackend(Backend):
     def checkpoints(self) -> Path:
         return self.run_dir / "checkpoints" / "local"
 
-    async def start(self, completed: int, checkpoint: str | None) -> dict:
+    async def start(self, completed: int, checkpoint: str | None, report=lambda phase: None) -> dict:
         t0 = time.time()
         self.store = ReplayStore(self.cfg.train.replay_capacity, self.run_dir, self.cfg.seed,
                                  completed_iterations=completed if checkpoint else None)

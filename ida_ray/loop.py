@@ -27,7 +27,6 @@ newer than the checkpoint); the question RNG from its saved state.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import time
@@ -68,9 +67,10 @@ class Backend(ABC):
     """Serves the loop's own model calls: adversarial question draws and evaluation."""
 
     @abstractmethod
-    async def start(self, completed: int, checkpoint: str | None) -> dict:
+    async def start(self, completed: int, checkpoint: str | None, report: Callable[[str], None]) -> dict:
         """Start serving (from `checkpoint`'s weights when resuming after `completed`
-        iterations) and training; returns start-up figures (seconds per part)."""
+        iterations) and training, saying what starts through `report`; returns start-up
+        figures (seconds per part)."""
 
     @abstractmethod
     async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[ExpandResult], DispatchStats]:
@@ -203,7 +203,8 @@ class IDARun:
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         t0 = time.time()
         self.set_phase("starting")
-        self.setup_seconds = await self.backend.start(self.completed, self.state["checkpoint"] if self.state else None)
+        self.setup_seconds = await self.backend.start(self.completed, self.state["checkpoint"] if self.state else None,
+                                                      self.set_phase)
         if not self.state:  # the baseline the learning curve starts from
             self.set_phase("evaluating the initial model")
             self.initial_accuracy = await evaluate(self.task, self.backend.engine, self.heldout)
@@ -253,14 +254,17 @@ class IDARun:
         self.set_phase("recording")                                                       # 7. metrics
         m = self.metrics(it, results, trees, trained, swapped, accuracy, buffer_size, dispatch, phases)
         m.update(await self.backend.figures())
-        self.completed = it + 1
         self.history.append(m)
         self.backend.publish(m, trees, phases)
-        self.save(m, trained)
+        self.plot()
         lap("record")
         m["phase_seconds"] = phases
         m["seconds"] = round(time.time() - t_start, 2)
+        # The record first, then the state that counts the iteration done: a crash between the
+        # two re-runs the iteration, whose new line wins (read_history), and loses nothing.
         append_metrics(self.run_dir, m)
+        self.completed = it + 1
+        self.save_state(trained)
         self.set_phase("iteration done")
         return m
 
@@ -300,26 +304,17 @@ class IDARun:
             m[self.cfg.objective] = s.objective_stats
         return m
 
-    def save(self, m: dict, trained: TrainResult) -> None:
+    def plot(self) -> None:
         from ida_ray.plots import plot_history
 
         plot_history(self.history, self.run_dir / PLOT_FILE, title=f"ida-ray: {self.cfg.task} ({self.run_dir.name})")
+
+    def save_state(self, trained: TrainResult) -> None:
         write_json_atomic(self.run_dir / STATE_FILE, {
             "completed_iterations": self.completed, "checkpoint": trained.checkpoint_path,
             "rng_state": rng_state_to_json(self.rng.getstate()), "config": self.cfg.to_dict(),
             "initial_accuracy": self.initial_accuracy, "questions_file": self.questions_file,
             "weight_version": trained.weight_version, "time": time.time()})
-
-    async def run(self, log=print) -> list[dict]:
-        """Start, then every remaining iteration; the backend is closed at the end."""
-        try:
-            await self.start()
-            for it in range(self.completed, self.cfg.iterations):
-                m = await self.run_iteration(it)
-                log(iteration_line(m))
-            return self.history
-        finally:
-            await asyncio.shield(self.backend.close())
 
 
 def format_accuracy(acc: dict) -> str:

@@ -61,7 +61,8 @@ class ExpandResult:
 
 @dataclass
 class DispatchStats:
-    """What spreading an iteration's jobs over the expanders took (backend "ray")."""
+    """What expanding an iteration's jobs took: on the Ray backend, chunks over the expanders,
+    re-sends and losses; the local backend expands in one piece."""
 
     submitted: int = 0
     chunks: int = 0

@@ -44,6 +44,12 @@ class ModelSpec:
     max_positions: int = 256
     """Context length: prompt plus completion must fit (checked by ida_ray.preflight)."""
 
+    def __post_init__(self):
+        if self.path is not None and Path(self.path).expanduser().exists():
+            # Absolute, so every process of the run reads the same directory (on a cluster it
+            # must be on a filesystem every node shares, or be a hub id).
+            self.path = str(Path(self.path).expanduser().resolve())
+
     def problems(self) -> list[str]:
         sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": self.num_heads,
                  "intermediate_size": self.intermediate_size, "max_positions": self.max_positions}
@@ -102,7 +108,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> tuple[torch.nn.Module, object
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=spec.torch_dtype)
     else:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(spec.llama_config(tokenizer))
+        model = LlamaForCausalLM(spec.llama_config(tokenizer)).to(spec.torch_dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

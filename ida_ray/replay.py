@@ -59,7 +59,6 @@ class ReplayBuffer:
         return counts
 
 
-_TREE_FILE = re.compile(r"^iteration_(\d+)\.jsonl$")
 
 
 def spill_path(run_dir: str | Path) -> Path:

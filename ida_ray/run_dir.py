@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
+from ida_ray.models import ModelSpec
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
@@ -78,7 +79,9 @@ def check_run_dir(cfg: IDAConfig, resume: bool) -> dict | None:
         raise ConfigError(f"{cfg.run_dir} already holds a run ({state['completed_iterations']} iterations done); "
                           "pass --resume to continue it, or choose another --run-dir")
     old = state.get("config", {})
-    if old.get("model") != asdict(cfg.model) or old.get("task") != cfg.task or \
+    # Fields added since a run was saved take their defaults, so older runs stay resumable.
+    old_model = {**asdict(ModelSpec()), **old.get("model", {})}
+    if old_model != asdict(cfg.model) or old.get("task") != cfg.task or \
             old.get("task_kwargs", {}) != cfg.task_kwargs:
         raise ConfigError(f"cannot resume {cfg.run_dir}: its task or model differs from this configuration "
                           f"(saved: task={old.get('task')!r} model={old.get('model')})")

@@ -251,18 +251,21 @@ def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, 
     base = round_seed(seed, it, rank)
     lm = sample(command.model_steps * bs, MODEL_KINDS, base * 2)
     adv = sample(command.adversary_steps * bs, ("adversary",), base * 2 + 1)
-    have = torch.tensor([len(lm) > 0, len(adv) > 0], dtype=torch.int64)
+    # On the objective's device: NCCL, the GPU process group, reduces no CPU tensors.
+    have = torch.tensor([len(lm) > 0, len(adv) > 0], dtype=torch.int64, device=objective.device)
     if world_size > 1:
         _all_reduce(have, world_size, dist.ReduceOp.MIN)
     objective.prepare_round(lm)
     t0 = time.time()
+    have = have.tolist()
     m_losses = [objective.model_step(lm[i * bs:(i + 1) * bs]) for i in range(command.model_steps if have[0] else 0)]
     t_model = time.time() - t0
     a_losses = [objective.adversary_step(adv[i * bs:(i + 1) * bs])
                 for i in range(command.adversary_steps if have[1] else 0)]
-    losses = torch.tensor([tail_mean(m_losses), tail_mean(a_losses)], dtype=torch.float64)
+    losses = torch.tensor([tail_mean(m_losses), tail_mean(a_losses)], dtype=torch.float64, device=objective.device)
     _all_reduce(losses, world_size)
     losses /= world_size
+    losses = losses.cpu()
     return RoundStats(iteration=it, weight_version=it + 1, model_loss=float(losses[0]),
                       adversary_loss=float(losses[1]), model_steps=len(m_losses), adversary_steps=len(a_losses),
                       model_train_seconds=round(t_model, 3), train_seconds=round(time.time() - t0, 3),

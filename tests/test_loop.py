@@ -72,3 +72,35 @@ def test_the_local_backend_refuses_what_it_cannot_serve(tmp_path, override, mess
     with pytest.raises(ConfigError, match=message):
         train(tiny(tmp_path, **override), progress=False, log=lambda s: None)
     assert not (tmp_path / "state.json").exists()
+
+
+def test_a_run_saved_before_new_model_fields_still_resumes(tmp_path):
+    """state.json written before ModelSpec gained path and dtype: their defaults fill in."""
+    train(tiny(tmp_path, iterations=1), progress=False, log=lambda s: None)
+    state_path = tmp_path / "state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("path", "dtype"):
+        del state["config"]["model"][key]
+    state_path.write_text(json.dumps(state))
+    resumed = train(tiny(tmp_path), resume=True, progress=False, log=lambda s: None)
+    assert [m["iteration"] for m in resumed] == [0, 1]
+
+
+def test_the_metrics_line_is_written_before_the_state_that_counts_it(tmp_path, monkeypatch):
+    """A crash between the two writes re-runs the iteration rather than losing its record."""
+    import ida_ray.loop
+
+    def crash(self, trained):
+        raise RuntimeError("killed between the metrics line and state.json")
+    monkeypatch.setattr(ida_ray.loop.IDARun, "save_state", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny(tmp_path, iterations=1), progress=False, log=lambda s: None)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (tmp_path / "state.json").exists()  # so the iteration runs again, and its new line wins
+
+
+def test_the_local_backend_refuses_however_it_is_made(tmp_path):
+    from ida_ray.local_backend import LocalBackend
+
+    with pytest.raises(ConfigError, match="backend 'local' is one process"):
+        LocalBackend(tiny(tmp_path, replicas=2))

@@ -45,7 +45,7 @@ class RayBackend(Backend):
         self.max_queue_depth: dict[str, int] = {}
         self.setup_seconds: dict[str, float] = {}
 
-    async def start(self, completed: int, checkpoint: str | None) -> dict:
+    async def start(self, completed: int, checkpoint: str | None, report=lambda phase: None) -> dict:
         from ida_ray.actors.expander import start_expanders
         from ida_ray.actors.replay_buffer import REPLAY_BUFFER_NAME, start_replay_buffer
         from ida_ray.actors.replica import start_replicas
@@ -55,15 +55,18 @@ class RayBackend(Backend):
         from ida_ray.serving.weights import WeightsPayload
 
         cfg, res = self.cfg, self.cfg.resources
+        report("starting replay buffer")
         self.buffer = start_replay_buffer(cfg.train.replay_capacity, self.run_dir, cfg.seed,
                                           completed_iterations=completed if checkpoint else None)
         await self.buffer.stats.remote()
         # The learner's workers start (model build, process group) while the replicas start.
+        report("starting learner")
         self.learner = Learner(cfg, self.run_dir, buffer_name=REPLAY_BUFFER_NAME, start_iteration=completed,
                                resume_from=checkpoint, cpus_per_worker=res.learner_cpus,
                                torch_threads=res.learner_threads, round_timeout_s=res.round_timeout_s)
         self.learner.start()
         t1 = time.time()
+        report(f"starting {cfg.replicas} {cfg.engine} replica(s)")
         if checkpoint:
             model_dir, adversary_dir = Path(checkpoint) / "model", Path(checkpoint) / "adversary"
         else:
@@ -79,6 +82,7 @@ class RayBackend(Backend):
             ref = ray.put(WeightsPayload.from_dirs(model_dir, adversary_dir))
             await self.engine.swap_weights(ref, completed)
             self.latest_weights = (ref, completed)
+        report(f"starting {cfg.expanders} expander(s)")
         human_queue = None
         if cfg.expert == "human":  # the driver's queue actor (the one its /human page answers)
             from ida_ray.actors.human_queue import start_human_queue

@@ -29,15 +29,14 @@ def build_human_runs(run_dir: Path, task_name: str, timeout_s: float, seed: int,
     """HumanRuns on the tiny model served in-process (the engine of the local backend)."""
     from ida_ray.engine import TorchEngine
     from ida_ray.experts import HumanQueue
-    from ida_ray.models import ModelSpec, build_adversary, build_model, load_adversary, load_model
+    from ida_ray.models import ModelSpec, build_adversary, build_model, load_adversary, load_model, load_tokenizer
     from ida_ray.tasks import get_task
-    from ida_ray.tokenizer import build_tokenizer
     from ida_ray.viewer.human_runs import HumanRuns
 
     task = get_task(task_name)
     if model_dir:
         model, adversary = load_model(Path(model_dir) / "model"), load_adversary(Path(model_dir) / "adversary")
-        tokenizer = build_tokenizer()
+        tokenizer = load_tokenizer(Path(model_dir) / "model")  # the model's own
     else:
         model, tokenizer = build_model(ModelSpec(), seed)
         adversary, _ = build_adversary(ModelSpec(), seed + 1)

@@ -121,7 +121,7 @@ class StepStats:
 
 class HonestTrainer:
     """`reduce_grads`, when given, is called with each update's list of gradients before
-    clipping, to average them in place across data-parallel ranks (ida_ray/actors/learner.py): the
+    clipping, to average them in place across data-parallel ranks (`ida_ray.honest.ida_trainer.all_reduce_mean`): the
     alternating updates take gradients with `torch.autograd.grad`, which DDP's hooks do not see."""
 
     def __init__(self, model: TwoHeadedLM, cfg: HonestConfig,
