@@ -47,7 +47,8 @@ def task_class(spec: str) -> type[Task]:
     if spec in TASKS:
         return TASKS[spec]
     if ":" not in spec:
-        raise ConfigError(f"task {spec!r} is not one of {sorted(TASKS)}, nor an import path module:Class")
+        raise ConfigError(f"task {spec!r} is not one of the built-in tasks {sorted(TASKS)}, nor an import path "
+                          "module:Class")
     module_name, _, attr = spec.partition(":")
     try:
         module = _import(module_name)
