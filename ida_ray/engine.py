@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ida_ray.errors import NoAdversary
+from ida_ray.tokenizer import bos_ids
 
 
 @dataclass(frozen=True)
@@ -191,13 +192,10 @@ class TorchEngine(Engine):
             results.append(Generation(text, float(lp), finished, version))
         return results
 
-    def _bos(self) -> list[int]:
-        return [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
-
     def _left_padded(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """[BOS] prompt, left-padded for generation: the same ids training sees
         (`ida_ray.losses.encode`), whatever the tokenizer's own special-token rules."""
-        seqs = [self._bos() + self._ids(p) for p in prompts]
+        seqs = [bos_ids(self.tokenizer) + self._ids(p) for p in prompts]
         device = next(self.model.parameters()).device
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id)
@@ -212,7 +210,7 @@ class TorchEngine(Engine):
         tok = self.tokenizer
         seqs, spans = [], []
         for prompt, completion in pairs:
-            p = self._bos() + self._ids(prompt)
+            p = bos_ids(self.tokenizer) + self._ids(prompt)
             c = self._ids(completion) + ([tok.eos_token_id] if with_eos else [])
             seqs.append(p + c)
             spans.append((len(p), len(p) + len(c)))

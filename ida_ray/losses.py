@@ -11,16 +11,11 @@ import torch.nn.functional as F
 
 from ida_ray.engine import adversary_scores
 from ida_ray.examples import Example
-
-
-def bos(tokenizer) -> list[int]:
-    """[BOS] for a tokenizer that defines one (Llama's, the project's); [] for one that has
-    none (Qwen's, GPT-2's)."""
-    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+from ida_ray.tokenizer import bos_ids
 
 
 def encode(tokenizer, prompt: str, completion: str, eos: bool) -> tuple[list[int], int]:
-    p = bos(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    p = bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
     return p + c, len(p)
 

@@ -15,6 +15,12 @@ SPECIALS = [PAD, BOS, EOS, UNK]
 ALPHABET = sorted(set(QUESTION_CHARS + RESERVED + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
 
 
+def bos_ids(tokenizer) -> list[int]:
+    """[BOS] for a tokenizer that defines one (Llama's, the project's); [] for one that has
+    none (Qwen's). Every sequence the project encodes starts with this."""
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS + ALPHABET)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))

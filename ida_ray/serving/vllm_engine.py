@@ -39,6 +39,7 @@ from ida_ray.losses import encode
 from ida_ray.serving.adversary_scorer import TorchAdversaryScorer, VllmAdversaryScorer
 from ida_ray.serving.step_log import StepLog, list_summary
 from ida_ray.serving.swap_gate import SwapGate
+from ida_ray.tokenizer import bos_ids
 
 
 class RequestTooLong(IDAError, ValueError):
@@ -99,7 +100,7 @@ class PromptEncoder:
 
     def _fast(self, prompt: str, completion: str, eos: bool) -> tuple[list[int], int]:
         get, unk, tok = self.chars.get, self.unk, self.tokenizer
-        p = ([] if tok.bos_token_id is None else [tok.bos_token_id]) + [get(c, unk) for c in prompt]
+        p = bos_ids(tok) + [get(c, unk) for c in prompt]
         c = [get(ch, unk) for ch in completion] + ([tok.eos_token_id] if eos else [])
         return p + c, len(p)
 
