@@ -39,7 +39,7 @@ from ida_ray.honest.objective import SEED_THETA1, ComparisonConfig, HonestConfig
 from ida_ray.honest.two_headed import build_two_headed
 from ida_ray.losses import collate_lm, model_loss
 from ida_ray.models import ModelSpec, build_model
-from ida_ray.prompts import answer_prompt
+from ida_ray.prompts import COMPACT
 from ida_ray.tasks import get_task
 
 DISPLAY = {"baseline_simple": "one head:\nsimple labels", "baseline_large": "one head:\nlarge set",
@@ -79,7 +79,7 @@ def train_single_head(items: list[Labelled], label: str, cfg: HonestConfig, seed
 def run_single(name, label, data, task, cfg, seed, log) -> dict:
     t0, c0 = time.time(), time.process_time()
     lm, tok = train_single_head(data.large, label, cfg, seed)
-    answer = lambda qs: [c[0] for c in decode(lm, tok, [answer_prompt(q) for q in qs])]  # noqa: E731
+    answer = lambda qs: [c[0] for c in decode(lm, tok, [COMPACT.answer_prompt(q) for q in qs])]  # noqa: E731
     row = {"method": name, "seed": seed, **evaluate_answers(answer, data, task),
            "train_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
     log(f"{name} seed {seed}: {row}")

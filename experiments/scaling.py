@@ -223,9 +223,9 @@ def replica_direct_rate(replica, n: int, size: int, seed: int, batch: int = 64) 
     sent at once: the replica's own ceiling, with no expander or pool in the way."""
     import ray
 
-    from ida_ray.prompts import answer_prompt
+    from ida_ray.prompts import COMPACT
 
-    prompts = [answer_prompt(j.question) for j in make_jobs(n, size, seed)]
+    prompts = [COMPACT.answer_prompt(j.question) for j in make_jobs(n, size, seed)]
     t0 = time.perf_counter()
     ray.get([replica.generate.remote(prompts[i: i + batch]) for i in range(0, n, batch)])
     return round(n / (time.perf_counter() - t0), 1)

@@ -158,10 +158,10 @@ def measure_adversary(replicas: dict, n: int = 256, repeats: int = 5) -> dict:
     single-pair actor calls (adds one actor round trip per call)."""
     import ray
 
-    from ida_ray.prompts import answer_prompt
+    from ida_ray.prompts import COMPACT
 
     rng = random.Random(0)
-    pairs = [(answer_prompt(",".join(str(rng.randrange(10)) for _ in range(rng.randint(1, 8)))), str(rng.randrange(50)))
+    pairs = [(COMPACT.answer_prompt(",".join(str(rng.randrange(10)) for _ in range(rng.randint(1, 8)))), str(rng.randrange(50)))
              for _ in range(n)]
     prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
     rates = {name: {"one_call": [], "separate_calls": []} for name in replicas}

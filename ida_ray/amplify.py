@@ -21,7 +21,7 @@ from ida_ray.config import AmplifyConfig
 from ida_ray.engine import Engine, Generation
 from ida_ray.errors import DepthExceeded, ExpertFailure, FanInRoundsExceeded, IDAError, OutputTooLong, ParseError
 from ida_ray.experts import CodedExpert
-from ida_ray.prompts import answer_prompt, fan_in_prompt, fan_out_prompt, format_step, parse_answer, parse_step
+from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.steps import Split, Step
 from ida_ray.tasks.base import Task
 from ida_ray.tree import EXPERT, HPRIME, MODEL, Node, Round, StepRecord, Tree, error_record
@@ -41,8 +41,8 @@ class _TreeContext:
     """Per-tree state: counters, the versions used, and the expert/model calls."""
 
     def __init__(self, task: Task, engine: Engine, cfg: AmplifyConfig, rng: random.Random, hprime: bool,
-                 expert=None):
-        self.task, self.engine, self.cfg, self.rng = task, engine, cfg, rng
+                 expert=None, fmt: PromptFormat = COMPACT):
+        self.task, self.engine, self.cfg, self.rng, self.fmt = task, engine, cfg, rng, fmt
         self.h = expert if expert is not None else CodedExpert(task)
         self.hprime = hprime
         self.expert_calls = 0
@@ -84,17 +84,17 @@ class _TreeContext:
         node.rounds.append(rnd)
         return rnd
 
-    def valid_answer(self, question: str, gen: Generation) -> bool:
+    def valid_answer(self, question: str, gen: Generation) -> str | None:
+        """The answer a generation says, or None where it is cut off or says none."""
         try:
             self.check_finished(gen)
-            parse_answer(gen.text, self.task, question)
-            return True
+            return self.fmt.parse_answer(gen.text, self.task, question)
         except (OutputTooLong, ParseError):
-            return False
+            return None
 
     def parse_model_step(self, question: str, gen: Generation) -> Step:
         self.check_finished(gen)
-        return parse_step(gen.text, self.task, question)
+        return self.fmt.parse_step(gen.text, self.task, question)
 
     # -- expert ----------------------------------------------------------------------
     async def expert(self, call) -> Step:
@@ -124,7 +124,7 @@ class _TreeContext:
                     return record
             except (ParseError, OutputTooLong):
                 pass  # not usable: the expert takes the step
-        record.output = format_step(await self.expert(expert_call))
+        record.output = self.fmt.format_step(await self.expert(expert_call))
         return record
 
 
@@ -149,33 +149,34 @@ async def _expand(ctx: _TreeContext, node: Node) -> None:
 
 
 async def _expand_inner(ctx: _TreeContext, node: Node) -> None:
-    q, task, cfg = node.question, ctx.task, ctx.cfg
-    prompt = answer_prompt(q)
+    q, task, cfg, fmt = node.question, ctx.task, ctx.cfg, ctx.fmt
+    prompt = fmt.answer_prompt(q)
     (gen,) = await ctx.generate([prompt])
     node.answer_step = StepRecord.from_generation("answer", prompt, gen)
     node.audited = ctx.hprime and cfg.audit_fraction > 0 and ctx.rng.random() < cfg.audit_fraction
     if ctx.hprime and not node.audited:
         node.answer_step.adversary_score = await ctx.adversary_if_needed(prompt, gen)
-        if ctx.valid_answer(q, gen) and ctx.confident(gen, node.answer_step.adversary_score):
-            node.answer, node.answered_by = gen.text, HPRIME
+        answer = ctx.valid_answer(q, gen)
+        if answer is not None and ctx.confident(gen, node.answer_step.adversary_score):
+            node.answer, node.answered_by = answer, HPRIME
             node.answer_step.output, node.answer_step.who = gen.text, HPRIME
             node.answer_step.target_logprob = gen.logprob
             return
 
-    node.fan_out = await ctx.hprime_step("fan_out", fan_out_prompt(q), q, lambda: ctx.h.fan_out(q),
+    node.fan_out = await ctx.hprime_step("fan_out", fmt.fan_out_prompt(q), q, lambda: ctx.h.fan_out(q),
                                         use_model=not node.audited)
-    step = parse_step(node.fan_out.output, task, q)
+    step = fmt.parse_step(node.fan_out.output, task, q)
     while isinstance(step, Split):
         rnd = ctx.new_round(node, step)
         await _expand_round(ctx, node, rnd)
         sub = ((rnd.subquestions[0], rnd.answers[0]), (rnd.subquestions[1], rnd.answers[1]))
-        rnd.fan_in = await ctx.hprime_step("fan_in", fan_in_prompt(q, sub), q, lambda: ctx.h.fan_in(q, sub),
+        rnd.fan_in = await ctx.hprime_step("fan_in", fmt.fan_in_prompt(q, sub), q, lambda: ctx.h.fan_in(q, sub),
                                            use_model=not node.audited)
-        step = parse_step(rnd.fan_in.output, task, q)
+        step = fmt.parse_step(rnd.fan_in.output, task, q)
 
     node.answer = step.text
     node.answered_by = (node.rounds[-1].fan_in if node.rounds else node.fan_out).who
-    node.answer_step.output = node.answer
+    node.answer_step.output = fmt.format_answer(node.answer)
     records = [node.answer_step, node.fan_out] + [r.fan_in for r in node.rounds]
     await _target_logprobs(ctx, records)
 
@@ -183,14 +184,16 @@ async def _expand_inner(ctx: _TreeContext, node: Node) -> None:
 async def _expand_round(ctx: _TreeContext, node: Node, rnd: Round) -> None:
     """Steps 3-4: model answers both subquestions, the adversary picks one to recurse on."""
     qs = rnd.subquestions
-    prompts = [answer_prompt(s) for s in qs]
+    prompts = [ctx.fmt.answer_prompt(s) for s in qs]
     gens = await ctx.generate(prompts)
-    rnd.model_answers = [g.text for g in gens]
-    valid = [ctx.valid_answer(s, g) for s, g in zip(qs, gens)]
+    answers = [ctx.valid_answer(s, g) for s, g in zip(qs, gens)]
+    # What the model said, where it said an answer (its raw output otherwise, never used as one).
+    rnd.model_answers = [a if a is not None else g.text for a, g in zip(answers, gens)]
+    valid = [a is not None for a in answers]
     if ctx.cfg.branch_choice == "uniform":
         chosen = [ctx.rng.randrange(2)]
     else:
-        scores = await ctx.engine.adversary(prompts, rnd.model_answers)
+        scores = await ctx.engine.adversary(prompts, [g.text for g in gens])
         rnd.adversary_scores = list(scores)
         # Recurse where the model is expected to do worst: Gumbel-max over negated scores.
         chosen = [gumbel_argmax([-s for s in scores], ctx.cfg.tau, ctx.rng)]
@@ -226,11 +229,12 @@ def _finish(tree: Tree, ctx: _TreeContext) -> Tree:
 
 async def amplify_tree(task: Task, engine: Engine, question: str, cfg: AmplifyConfig, rng: random.Random,
                        iteration: int = 0, hprime: bool | None = None, source: str = "train",
-                       expert=None) -> Tree:
+                       expert=None, fmt: PromptFormat = COMPACT) -> Tree:
     """Amp(H', M)(question) as a tree record; errors are recorded, never raised.
 
-    `expert` is H (default: the task's coded expert, `CodedExpert(task)`)."""
-    ctx = _TreeContext(task, engine, cfg, rng, cfg.use_hprime if hprime is None else hprime, expert)
+    `expert` is H (default: the task's coded expert, `CodedExpert(task)`); `fmt` how the
+    model's prompts and replies are written."""
+    ctx = _TreeContext(task, engine, cfg, rng, cfg.use_hprime if hprime is None else hprime, expert, fmt)
     tree = _new_tree(task, question, "amplify", iteration, source)
     try:
         task.parse(question)
@@ -241,41 +245,42 @@ async def amplify_tree(task: Task, engine: Engine, question: str, cfg: AmplifyCo
 
 
 async def distill_tree(task: Task, engine: Engine, question: str, cfg: AmplifyConfig, iteration: int = 0,
-                       source: str = "train") -> Tree:
+                       source: str = "train", fmt: PromptFormat = COMPACT) -> Tree:
     """The model-only tree for one question: M_fan_out, M on both subquestions, M_fan_in.
 
     Its answer A is the distillation target for M(question), when the tree is confident:
     `tree.confidence` is the probability of the tree's whole path (fan-out, both subanswers,
     fan-in), and below `cfg.distill_min_confidence` the target is dropped (see examples.py)."""
-    ctx = _TreeContext(task, engine, cfg, random.Random(0), hprime=False)
+    ctx = _TreeContext(task, engine, cfg, random.Random(0), hprime=False, fmt=fmt)
     tree = _new_tree(task, question, "distill", iteration, source)
     node = tree.root
     try:
         task.parse(question)
-        prompt = answer_prompt(question)
+        prompt = fmt.answer_prompt(question)
         (gen,) = await ctx.generate([prompt])
         node.answer_step = StepRecord.from_generation("answer", prompt, gen)
-        fo_prompt = fan_out_prompt(question)
+        fo_prompt = fmt.fan_out_prompt(question)
         (fo,) = await ctx.generate([fo_prompt])
         node.fan_out = StepRecord.from_generation("fan_out", fo_prompt, fo, output=fo.text)
         step = ctx.parse_model_step(question, fo)
         logprob = fo.logprob  # of the whole model-only tree: every step it took
         while isinstance(step, Split):
             rnd = ctx.new_round(node, step)
-            gens = await ctx.generate([answer_prompt(s) for s in rnd.subquestions])
-            rnd.model_answers = rnd.answers = [g.text for g in gens]
+            gens = await ctx.generate([fmt.answer_prompt(s) for s in rnd.subquestions])
+            said = [ctx.valid_answer(s, g) for s, g in zip(rnd.subquestions, gens)]
+            rnd.model_answers = rnd.answers = [a if a is not None else g.text for a, g in zip(said, gens)]
             logprob += sum(g.logprob for g in gens)
             sub = ((step.q1, rnd.answers[0]), (step.q2, rnd.answers[1]))
-            fi_prompt = fan_in_prompt(question, sub)
+            fi_prompt = fmt.fan_in_prompt(question, sub)
             (fi,) = await ctx.generate([fi_prompt])
             rnd.fan_in = StepRecord.from_generation("fan_in", fi_prompt, fi, output=fi.text)
             step = ctx.parse_model_step(question, fi)
             logprob += fi.logprob
-        node.answer = parse_answer(step.text, task, question)
+        node.answer = step.text  # parse_model_step checked it well-formed
         node.answered_by = MODEL
         tree.confidence = math.exp(logprob)
         tree.distill_target = tree.confidence >= cfg.distill_min_confidence
-        node.answer_step.output = node.answer
+        node.answer_step.output = fmt.format_answer(node.answer)
         await _target_logprobs(ctx, [node.answer_step])
     except IDAError as exc:
         node.error = tree.error = error_record(exc)
@@ -283,10 +288,10 @@ async def distill_tree(task: Task, engine: Engine, question: str, cfg: AmplifyCo
 
 
 async def adversarial_question(task: Task, engine: Engine, sizes: tuple[int, ...], cfg: AmplifyConfig,
-                               rng: random.Random) -> str:
+                               rng: random.Random, fmt: PromptFormat = COMPACT) -> str:
     """Draw k candidates; keep the one the adversary expects M to do worst on (Gumbel-max)."""
     candidates = [task.generate(rng.choice(sizes), rng) for _ in range(cfg.adversarial_candidates)]
-    prompts = [answer_prompt(c) for c in candidates]
+    prompts = [fmt.answer_prompt(c) for c in candidates]
     gens = await engine.generate(prompts)
     scores = await engine.adversary(prompts, [g.text for g in gens])
     return candidates[gumbel_argmax([-s for s in scores], cfg.tau, rng)]

@@ -47,7 +47,9 @@ def tree_examples(tree: Tree) -> list[Example]:
         # An answer H' took straight from the confident model carries no new information;
         # training on it would only reinforce the model's own (possibly wrong) belief.
         if node.answer_step.who != HPRIME and tree.distill_target is not False:
-            out.append(Example("answer", node.answer_step.prompt, node.answer, None, v or 0, tree.tree_id))
+            # The completion is the answer as the prompt format writes it (answer_step.output).
+            out.append(Example("answer", node.answer_step.prompt, node.answer_step.output, None, v or 0,
+                               tree.tree_id))
         out += _adversary_example(node.answer_step, tree.tree_id)
         for rec in [node.fan_out] + [r.fan_in for r in node.rounds]:
             if rec is None:

@@ -10,18 +10,21 @@ from ida_ray.config import AmplifyConfig
 from ida_ray.engine import Engine
 from ida_ray.examples import tree_examples
 from ida_ray.messages import ExpandJob, ExpandResult
+from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.tasks.base import Task
 from ida_ray.tree import Node, Tree
 
 
-async def expand_job(task: Task, engine: Engine, job: ExpandJob, cfg: AmplifyConfig, expert=None) -> ExpandResult:
+async def expand_job(task: Task, engine: Engine, job: ExpandJob, cfg: AmplifyConfig, expert=None,
+                     fmt: PromptFormat = COMPACT) -> ExpandResult:
     """The job's tree and its examples. `expert`: H of amplification trees (None: the task's
-    coded expert); distillation trees are the model's alone and never ask H."""
+    coded expert); distillation trees are the model's alone and never ask H. `fmt`: how the
+    model's prompts and replies are written."""
     if job.mode == "amplify":
         tree = await amplify_tree(task, engine, job.question, cfg, job.rng(), job.iteration, hprime=job.hprime,
-                                  source=job.source, expert=expert)
+                                  source=job.source, expert=expert, fmt=fmt)
     else:
-        tree = await distill_tree(task, engine, job.question, cfg, job.iteration, source=job.source)
+        tree = await distill_tree(task, engine, job.question, cfg, job.iteration, source=job.source, fmt=fmt)
     return ExpandResult(job.job_id, tree, tree_examples(tree))
 
 

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from ida_ray.errors import ExpertFailure, ParseError
-from ida_ray.prompts import answer_prompt, fan_in_prompt, fan_out_prompt, parse_answer, parse_step
+from ida_ray.prompts import COMPACT
 from ida_ray.steps import Step
 from ida_ray.tasks.base import Task
 
@@ -113,9 +113,9 @@ class HumanQueue:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         sub = None if sub is None else [list(p) for p in sorted(sub)]
         if kind == "fan_in":
-            prompt = fan_in_prompt(question, (tuple(sub[0]), tuple(sub[1])))
+            prompt = COMPACT.fan_in_prompt(question, (tuple(sub[0]), tuple(sub[1])))
         else:
-            prompt = fan_out_prompt(question) if kind == "fan_out" else answer_prompt(question)
+            prompt = COMPACT.fan_out_prompt(question) if kind == "fan_out" else COMPACT.answer_prompt(question)
         now = time.time()
         request = HumanRequest(uuid.uuid4().hex[:12], kind, task.name, question, sub, prompt, INSTRUCTIONS[kind],
                                now, now + timeout)
@@ -169,8 +169,8 @@ class HumanQueue:
 
 def _parse_reply(task: Task, kind: str, question: str, text: str) -> Step | str:
     if kind == "answer":
-        return parse_answer(text, task, question)
-    return parse_step(text, task, question)
+        return COMPACT.parse_answer(text, task, question)
+    return COMPACT.parse_step(text, task, question)
 
 
 def _resolve(future: asyncio.Future, value) -> None:

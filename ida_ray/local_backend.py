@@ -41,6 +41,7 @@ class LocalBackend(Backend):
         self.run_dir = Path(cfg.run_dir).resolve()
         self.task = get_task(cfg.task, **cfg.task_kwargs)
         self.objective = build_objective(cfg)
+        self.fmt = cfg.model.make_format(self.objective.tokenizer)
         self.engine = TorchEngine(copy.deepcopy(self.objective.served_model), copy.deepcopy(self.objective.adversary),
                                   self.objective.tokenizer, max_new_tokens=cfg.amplify.max_new_tokens)
         self.store: ReplayStore | None = None
@@ -60,7 +61,7 @@ class LocalBackend(Backend):
 
     async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[ExpandResult], DispatchStats]:
         async def one(job: ExpandJob) -> ExpandResult:
-            result = await expand_job(self.task, self.engine, job, self.cfg.amplify)
+            result = await expand_job(self.task, self.engine, job, self.cfg.amplify, fmt=self.fmt)
             on_done(1)
             return result
 

@@ -42,6 +42,7 @@ from ida_ray.engine import Engine, gather_limited
 from ida_ray.evaluation import evaluate, heldout_questions
 from ida_ray.expansion import failure_result
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
+from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.questions import UserQuestion, for_iteration
 from ida_ray.run_dir import (
     PLOT_FILE,
@@ -105,14 +106,14 @@ class Backend(ABC):
 # Step 1: the iteration's questions.
 # ---------------------------------------------------------------------------------------
 async def draw_questions(task: Task, engine: Engine, cfg: IDAConfig, n: int, rng: random.Random,
-                         adversarial: bool) -> list[tuple[str, str]]:
+                         adversarial: bool, fmt: PromptFormat = COMPACT) -> list[tuple[str, str]]:
     """n (question, source) pairs: the training distribution plus, when `adversarial`, a
     share chosen by the adversary (k candidates, Gumbel-max on predicted weakness)."""
     sizes = cfg.sizes(task)
     n_adv = int(round(n * cfg.amplify.adversarial_fraction)) if adversarial else 0
     plain = [(task.generate(rng.choice(sizes), rng), "train") for _ in range(n - n_adv)]
     seeds = [rng.randrange(2**31) for _ in range(n_adv)]
-    adv = await gather_limited([adversarial_question(task, engine, sizes, cfg.amplify, random.Random(s))
+    adv = await gather_limited([adversarial_question(task, engine, sizes, cfg.amplify, random.Random(s), fmt)
                                 for s in seeds], cfg.trees_in_flight)
     return plain + [(q, "adversarial") for q in adv]
 
@@ -177,6 +178,7 @@ class IDARun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = check_run_dir(cfg, resume)
         self.task = get_task(cfg.task, **cfg.task_kwargs)
+        self.fmt = cfg.model.make_format()
         self.sizes = cfg.sizes(self.task)
         self.rng = random.Random(cfg.seed)
         self.completed = 0
@@ -207,7 +209,7 @@ class IDARun:
                                                       self.set_phase)
         if not self.state:  # the baseline the learning curve starts from
             self.set_phase("evaluating the initial model")
-            self.initial_accuracy = await evaluate(self.task, self.backend.engine, self.heldout)
+            self.initial_accuracy = await evaluate(self.task, self.backend.engine, self.heldout, self.fmt)
         self.setup_seconds["total"] = round(time.time() - t0, 2)
         self.set_phase("ready")
         return {"completed_iterations": self.completed, "setup_seconds": self.setup_seconds,
@@ -248,7 +250,7 @@ class IDARun:
         lap("swap")
 
         self.set_phase("evaluating")                                                      # 6. evaluate
-        accuracy = await evaluate(self.task, self.backend.engine, self.heldout)
+        accuracy = await evaluate(self.task, self.backend.engine, self.heldout, self.fmt)
         lap("eval")
 
         self.set_phase("recording")                                                       # 7. metrics
@@ -272,7 +274,7 @@ class IDARun:
         """The iteration's jobs, and the failure records of malformed questions-file entries."""
         cfg = self.cfg
         questions = await draw_questions(self.task, self.backend.engine, cfg, cfg.amplify_trees_per_iteration,
-                                         self.rng, adversarial=it > 0)
+                                         self.rng, adversarial=it > 0, fmt=self.fmt)
         seeds = [self.rng.randrange(2**31) for _ in questions]
         distill_qs = [self.task.generate(self.rng.choice(self.sizes), self.rng)
                       for _ in range(cfg.distill_trees_per_iteration)]

@@ -24,6 +24,7 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
+from ida_ray.prompts import PromptFormat, prompt_format
 from ida_ray.tokenizer import build_tokenizer
 
 
@@ -43,6 +44,11 @@ class ModelSpec:
     intermediate_size: int = 384
     max_positions: int = 256
     """Context length: prompt plus completion must fit (checked by ida_ray.preflight)."""
+    prompt_format: Literal["compact", "chat"] = "compact"
+    """How M's prompts and replies are written (ida_ray.prompts): "compact" for the built-in
+    character model and the symbolic tasks; "chat" (one user message in plain English through
+    the tokenizer's chat template, replies "Answer: ..." or "Subquestion 1: ..." lines) for
+    language models and natural-language tasks. "chat" needs a model with its own tokenizer."""
 
     def __post_init__(self):
         if self.path is not None and Path(self.path).expanduser().exists():
@@ -58,7 +64,16 @@ class ModelSpec:
             return [f"model sizes must be >= 1: {', '.join(f'model.{k}={sizes[k]}' for k in small)}"]
         if self.hidden_size % self.num_heads:
             return [f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads ({self.num_heads})"]
+        if self.prompt_format == "chat" and self.path is None:
+            return ["model.prompt_format chat needs a model with its own tokenizer (model.path): the built-in "
+                    "character tokenizer has only the compact format's 48 characters"]
         return []
+
+    def make_format(self, tokenizer=None) -> PromptFormat:
+        """M's prompt format (the chat format renders with M's tokenizer's chat template)."""
+        if self.prompt_format == "chat":
+            return prompt_format("chat", tokenizer if tokenizer is not None else model_tokenizer(self))
+        return prompt_format(self.prompt_format)
 
     def context_length(self) -> int:
         """Prompt plus completion must fit in this: the path's own config, or max_positions."""
@@ -199,15 +214,21 @@ def create_tiny_qwen2(directory: str | os.PathLike, texts, *, hidden_size: int =
     return save_pretrained(model, tokenizer, directory)
 
 
-def task_corpus(task, sizes, n: int = 400, seed: int = 0) -> list[str]:
-    """Text of the task's own prompts and answers in the compact format, to train a tokenizer on."""
+def task_corpus(task, sizes, n: int = 400, seed: int = 0, fmt: PromptFormat | None = None) -> list[str]:
+    """Text of the task's own prompts and completions in `fmt` (default compact; a chat format
+    without a template, since the template's markers are special tokens), to train a tokenizer on."""
     import random
 
-    from ida_ray.prompts import answer_prompt, fan_out_prompt
+    from ida_ray.steps import Answer
 
+    fmt = fmt or prompt_format("compact")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         q = task.generate(rng.choice(list(sizes)), rng)
-        out += [answer_prompt(q) + task.solve(q), fan_out_prompt(q)]
+        step = task.expert_fan_out(q)
+        out += [fmt.answer_prompt(q) + fmt.format_answer(task.solve(q)), fmt.fan_out_prompt(q) + fmt.format_step(step)]
+        if not isinstance(step, Answer):
+            sub = tuple((s, task.solve(s)) for s in step.questions)
+            out.append(fmt.fan_in_prompt(q, sub) + fmt.format_step(task.expert_fan_in(q, sub)))
     return out

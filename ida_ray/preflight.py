@@ -11,19 +11,35 @@ ConfigError that names every problem (the CLI prints it and exits with status 2)
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
-from ida_ray.questions import UserQuestion, context_needed, read_questions
+from ida_ray.prompts import PromptFormat
+from ida_ray.questions import UserQuestion, characters_and_bos, context_needed, read_questions
+
+
+def prompt_measure(cfg: IDAConfig) -> tuple[PromptFormat, Callable[[str], int]]:
+    """M's prompt format, and how many tokens a prompt takes under M's tokenizer."""
+    if cfg.model.path is None:
+        return cfg.model.make_format(), characters_and_bos
+    from ida_ray.models import load_tokenizer
+    from ida_ray.tokenizer import bos_ids
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    bos = len(bos_ids(tokenizer))
+    return (cfg.model.make_format(tokenizer),
+            lambda prompt: bos + len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
 
 
 def _context_problem(cfg: IDAConfig, task) -> str | None:
-    """The largest training questions' trees must fit the model's context (counted in
-    characters: at least one token each for the character tokenizer, an upper bound for BPE)."""
+    """The largest training questions' trees must fit the model's context (in M's tokens)."""
     rng = random.Random(cfg.seed)
     size = max(cfg.sizes(task))
-    need = max(context_needed(task, task.generate(size, rng), cfg.amplify.max_new_tokens) for _ in range(8))
+    fmt, length = prompt_measure(cfg)
+    need = max(context_needed(task, task.generate(size, rng), cfg.amplify.max_new_tokens, fmt, length)
+               for _ in range(8))
     have = cfg.model.context_length()
     if need > have:
         where = f"model {cfg.model.path}'s context of {have}" if cfg.model.path else f"model.max_positions={have}"
@@ -60,6 +76,18 @@ def _honest_problem(cfg: IDAConfig, task) -> str | None:
     return (f"objective 'honest': the simple labeller ({simple.description}) never errs on {cfg.task!r} questions "
             f"of sizes {cfg.sizes(task)} with task_kwargs {cfg.task_kwargs}, so the two labelling processes "
             f"always agree; widen the question distribution (for sum: max_digit 9, or larger sizes)")
+
+
+def _format_problem(cfg: IDAConfig, task) -> str | None:
+    """A natural-language task's questions hold characters the compact format reserves."""
+    if task.natural_language and cfg.model.prompt_format != "chat":
+        return (f"task {cfg.task!r} is in natural language: it needs model.prompt_format chat (and a model with "
+                f"its own tokenizer, model.path)")
+    if cfg.model.prompt_format == "chat" and cfg.expert == "human":
+        return "expert 'human' reads replies in the compact format: use model.prompt_format compact"
+    if cfg.model.prompt_format == "chat" and cfg.objective == "honest":
+        return "objective 'honest' runs in the compact format: use model.prompt_format compact"
+    return None
 
 
 def backend_problems(cfg: IDAConfig) -> list[str]:
@@ -101,6 +129,8 @@ def check_config(cfg: IDAConfig, *, address: str | None = None) -> IDAConfig:
         except Exception as exc:  # noqa: BLE001 - a size the task cannot generate
             problems.append(f"train_sizes {cfg.train_sizes}: task {cfg.task!r} cannot generate them: {exc}")
         else:
+            p = _format_problem(cfg, task)
+            problems += [p] if p else []
             if not problems:
                 p = _context_problem(cfg, task)
                 problems += [p] if p else []
@@ -128,4 +158,5 @@ def check_questions_file(cfg: IDAConfig, path: str | Path | None) -> list[UserQu
     from ida_ray.tasks import get_task
 
     task = get_task(cfg.task, **cfg.task_kwargs)
-    return read_questions(path, task, cfg.model.context_length(), cfg.amplify.max_new_tokens)
+    fmt, length = prompt_measure(cfg)
+    return read_questions(path, task, cfg.model.context_length(), cfg.amplify.max_new_tokens, fmt, length)

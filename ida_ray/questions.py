@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ida_ray.errors import ConfigError
-from ida_ray.prompts import answer_prompt, fan_in_prompt, fan_out_prompt
+from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.steps import Answer
 from ida_ray.tasks.base import Task
 
@@ -40,13 +41,19 @@ class UserQuestion:
         return asdict(self)
 
 
-def longest_prompt(task: Task, question: str, max_depth: int = 64, max_rounds: int = 8) -> int:
-    """Characters in the longest prompt of the question's expert tree: the answer, fan-out
-    and fan-in prompts a run shows the model once its answers are right (the tokenizer has one
-    token per character). A question whose expert tree cannot be built is measured by its own
-    prompts; the run records whatever then goes wrong."""
+def characters_and_bos(prompt: str) -> int:
+    """Tokens of a prompt under the character tokenizer: one per character, and BOS."""
+    return len(prompt) + 1
+
+
+def longest_prompt(task: Task, question: str, max_depth: int = 64, max_rounds: int = 8, fmt: PromptFormat = COMPACT,
+                   length: Callable[[str], int] = characters_and_bos) -> int:
+    """Tokens (`length` of a prompt) in the longest prompt of the question's expert tree: the
+    answer, fan-out and fan-in prompts a run shows the model once its answers are right. A
+    question whose expert tree cannot be built is measured by its own prompts; the run records
+    whatever then goes wrong."""
     def walk(q: str, depth: int) -> tuple[str, int]:
-        longest = max(len(answer_prompt(q)), len(fan_out_prompt(q)))
+        longest = max(length(fmt.answer_prompt(q)), length(fmt.fan_out_prompt(q)))
         if depth > max_depth:
             raise RecursionError(f"expert tree deeper than {max_depth}")
         step = task.expert_fan_out(q)
@@ -55,23 +62,25 @@ def longest_prompt(task: Task, question: str, max_depth: int = 64, max_rounds: i
                 return step.text, longest
             (a1, l1), (a2, l2) = walk(step.q1, depth + 1), walk(step.q2, depth + 1)
             sub = ((step.q1, a1), (step.q2, a2))
-            longest = max(longest, l1, l2, len(fan_in_prompt(q, sub)))
+            longest = max(longest, l1, l2, length(fmt.fan_in_prompt(q, sub)))
             step = task.expert_fan_in(q, sub)
         raise RecursionError(f"expert fan-in did not finish within {max_rounds} rounds")
 
     try:
         return walk(question, 0)[1]
     except Exception:  # noqa: BLE001 - see above
-        return len(fan_out_prompt(question))
+        return length(fmt.fan_out_prompt(question))
 
 
-def context_needed(task: Task, question: str, max_new_tokens: int) -> int:
-    """Positions the question's longest step needs: BOS, the prompt, the completion."""
-    return 1 + longest_prompt(task, question) + max_new_tokens
+def context_needed(task: Task, question: str, max_new_tokens: int, fmt: PromptFormat = COMPACT,
+                   length: Callable[[str], int] = characters_and_bos) -> int:
+    """Positions the question's longest step needs: the prompt (`length` counts its tokens,
+    BOS included) and the completion."""
+    return longest_prompt(task, question, fmt=fmt, length=length) + max_new_tokens
 
 
 def _entry(task: Task, index: int, line: int, raw: str, jsonl: bool, max_positions: int,
-           max_new_tokens: int) -> UserQuestion:
+           max_new_tokens: int, fmt: PromptFormat, length: Callable[[str], int]) -> UserQuestion:
     text = raw
     if jsonl:
         try:
@@ -83,22 +92,24 @@ def _entry(task: Task, index: int, line: int, raw: str, jsonl: bool, max_positio
         if not isinstance(value, str):
             return UserQuestion(index, line, raw, 'expected a JSON string or {"question": "..."}')
         text = value
-    if len(text) + max_new_tokens + 3 > max_positions:  # not even its answer prompt fits
+    if len(text) > 8 * max_positions:  # far past any context: not worth parsing or measuring
         return UserQuestion(index, line, text[:200], f"{len(text)} characters: too long for the model's context "
                             f"of {max_positions} positions")
     try:
         task.parse(text)
     except Exception as exc:  # noqa: BLE001 - any parser failure on user input is a malformed question
         return UserQuestion(index, line, text, f"{task.name} cannot parse it: {exc}")
-    need = context_needed(task, text, max_new_tokens)
+    need = context_needed(task, text, max_new_tokens, fmt, length)
     if need > max_positions:
-        return UserQuestion(index, line, text, f"its tree's prompts need {need} positions, more than the model's "
+        return UserQuestion(index, line, text, f"its tree's prompts need {need} positions: too long for the model's "
                             f"context of {max_positions}")
     return UserQuestion(index, line, text)
 
 
-def read_questions(path: str | Path, task: Task, max_positions: int, max_new_tokens: int) -> list[UserQuestion]:
-    """Every entry of the file, well-formed or not; ConfigError when the file itself is unusable."""
+def read_questions(path: str | Path, task: Task, max_positions: int, max_new_tokens: int,
+                   fmt: PromptFormat = COMPACT, length: Callable[[str], int] = characters_and_bos) -> list[UserQuestion]:
+    """Every entry of the file, well-formed or not; ConfigError when the file itself is unusable.
+    `fmt` and `length` (tokens of a prompt) measure whether a question's prompts fit."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"questions file {path} does not exist or is not a file")
@@ -116,7 +127,7 @@ def read_questions(path: str | Path, task: Task, max_positions: int, max_new_tok
         raw = raw.strip()
         if not raw or (not jsonl and raw.startswith("#")):
             continue
-        entries.append(_entry(task, len(entries), number, raw, jsonl, max_positions, max_new_tokens))
+        entries.append(_entry(task, len(entries), number, raw, jsonl, max_positions, max_new_tokens, fmt, length))
     if not entries:
         raise ConfigError(f"questions file {path} holds no questions")
     return entries

@@ -1,5 +1,5 @@
 """The supervised baseline IDA is measured against: the same model spec, trained on the
-answer head alone (`answer_prompt(q) -> task.solve(q)`) with ground-truth labels.
+answer head alone (`answer prompt of q -> task.solve(q)`, in the compact format) with ground-truth labels.
 
 It gets the same optimiser settings (TrainConfig: AdamW, lr, weight decay, gradient clip,
 batch size) and is given as many gradient steps x batch size as the IDA run it is compared
@@ -23,7 +23,7 @@ from ida_ray.evaluation import evaluate
 from ida_ray.examples import Example
 from ida_ray.losses import collate_lm, model_loss
 from ida_ray.models import ModelSpec, build_model
-from ida_ray.prompts import answer_prompt
+from ida_ray.prompts import COMPACT
 from ida_ray.tasks.base import Task
 
 
@@ -34,7 +34,7 @@ def labelled_examples(task: Task, sizes: tuple[int, ...], n: int, rng: random.Ra
     out = []
     for _ in range(n):
         q = task.generate(rng.choice(sizes), rng)
-        out.append(Example("answer", answer_prompt(q), task.solve(q)))
+        out.append(Example("answer", COMPACT.answer_prompt(q), task.solve(q)))
     return out
 
 

@@ -44,16 +44,16 @@ def garbage_policy(prompt):
 
 def oracle_policy(task, logprob=-0.001):
     """A model that answers like the ground truth and fans out/in like the expert."""
-    from ida_ray.prompts import format_step
+    from ida_ray.prompts import COMPACT
 
     def policy(prompt):
         role, body = prompt[0], prompt[1:-1]
         if role == "A":
             return task.solve(body), logprob
         if role == "O":
-            return format_step(task.expert_fan_out(body)), logprob
+            return COMPACT.format_step(task.expert_fan_out(body)), logprob
         q, rest = body.split("[", 1)
         (q1, a1), (q2, a2) = [tuple(part.split(":", 1)) for part in rest.rstrip("]").split("][")]
-        return format_step(task.expert_fan_in(q, ((q1, a1), (q2, a2)))), logprob
+        return COMPACT.format_step(task.expert_fan_in(q, ((q1, a1), (q2, a2)))), logprob
 
     return policy

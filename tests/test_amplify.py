@@ -10,7 +10,7 @@ from scripted_engine import ScriptedEngine, garbage_policy, oracle_policy
 from ida_ray.amplify import adversarial_question, amplify_tree, distill_tree, gumbel_argmax
 from ida_ray.config import AmplifyConfig
 from ida_ray.examples import tree_examples
-from ida_ray.prompts import answer_prompt
+from ida_ray.prompts import COMPACT
 from ida_ray.steps import Split
 from ida_ray.tasks import get_task
 from ida_ray.tasks.sum_list import SumList
@@ -62,7 +62,7 @@ def test_unconfident_model_only_one_branch_recursed_per_split():
 
 def test_adversary_picks_the_branch_it_scores_worst_at_zero_temperature():
     def adversary(prompt, completion):
-        return -10.0 if prompt == answer_prompt("9,9") else 0.0
+        return -10.0 if prompt == COMPACT.answer_prompt("9,9") else 0.0
     eng = ScriptedEngine(oracle_policy(TASK, logprob=-3.0), adversary_fn=adversary)
     for seed in range(5):
         tree = amp(eng, "1,1,9,9", seed=seed, tau=0.0)
@@ -146,7 +146,7 @@ def test_examples_imitate_expert_steps_and_train_the_adversary():
     assert kinds["fan_in"] == sum(len(n.rounds) for n in tree.nodes())
     adv = [e for e in ex if e.kind == "adversary"]
     assert adv and all(e.target == -2.5 for e in adv)
-    root_answer = [e for e in ex if e.kind == "answer" and e.prompt == answer_prompt(tree.question)]
+    root_answer = [e for e in ex if e.kind == "answer" and e.prompt == COMPACT.answer_prompt(tree.question)]
     assert root_answer[0].completion == "31"
 
 
@@ -165,7 +165,7 @@ def test_audit_switches_hprime_off_so_the_expert_corrects_a_confidently_wrong_mo
     q = "3,1,4,2"
     assert TASK.solve(q) == "10"
     oracle = oracle_policy(TASK, logprob=0.0)
-    wrong = lambda p: ("9", 0.0) if p == answer_prompt(q) else oracle(p)  # noqa: E731
+    wrong = lambda p: ("9", 0.0) if p == COMPACT.answer_prompt(q) else oracle(p)  # noqa: E731
     unaudited = amp(ScriptedEngine(wrong), q, audit_fraction=0.0)
     assert unaudited.answer == "9" and unaudited.expert_calls == 0  # H' trusts it: the wrong sum stands
     tree = amp(ScriptedEngine(wrong), q, audit_fraction=1.0)

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from test_viewer import make_trees, write_run
 
-from ida_ray.prompts import format_step
+from ida_ray.prompts import COMPACT
 from ida_ray.tasks import get_task
 from ida_ray.tree import EXPERT
 
@@ -157,9 +157,9 @@ def reply_for(card, task=TASK) -> str:
 
     question = card.get_attribute("data-question")
     if card.get_attribute("data-kind") == "fan_out":
-        return format_step(task.expert_fan_out(question))
+        return COMPACT.format_step(task.expert_fan_out(question))
     sub = [tuple(s.strip() for s in li.text.split("\u2192")) for li in card.find_elements(By.CSS_SELECTOR, "ul.sub li")]
-    return format_step(task.expert_fan_in(question, tuple(sub)))
+    return COMPACT.format_step(task.expert_fan_in(question, tuple(sub)))
 
 
 def test_answer_requests_in_the_page_until_the_tree_completes(server, browser, shots):

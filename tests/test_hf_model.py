@@ -98,7 +98,7 @@ def test_vllm_and_transformers_agree_and_a_swap_lands_on_the_second_architecture
     from ida_ray.actors.replica import start_replicas
     from ida_ray.engine import TorchEngine
     from ida_ray.models import load_adversary, load_model
-    from ida_ray.prompts import answer_prompt
+    from ida_ray.prompts import COMPACT
     from ida_ray.serving.engine_pool import ReplicaPool
     from ida_ray.serving.weights import WeightsPayload
 
@@ -106,7 +106,7 @@ def test_vllm_and_transformers_agree_and_a_swap_lands_on_the_second_architecture
     import random
 
     rng = random.Random(7)
-    prompts = [answer_prompt(TASK.generate(rng.choice(SIZES), rng)) for _ in range(24)]
+    prompts = [COMPACT.answer_prompt(TASK.generate(rng.choice(SIZES), rng)) for _ in range(24)]
     local = TorchEngine(load_model(model_dir), load_adversary(adversary_dir), load_tokenizer(model_dir),
                         max_new_tokens=8)
     expected = asyncio.run(local.generate(prompts))

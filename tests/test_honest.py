@@ -31,7 +31,7 @@ from ida_ray.honest.objective import (
 from ida_ray.honest.two_headed import INSTRUMENTAL_FILE, build_two_headed, load_two_headed, save_two_headed
 from ida_ray.losses import collate_lm
 from ida_ray.models import ModelSpec
-from ida_ray.prompts import answer_prompt
+from ida_ray.prompts import COMPACT
 from ida_ray.tasks import get_task
 
 TINY = ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=32)
@@ -48,7 +48,7 @@ def model_tok():
 def small_batch(tok, n=8, seed=0):
     rng = random.Random(seed)
     qs = [TASK.generate(rng.choice((2, 3)), rng) for _ in range(n)]
-    return collate_lm(tok, [Example("answer", answer_prompt(q), TASK.solve(q)) for q in qs])
+    return collate_lm(tok, [Example("answer", COMPACT.answer_prompt(q), TASK.solve(q)) for q in qs])
 
 
 def zero_loss(model):
@@ -268,7 +268,7 @@ def test_collected_comparisons_are_confident_and_favour_the_complex_answer(model
     rng = random.Random(0)
     # A little likelihood training so the model emits well-formed, often wrong, sums.
     trainer = HonestTrainer(model, HonestConfig(lam=0.0, lr1=1e-2, lr2=1e-2))
-    pool = [Example("answer", answer_prompt(q), TASK.solve(q)) for q in (TASK.generate(2, rng) for _ in range(200))]
+    pool = [Example("answer", COMPACT.answer_prompt(q), TASK.solve(q)) for q in (TASK.generate(2, rng) for _ in range(200))]
     for _ in range(60):
         batch = collate_lm(tok, rng.choices(pool, k=32))
         trainer.step(lambda m: intended_nll(m, batch), batch)
@@ -298,8 +298,8 @@ def test_comparison_loss_raises_the_better_answer_over_the_worse(model_tok):
 
     def margin():
         with torch.no_grad():
-            better = collate_lm(tok, [Example("answer", answer_prompt(c.question), c.better) for c in comps])
-            worse = collate_lm(tok, [Example("answer", answer_prompt(c.question), c.worse) for c in comps])
+            better = collate_lm(tok, [Example("answer", COMPACT.answer_prompt(c.question), c.better) for c in comps])
+            worse = collate_lm(tok, [Example("answer", COMPACT.answer_prompt(c.question), c.worse) for c in comps])
             return float(intended_nll(model, worse) - intended_nll(model, better))
 
     before = margin()
@@ -342,7 +342,7 @@ def ida_examples(n=60, seed=0):
     """Answer examples as IDA trees label them (the truth, the complex process), with fan-outs."""
     rng = random.Random(seed)
     qs = [TASK.generate(rng.choice((3, 4)), rng) for _ in range(n)]
-    return qs, [Example("answer", answer_prompt(q), TASK.solve(q)) for q in qs] + \
+    return qs, [Example("answer", COMPACT.answer_prompt(q), TASK.solve(q)) for q in qs] + \
         [Example("fan_out", f"O{q}=", "!" + TASK.solve(q)) for q in qs]
 
 
@@ -480,5 +480,5 @@ def test_decoding_sends_its_inputs_to_the_models_device(model_tok, samples, temp
 
     lm.generate = generate
     with pytest.raises(_Generated):
-        decode(lm, tok, [answer_prompt("1,2"), answer_prompt("3,4,5")], samples, temperature)
+        decode(lm, tok, [COMPACT.answer_prompt("1,2"), COMPACT.answer_prompt("3,4,5")], samples, temperature)
     assert len(devices) >= 2 and all(d.type == "meta" for d in devices), devices  # input_ids, attention_mask

@@ -17,7 +17,7 @@ from ida_ray.actors.human_queue import HumanQueueClient, RayHumanBackend, start_
 from ida_ray.errors import ExpertFailure
 from ida_ray.experts import HumanExpert, HumanTimeout, UnknownRequest
 from ida_ray.messages import ExpandJob
-from ida_ray.prompts import format_step
+from ida_ray.prompts import COMPACT
 from ida_ray.steps import Answer, Split
 from ida_ray.tasks import get_task
 from ida_ray.tree import EXPERT
@@ -160,7 +160,7 @@ def test_expander_amplifies_with_the_person_and_distills_alone(cluster, model_di
                 sub = tuple(tuple(p) for p in req["sub"] or ())
                 step = TASK.expert_fan_out(req["question"]) if req["kind"] == "fan_out" else \
                     TASK.expert_fan_in(req["question"], sub)
-                text = format_step(step)
+                text = COMPACT.format_step(step)
                 assert backend.submit(req["request_id"], text)["accepted"]
                 sent[(req["kind"], req["question"])] = text
             assert len(sent) < 30

@@ -1,7 +1,7 @@
 import pytest
 
 from ida_ray.errors import ParseError
-from ida_ray.prompts import RESERVED, fan_in_prompt, format_step, parse_answer, parse_step
+from ida_ray.prompts import COMPACT, RESERVED
 from ida_ray.steps import Answer, Split
 from ida_ray.tasks import QUESTION_CHARS, get_task
 from ida_ray.tokenizer import build_tokenizer
@@ -11,27 +11,27 @@ SUM = get_task("sum")
 
 def test_split_is_canonical_and_fan_in_prompt_symmetric():
     assert Split("5,6", "1,2") == Split("1,2", "5,6")
-    a = fan_in_prompt("1,2,5,6", (("1,2", "3"), ("5,6", "11")))
-    b = fan_in_prompt("1,2,5,6", (("5,6", "11"), ("1,2", "3")))
+    a = COMPACT.fan_in_prompt("1,2,5,6", (("1,2", "3"), ("5,6", "11")))
+    b = COMPACT.fan_in_prompt("1,2,5,6", (("5,6", "11"), ("1,2", "3")))
     assert a == b == "I1,2,5,6[1,2:3][5,6:11]="
 
 
 @pytest.mark.parametrize("step", [Answer("17"), Split("1,2", "3,4")])
 def test_format_parse_round_trip(step):
-    assert parse_step(format_step(step), SUM, "1,2,3,4") == step
+    assert COMPACT.parse_step(COMPACT.format_step(step), SUM, "1,2,3,4") == step
 
 
 @pytest.mark.parametrize("text", ["", "17", "!", "?1,2", "?1,2&", "?&3", "?1&2&3", "!1&2", "?1,2&x,y", "!a", "x!1"])
 def test_malformed_output_raises_one_error_type(text):
     with pytest.raises(ParseError):
-        parse_step(text, SUM, "1,2,3,4")
+        COMPACT.parse_step(text, SUM, "1,2,3,4")
 
 
 def test_answer_validation_uses_the_task():
-    assert parse_answer("12", SUM, "5,7") == "12"
+    assert COMPACT.parse_answer("12", SUM, "5,7") == "12"
     for bad in ["", "012", "1,2", "A"]:
         with pytest.raises(ParseError):
-            parse_answer(bad, SUM, "5,7")
+            COMPACT.parse_answer(bad, SUM, "5,7")
 
 
 def test_reserved_characters_never_in_questions():

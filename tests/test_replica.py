@@ -18,7 +18,7 @@ from ida_ray.config import TrainConfig  # noqa: E402
 from ida_ray.engine import TorchEngine  # noqa: E402
 from ida_ray.examples import Example  # noqa: E402
 from ida_ray.models import ModelSpec, build_adversary, build_model  # noqa: E402
-from ida_ray.prompts import answer_prompt  # noqa: E402
+from ida_ray.prompts import COMPACT  # noqa: E402
 from ida_ray.serving.engine_pool import ReplicaPool  # noqa: E402
 from ida_ray.serving.weights import WeightsError, WeightsPayload  # noqa: E402
 from ida_ray.training import ImitationObjective  # noqa: E402
@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 SPEC = ModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)  # head size 32: vLLM-CPU
 MAX_NEW = 10
 TRAIN = {"1,2": "3", "4,4": "8", "9,9": "18", "5": "5", "7,1,1": "9", "2,2,2": "6"}
-PROMPTS = [answer_prompt(q) for q in TRAIN] + [answer_prompt(q) for q in ("3,3", "8,1,1", "6")] + ["O1,2,3,4=", "I1,2[1:1][2:2]="]
+PROMPTS = ([COMPACT.answer_prompt(q) for q in [*TRAIN, "3,3", "8,1,1", "6"]]
+           + ["O1,2,3,4=", "I1,2[1:1][2:2]="])
 RAY_INIT = dict(num_cpus=8, namespace=None)  # the `cluster` fixture (tests/conftest.py)
 
 
@@ -57,8 +58,8 @@ def trained_parts(seed: int, steps: int):
     model, tok = build_model(SPEC, seed=seed)
     adversary, _ = build_adversary(SPEC, seed=seed + 1)
     trainer = ImitationObjective(model, adversary, tok, TrainConfig(lr=1e-2, adversary_lr=1e-2), seed)
-    examples = [Example("answer", answer_prompt(q), a) for q, a in TRAIN.items()]
-    adv = [Example("adversary", answer_prompt(q), a, -0.5 * i) for i, (q, a) in enumerate(TRAIN.items())]
+    examples = [Example("answer", COMPACT.answer_prompt(q), a) for q, a in TRAIN.items()]
+    adv = [Example("adversary", COMPACT.answer_prompt(q), a, -0.5 * i) for i, (q, a) in enumerate(TRAIN.items())]
     for _ in range(steps):
         trainer.model_step(examples)
         trainer.adversary_step(adv)
@@ -98,7 +99,7 @@ def test_swap_sets_the_version_and_greedy_equals_transformers(replicas, swapped,
 
 
 def test_logprob_equals_torch_engine(replicas, swapped, weights_v1):
-    prompts = [answer_prompt(q) for q in TRAIN] * 2
+    prompts = [COMPACT.answer_prompt(q) for q in TRAIN] * 2
     completions = list(TRAIN.values()) + ["12", "0", "", "99", "1,2", "7"]
     ref = asyncio.run(reference(weights_v1).logprob(prompts, completions))
     for h in replicas:
@@ -108,7 +109,7 @@ def test_logprob_equals_torch_engine(replicas, swapped, weights_v1):
 
 
 def test_adversary_equals_torch_on_both_backends(replicas, swapped, weights_v1):
-    prompts = [answer_prompt(q) for q in TRAIN]
+    prompts = [COMPACT.answer_prompt(q) for q in TRAIN]
     completions = list(TRAIN.values())
     ref = asyncio.run(reference(weights_v1).adversary(prompts, completions))
     assert max(ref) - min(ref) > 0.5  # the trained adversary tells the examples apart
@@ -120,7 +121,7 @@ def test_adversary_equals_torch_on_both_backends(replicas, swapped, weights_v1):
 
 def test_concurrent_calls_are_batched(replicas, swapped):
     h = replicas[0]
-    prompts = [answer_prompt(f"{i % 10},{i // 10}") for i in range(64)]
+    prompts = [COMPACT.answer_prompt(f"{i % 10},{i // 10}") for i in range(64)]
     before = ray.get(h.health.remote())["batch_sizes"]["model"]["steps"]
     ray.get([h.generate.remote([p]) for p in prompts])  # 64 separate actor calls at once
     health = ray.get(h.health.remote())

@@ -6,7 +6,7 @@ import pytest
 from ida_ray.config import TrainConfig
 from ida_ray.evaluation import heldout_questions
 from ida_ray.models import ModelSpec
-from ida_ray.prompts import answer_prompt
+from ida_ray.prompts import COMPACT
 from ida_ray.supervised import SupervisedBaseline, labelled_examples
 from ida_ray.tasks import get_task
 
@@ -21,7 +21,7 @@ def test_examples_carry_ground_truth_on_the_answer_head():
     assert len(examples) == 40
     for e in examples:
         q = e.prompt[1:-1]
-        assert e.kind == "answer" and e.prompt == answer_prompt(q)
+        assert e.kind == "answer" and e.prompt == COMPACT.answer_prompt(q)
         assert e.completion == task.solve(q)
         assert task.size(q) in (3, 5)
 

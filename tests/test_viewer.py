@@ -256,10 +256,10 @@ def human_client(tmp_path):
 
 def answer_as_the_coded_expert(req):
     """What a diligent person would type: the coded expert's own step."""
-    from ida_ray.prompts import format_step
+    from ida_ray.prompts import COMPACT
     if req["kind"] == "fan_out":
-        return format_step(TASK.expert_fan_out(req["question"]))
-    return format_step(TASK.expert_fan_in(req["question"], tuple(tuple(p) for p in req["sub"])))
+        return COMPACT.format_step(TASK.expert_fan_out(req["question"]))
+    return COMPACT.format_step(TASK.expert_fan_in(req["question"], tuple(tuple(p) for p in req["sub"])))
 
 
 def test_human_tree_through_the_api_malformed_then_valid_until_complete(human_client):

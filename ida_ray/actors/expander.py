@@ -27,6 +27,7 @@ from ida_ray.config import AmplifyConfig
 from ida_ray.expansion import expand_job
 from ida_ray.experts import HumanExpert
 from ida_ray.messages import ExpandJob, ExpandResult, InvalidJob
+from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.serving.engine_pool import ReplicaPool
 from ida_ray.tasks import get_task
 
@@ -43,14 +44,15 @@ def check_jobs(jobs: list) -> list[ExpandJob]:
 class TreeExpander:
     def __init__(self, replicas: list, task: str = "sum", task_kwargs: dict | None = None,
                  amplify: AmplifyConfig | dict | None = None, trees_in_flight: int = 256,
-                 pool_options: dict | None = None, human_queue=None):
+                 pool_options: dict | None = None, human_queue=None, fmt: PromptFormat = COMPACT):
         """human_queue: the run's HumanQueueActor handle; its person is H of amplification trees
-        (default: the task's coded expert)."""
+        (default: the task's coded expert). fmt: how the model's prompts and replies are written."""
         if trees_in_flight < 1:
             raise ValueError("trees_in_flight must be >= 1")
         self.task = get_task(task, **(task_kwargs or {}))
         self.cfg = amplify if isinstance(amplify, AmplifyConfig) else AmplifyConfig(**(amplify or {}))
         self.trees_in_flight = trees_in_flight
+        self.fmt = fmt
         self.pool = ReplicaPool(replicas, **(pool_options or {}))
         self.expert = None  # amplify_tree's default: the task's coded expert
         if human_queue is not None:
@@ -74,7 +76,7 @@ class TreeExpander:
         async with self._semaphore():
             self.in_flight += 1
             try:
-                result = await expand_job(self.task, self.pool, job, self.cfg, self.expert)
+                result = await expand_job(self.task, self.pool, job, self.cfg, self.expert, self.fmt)
             finally:
                 self.in_flight -= 1
         tree = result.tree

@@ -89,7 +89,7 @@ class RayBackend(Backend):
 
             human_queue = await asyncio.to_thread(start_human_queue, cfg.human_timeout_s)
         self.expanders = start_expanders(cfg.expanders, self.replicas, num_cpus=res.expander_cpus, task=cfg.task,
-                                         task_kwargs=cfg.task_kwargs, amplify=cfg.amplify,
+                                         task_kwargs=cfg.task_kwargs, amplify=cfg.amplify, fmt=cfg.model.make_format(),
                                          trees_in_flight=max(1, math.ceil(cfg.trees_in_flight / cfg.expanders)),
                                          human_queue=human_queue)
         await asyncio.gather(*(e.health.remote() for e in self.expanders))

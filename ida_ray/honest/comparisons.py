@@ -34,7 +34,7 @@ from ida_ray.honest.labels import ComplexLabeller
 from ida_ray.honest.objective import ComparisonConfig
 from ida_ray.honest.two_headed import TwoHeadedLM
 from ida_ray.losses import collate_lm, sequence_nll
-from ida_ray.prompts import answer_prompt
+from ida_ray.prompts import COMPACT
 from ida_ray.tasks.base import Task
 
 
@@ -89,7 +89,7 @@ def amplified_answers(lm, tokenizer, task: Task, questions: list[str], seed: int
 def candidate_answers(model: TwoHeadedLM, tokenizer, questions: list[str], task: Task, samples: int,
                       temperature: float, amplified: bool = False, seed: int = 0) -> list[list[str]]:
     """Distinct well-formed answers per question, the intended head's greedy answer first."""
-    prompts = [answer_prompt(q) for q in questions]
+    prompts = [COMPACT.answer_prompt(q) for q in questions]
     intended = model.as_causal_lm("intended")
     greedy = decode(intended, tokenizer, prompts)
     other = decode(model.as_causal_lm("instrumental"), tokenizer, prompts)
@@ -123,8 +123,8 @@ def collect_comparisons(model: TwoHeadedLM, tokenizer, questions: list[str], tas
 
 def collate_comparisons(tokenizer, comps: list[Comparison]) -> dict[str, torch.Tensor]:
     """One `collate_lm` batch: the better answers, then the worse ones, in the same order."""
-    examples = [Example("answer", answer_prompt(c.question), c.better) for c in comps]
-    examples += [Example("answer", answer_prompt(c.question), c.worse) for c in comps]
+    examples = [Example("answer", COMPACT.answer_prompt(c.question), c.better) for c in comps]
+    examples += [Example("answer", COMPACT.answer_prompt(c.question), c.worse) for c in comps]
     return collate_lm(tokenizer, examples)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ida_ray.honest.two_headed import TwoHeadedLM
-from ida_ray.prompts import answer_prompt
+from ida_ray.prompts import COMPACT
 
 
 @torch.inference_mode()
@@ -39,4 +39,4 @@ def decode(lm, tokenizer, prompts: list[str], samples: int = 1, temperature: flo
 def head_answers(model: TwoHeadedLM, tokenizer, questions: list[str], head: str) -> list[str | None]:
     """Greedy answer of `head` ("intended" | "instrumental") to each question."""
     lm = model.as_causal_lm(head)
-    return [c[0] for c in decode(lm, tokenizer, [answer_prompt(q) for q in questions])]
+    return [c[0] for c in decode(lm, tokenizer, [COMPACT.answer_prompt(q) for q in questions])]

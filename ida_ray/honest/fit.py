@@ -19,13 +19,13 @@ from ida_ray.honest.comparisons import (
 from ida_ray.honest.labels import Labelled
 from ida_ray.honest.objective import HonestTrainer, intended_nll
 from ida_ray.losses import collate_lm
-from ida_ray.prompts import answer_prompt
+from ida_ray.prompts import COMPACT
 from ida_ray.tasks.base import Task
 
 
 def label_examples(items: list[Labelled], label: str = "complex") -> list[Example]:
     """Answer-prompt examples carrying the `label` ("simple" | "complex") of each question."""
-    return [Example("answer", answer_prompt(x.question), getattr(x, label)) for x in items]
+    return [Example("answer", COMPACT.answer_prompt(x.question), getattr(x, label)) for x in items]
 
 
 def fit_likelihood(trainer: HonestTrainer, tokenizer, large: list[Labelled], small: list[Labelled], steps: int,

@@ -28,7 +28,7 @@ from ida_ray.honest.labels import SimpleLabeller
 from ida_ray.honest.objective import HonestTrainer, intended_nll
 from ida_ray.honest.two_headed import TwoHeadedLM
 from ida_ray.losses import collate_lm
-from ida_ray.prompts import question_of_answer_prompt
+from ida_ray.prompts import COMPACT
 from ida_ray.tasks.base import Task
 from ida_ray.training import Objective, Wrap, no_wrap
 
@@ -38,7 +38,7 @@ def is_trusted(example: Example, simple: SimpleLabeller) -> bool:
     if example.kind != "answer":
         return False
     try:
-        return simple.label(question_of_answer_prompt(example.prompt)) == example.completion
+        return simple.label(COMPACT.question_of_answer_prompt(example.prompt)) == example.completion
     except IDAError:  # not a well-formed question of the task: not trusted
         return False
 

@@ -24,6 +24,7 @@ class Task(ABC):
     name: str
     base_size: int  # the expert answers directly at or below this size
     default_sizes: tuple[int, ...]  # sizes trained and evaluated by default
+    natural_language: bool = False  # questions in English: shown to M in the chat prompt format only
 
     # -- the question distribution -------------------------------------------------
     @abstractmethod
