@@ -34,8 +34,13 @@ class ModelSpec:
     always for the adversary)."""
 
     path: str | None = None
-    """An HF causal LM to start M from: a local directory or a hub id. None: the tiny Llama
-    below, built from the run's seed. Replicas, learner and evaluation all load these weights."""
+    """An HF causal LM to start M from: a local directory or a hub id. None: the tiny model
+    below, built here. Replicas, learner and evaluation all load these weights."""
+    architecture: Literal["llama", "qwen2"] = "llama"
+    """The tiny model built when no path is given: "llama" (character tokenizer, compact
+    format, built from the seed in every process) or "qwen2" (a byte-level BPE tokenizer
+    trained on the task's own text, with a chat template: built once into
+    <run_dir>/base_model, which then is the path)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights' dtype for M, in the learner and the replicas (bf16/fp16 on GPU; float32 on CPU)."""
     hidden_size: int = 128
@@ -64,9 +69,10 @@ class ModelSpec:
             return [f"model sizes must be >= 1: {', '.join(f'model.{k}={sizes[k]}' for k in small)}"]
         if self.hidden_size % self.num_heads:
             return [f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads ({self.num_heads})"]
-        if self.prompt_format == "chat" and self.path is None:
-            return ["model.prompt_format chat needs a model with its own tokenizer (model.path): the built-in "
-                    "character tokenizer has only the compact format's 48 characters"]
+        if self.prompt_format == "chat" and self.path is None and self.architecture == "llama":
+            return ["model.prompt_format chat needs a model with its own tokenizer (model.path, or "
+                    "model.architecture qwen2): the built-in character tokenizer has only the compact format's "
+                    "48 characters"]
         return []
 
     def make_format(self, tokenizer=None) -> PromptFormat:
@@ -196,14 +202,15 @@ def train_bpe_tokenizer(texts, vocab_size: int = 320):
 
 
 def create_tiny_qwen2(directory: str | os.PathLike, texts, *, hidden_size: int = 64, num_layers: int = 2,
-                      num_heads: int = 2, num_kv_heads: int = 1, max_positions: int = 256, seed: int = 0) -> Path:
+                      num_heads: int = 2, num_kv_heads: int = 1, intermediate_size: int | None = None,
+                      max_positions: int = 256, vocab_size: int = 320, seed: int = 0) -> Path:
     """An HF directory holding a fresh Qwen2ForCausalLM (head size hidden/heads: 32 by default,
     which vLLM-CPU supports) and its BPE tokenizer trained on `texts`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = train_bpe_tokenizer(texts)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_positions, tie_word_embeddings=True, bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, dtype="float32")
@@ -232,3 +239,30 @@ def task_corpus(task, sizes, n: int = 400, seed: int = 0, fmt: PromptFormat | No
             sub = tuple((s, task.solve(s)) for s in step.questions)
             out.append(fmt.fan_in_prompt(q, sub) + fmt.format_step(task.expert_fan_in(q, sub)))
     return out
+
+
+def build_base_model(cfg):
+    """The run's config with M's starting weights on disk: for model.architecture qwen2 with
+    no path, the tiny Qwen2 and its BPE tokenizer (trained on the task's prompts in the run's
+    format) are built once into <run_dir>/base_model, and that directory becomes model.path (a
+    resumed run finds it there). Any other config is returned as it is."""
+    from dataclasses import replace
+
+    from ida_ray.tasks import get_task
+
+    spec = cfg.model
+    if spec.path is not None or spec.architecture != "qwen2":
+        return cfg
+    directory = Path(cfg.run_dir).expanduser().resolve() / "base_model"
+    if not (directory / "config.json").exists():
+        try:
+            task = get_task(cfg.task, **cfg.task_kwargs)
+        except Exception:  # noqa: BLE001 - the pre-flight check reports a task that does not build
+            return cfg
+        plain = prompt_format(spec.prompt_format)  # the chat template's markers are special tokens
+        corpus = task_corpus(task, cfg.sizes(task), n=600, seed=cfg.seed, fmt=plain) + ["system\nuser\nassistant\n"] * 50
+        create_tiny_qwen2(directory, corpus,
+                          hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
+                          num_kv_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
+                          max_positions=spec.max_positions, vocab_size=512, seed=cfg.seed)
+    return replace(cfg, model=replace(spec, path=str(directory)))

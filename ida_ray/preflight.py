@@ -109,8 +109,12 @@ def backend_problems(cfg: IDAConfig) -> list[str]:
 
 
 def check_config(cfg: IDAConfig, *, address: str | None = None) -> IDAConfig:
-    """The configuration, validated; ConfigError listing every problem otherwise."""
+    """The configuration, validated, with M's base model built where the config asks for the
+    tiny Qwen2 (ida_ray.models.build_base_model); ConfigError listing every problem otherwise."""
     cfg.validate()  # the config may have been changed since it was made
+    from ida_ray.models import build_base_model
+
+    cfg = build_base_model(cfg)
     problems = backend_problems(cfg)
     model_problem = _model_problem(cfg)
     problems += [model_problem] if model_problem else []

@@ -151,7 +151,7 @@ def run_train(args) -> int:
     from ida_ray.preflight import check_config
 
     cfg = config_from_args(args)
-    check_config(cfg, address=args.address)
+    cfg = check_config(cfg, address=args.address)
     _check_engine(cfg.engine, cfg.backend)
     train(cfg, resume=args.resume, address=args.address, questions_file=args.questions_file,
           progress=not args.no_progress, dashboard=not args.no_dashboard, actor_logs=args.verbose)

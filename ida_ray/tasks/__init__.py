@@ -17,6 +17,7 @@ import sys
 from ida_ray.errors import ConfigError
 from ida_ray.tasks.assignments import Assignments
 from ida_ray.tasks.base import QUESTION_CHARS, Task, expert_tree_answer
+from ida_ray.tasks.coins import CoinStories
 from ida_ray.tasks.perm_power import PermPower
 from ida_ray.tasks.shortest_path import ShortestPath
 from ida_ray.tasks.sum_list import SumList
@@ -26,6 +27,7 @@ TASKS: dict[str, type[Task]] = {
     "perm": PermPower,
     "assign": Assignments,
     "path": ShortestPath,
+    "coins": CoinStories,  # in English: the chat prompt format
 }
 
 
