@@ -233,6 +233,8 @@ class IDAConfig:
             task_class(self.task)
         except ConfigError as exc:
             p.append(str(exc))
+        if self.objective == "honest" and self.model.lora_rank:
+            p.append("objective 'honest' trains its two-headed model whole: model.lora_rank must be 0")
         for name in ("iterations", "amplify_trees_per_iteration", "trees_in_flight", "replicas", "expanders",
                      "learner_workers", "eval_questions_per_size"):
             if getattr(self, name) < 1:

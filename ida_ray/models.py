@@ -61,7 +61,19 @@ class ModelSpec:
             # must be on a filesystem every node shares, or be a hub id).
             self.path = str(Path(self.path).expanduser().resolve())
 
+    lora_rank: int = 0
+    """LoRA (peft) for M: the learner trains rank-r adapters on M's linear layers and keeps
+    the base weights frozen, so a large model trains on one GPU; the replicas serve the merged
+    weights. 0: every weight trains."""
+    lora_alpha: float = 16.0
+    """LoRA's scale numerator (the update is alpha / rank * B A)."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """The layers given adapters: "all-linear" (peft: every linear layer but the output head)
+    or a list of module names (e.g. [q_proj, v_proj])."""
+
     def problems(self) -> list[str]:
+        if self.lora_rank < 0 or self.lora_alpha <= 0:
+            return [f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}"]
         sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": self.num_heads,
                  "intermediate_size": self.intermediate_size, "max_positions": self.max_positions}
         small = [k for k, v in sizes.items() if v < 1]
@@ -132,6 +144,35 @@ def build_model(spec: ModelSpec, seed: int = 0) -> tuple[torch.nn.Module, object
         model = LlamaForCausalLM(spec.llama_config(tokenizer)).to(spec.torch_dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def with_lora(model, spec: ModelSpec):
+    """M wrapped with fresh LoRA adapters (B = 0: the same function as M until trained)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0, bias="none",
+                        target_modules=spec.lora_target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The plain state dict of M with its LoRA updates merged in (W + alpha/r * B A), under
+    the base model's own key names: what the replicas and `from_pretrained` load."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    lora_layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    out = {}
+    with torch.no_grad():
+        for key, value in base.state_dict().items():
+            if ".lora_" in key:
+                continue
+            layer_name, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
+            layer = lora_layers.get(layer_name)
+            if layer is not None and leaf == "weight":
+                value = value + layer.get_delta_weight("default").to(value.dtype)
+            out[key.replace(".base_layer.", ".")] = value.detach()
+    return out
 
 
 def build_adversary(spec: ModelSpec, seed: int = 1) -> tuple[LlamaForSequenceClassification, object]:

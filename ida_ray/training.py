@@ -155,7 +155,11 @@ class Objective(ABC):
 
 
 class ImitationObjective(Objective):
-    """-log M(completion + EOS | prompt) on answer, fan-out and fan-in examples."""
+    """-log M(completion + EOS | prompt) on answer, fan-out and fan-in examples.
+
+    With LoRA (M a peft model, `ida_ray.models.with_lora`) only the adapters train; what the
+    replicas serve and checkpoints hold as `model/` is M with the adapters merged in, and the
+    adapters themselves go to `model/lora/`, from which a resumed run continues."""
 
     name = "imitation"
 
@@ -163,22 +167,39 @@ class ImitationObjective(Objective):
                  wrap: Wrap = no_wrap):
         super().__init__(adversary, tokenizer, train_cfg, seed, device, wrap)
         self.model = model.to(device)
-        self.model_opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.lora = hasattr(model, "peft_config")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.model_opt = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         # The optimiser holds the unwrapped parameters, which DDP shares, not copies.
         self.model_wrapped = wrap(self.model)
+        self._merged = None  # with LoRA: the plain model the replicas are served, kept in step
 
     @classmethod
     def build(cls, cfg: IDAConfig, *, rank: int = 0, world_size: int = 1, device="cpu",
               wrap: Wrap = no_wrap) -> ImitationObjective:
-        from ida_ray.models import build_adversary, build_model
+        from ida_ray.models import build_adversary, build_model, with_lora
 
         model, tokenizer = build_model(cfg.model, cfg.seed)
+        if cfg.model.lora_rank:
+            model = with_lora(model, cfg.model)
         adversary, _ = build_adversary(cfg.model, cfg.seed + 1)
         return cls(model, adversary, tokenizer, cfg.train, cfg.seed + rank, device, wrap)
 
     @property
     def served_model(self) -> torch.nn.Module:
-        return self.model
+        if not self.lora:
+            return self.model
+        from ida_ray.models import merged_state_dict
+
+        if self._merged is None:  # the base architecture, without adapters (a copy of M's size)
+            from transformers import AutoModelForCausalLM
+
+            base = self.model.get_base_model()
+            self._merged = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype).to(self.device)
+            self._merged.generation_config = base.generation_config
+            self._merged.eval()
+        self._merged.load_state_dict(merged_state_dict(self.model))
+        return self._merged
 
     def model_step(self, examples: list[Example]) -> float:
         return self._step(self.model_wrapped, self.model_opt, model_loss, self._batch(collate_lm, examples))
@@ -186,9 +207,22 @@ class ImitationObjective(Objective):
     def save_model(self, directory: Path) -> None:
         from ida_ray.models import save_pretrained
 
-        save_pretrained(self.model, self.tokenizer, directory)
+        save_pretrained(self.served_model, self.tokenizer, directory)
+        if self.lora:
+            self.model.save_pretrained(Path(directory) / "lora")  # adapter_config.json, adapter_model.safetensors
 
     def load_model(self, directory: Path) -> None:
+        if self.lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            from ida_ray.checkpoint import LearnerFailure
+
+            adapter = Path(directory) / "lora" / "adapter_model.safetensors"
+            if not adapter.exists():
+                raise LearnerFailure(f"{directory} holds no LoRA adapter (lora/): it was not trained with LoRA")
+            set_peft_model_state_dict(self.model, load_file(adapter))
+            return
         from ida_ray.models import load_model
 
         self.model.load_state_dict(load_model(directory).state_dict())

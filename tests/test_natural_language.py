@@ -265,3 +265,45 @@ def test_vllm_and_transformers_agree_on_chat_prompts(ray_cluster, trained_coins_
         import ray
 
         ray.kill(replica, no_restart=True)
+
+
+# -- LoRA ---------------------------------------------------------------------------------------
+def test_lora_trains_adapters_serves_merged_weights_and_resumes(tmp_path):
+    from ida_ray.examples import Example
+    from ida_ray.models import build_base_model, load_model
+    from ida_ray.training import build_objective
+
+    cfg = build_base_model(coins_run(tmp_path, **{"model.lora_rank": 4, "backend": "local", "engine": "torch"}))
+    objective = build_objective(cfg)
+    base = load_model(cfg.model.path).state_dict()
+    trainable = {n for n, p in objective.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    served = objective.served_model.state_dict()  # B = 0: M itself, under the base model's key names
+    assert set(served) == set(base) and all(torch.equal(served[k], base[k]) for k in base)
+    fmt = cfg.model.make_format(objective.tokenizer)
+    rng = random.Random(0)
+    qs = [COINS.generate(1, rng) for _ in range(64)]
+    objective.fit([Example("answer", fmt.answer_prompt(q), fmt.format_answer(COINS.solve(q))) for q in qs],
+                  steps=10, adversary_steps=0)
+    ids = objective.tokenizer(fmt.answer_prompt(qs[0]), return_tensors="pt").input_ids
+    with torch.no_grad():
+        trained = objective.model(ids).logits
+        assert torch.allclose(objective.served_model(ids).logits, trained, atol=1e-5)  # merged == adapters
+    frozen = {k: v for k, v in objective.model.get_base_model().state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(v, base[k.replace(".base_layer.", ".")]) for k, v in frozen.items())
+    objective.save_model(tmp_path / "ckpt" / "model")
+    with torch.no_grad():  # model/ is a plain HF directory of the merged weights; lora/ resumes
+        assert torch.allclose(load_model(tmp_path / "ckpt" / "model")(ids).logits, trained, atol=1e-5)
+        resumed = build_objective(cfg)
+        resumed.load_model(tmp_path / "ckpt" / "model")
+        assert torch.equal(resumed.model(ids).logits, trained)
+
+
+def test_one_local_iteration_with_lora(tmp_path):
+    (m,) = train(coins_run(tmp_path, **{"model.lora_rank": 4, "backend": "local", "engine": "torch"}),
+                 progress=False, log=lambda s: None)
+    assert m["model_steps"] == 10 and m["trees"] == 40
+    ckpt = Path(json.loads((tmp_path / "state.json").read_text())["checkpoint"]) / "model"
+    assert (ckpt / "lora" / "adapter_config.json").exists() and (ckpt / "config.json").exists()
+    with pytest.raises(ConfigError, match="lora_rank must be 0"):
+        load_config(str(EXAMPLE), {"model.lora_rank": 4, "objective": "honest"})
