@@ -16,11 +16,20 @@ import asyncio
 import math
 import random
 import uuid
+from dataclasses import asdict
 
 from ida_ray.config import AmplifyConfig
 from ida_ray.engine import Engine, Generation
-from ida_ray.errors import DepthExceeded, ExpertFailure, FanInRoundsExceeded, IDAError, OutputTooLong, ParseError
-from ida_ray.experts import CodedExpert
+from ida_ray.errors import (
+    DepthExceeded,
+    ExpertBudgetExhausted,
+    ExpertFailure,
+    FanInRoundsExceeded,
+    IDAError,
+    OutputTooLong,
+    ParseError,
+)
+from ida_ray.experts import CodedExpert, ExpertReply, ExpertUsage
 from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.steps import Split, Step
 from ida_ray.tasks.base import Task
@@ -46,6 +55,7 @@ class _TreeContext:
         self.h = expert if expert is not None else CodedExpert(task)
         self.hprime = hprime
         self.expert_calls = 0
+        self.expert_usage = ExpertUsage()
         self.model_calls = 0
         self.versions: set[int] = set()
 
@@ -98,14 +108,22 @@ class _TreeContext:
 
     # -- expert ----------------------------------------------------------------------
     async def expert(self, call) -> Step:
-        """Await one expert step; `call()` makes the coroutine (made only when H is consulted)."""
+        """Await one expert step; `call()` makes the coroutine (made only when H is consulted).
+        An expert that reports its cost (ExpertReply) has it added to the tree's."""
         self.expert_calls += 1
         try:
-            return await call()
+            result = await call()
+        except ExpertBudgetExhausted:
+            self.expert_calls -= 1  # refused before the expert was consulted
+            raise
         except IDAError:
             raise
         except Exception as exc:  # a user's expert that raises is recorded, not fatal
             raise ExpertFailure(f"{type(exc).__name__}: {exc}") from exc
+        if isinstance(result, ExpertReply):
+            self.expert_usage.add(result.usage)
+            return result.step
+        return result
 
     # -- H' steps --------------------------------------------------------------------
     async def hprime_step(self, role: str, prompt: str, question: str, expert_call,
@@ -124,7 +142,14 @@ class _TreeContext:
                     return record
             except (ParseError, OutputTooLong):
                 pass  # not usable: the expert takes the step
-        record.output = self.fmt.format_step(await self.expert(expert_call))
+        try:
+            record.output = self.fmt.format_step(await self.expert(expert_call))
+        except ExpertBudgetExhausted:
+            # The expert's budget is spent: H' answers alone, with the model's step where it has one.
+            if not self.hprime:
+                raise
+            self.parse_model_step(question, gen)  # a ParseError here fails the node, as any other
+            record.output, record.who = gen.text, HPRIME
         return record
 
 
@@ -223,6 +248,7 @@ def _new_tree(task: Task, question: str, mode: str, iteration: int, source: str)
 
 def _finish(tree: Tree, ctx: _TreeContext) -> Tree:
     tree.expert_calls, tree.model_calls = ctx.expert_calls, ctx.model_calls
+    tree.expert_usage = asdict(ctx.expert_usage)
     tree.weight_versions = sorted(ctx.versions)
     return tree
 

@@ -29,6 +29,7 @@ import yaml
 
 from ida_ray.errors import ConfigError
 from ida_ray.honest.config import HonestConfig
+from ida_ray.lm_expert import LMExpertConfig
 from ida_ray.models import ModelSpec
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -181,9 +182,12 @@ class IDAConfig:
     """Seeds the question draws, the models' initial weights and the learner's sampling."""
     run_dir: str = "runs/latest"
     """Where the run writes metrics, checkpoints, trees and its resume state."""
-    expert: Literal["coded", "human"] = "coded"
-    """H of the amplification trees: the task's coded oracle, or a person on the run's
-    /human page (http://<human_host>:<human_port>/human, served by the driver)."""
+    expert: Literal["coded", "human", "lm"] = "coded"
+    """H of the amplification trees: the task's coded oracle, a person on the run's /human
+    page (http://<human_host>:<human_port>/human, served by the driver), or a language model
+    (the `lm_expert` section: an OpenAI-compatible endpoint, or its own vLLM replicas)."""
+    lm_expert: LMExpertConfig = field(default_factory=LMExpertConfig)
+    """H as a language model (expert "lm"): where it is served, retries, cache and budget."""
     human_timeout_s: float = 1800.0
     """How long a request waits for the person; then its tree fails and the run goes on."""
     human_host: str = "127.0.0.1"
@@ -250,6 +254,8 @@ class IDAConfig:
         if not 0 <= self.human_port <= 65535:
             p.append(f"human_port must be in 0..65535, got {self.human_port}")
         p += self.model.problems() + self.amplify.problems() + self.train.problems() + self.resources.problems()
+        if self.expert == "lm":
+            p += self.lm_expert.problems()
         if self.objective == "honest":
             from ida_ray.honest.labels import SIMPLE_LABELLERS
 

@@ -29,6 +29,12 @@ class ExpertFailure(IDAError):
     kind = "expert_failure"
 
 
+class ExpertBudgetExhausted(ExpertFailure):
+    """The expert's call budget is spent: H' answers alone where the model has a step."""
+
+    kind = "expert_budget"
+
+
 class DepthExceeded(IDAError):
     kind = "depth_exceeded"
 

@@ -35,6 +35,30 @@ INSTRUCTIONS = {
 }
 
 
+@dataclass
+class ExpertUsage:
+    """What one expert step cost: endpoint requests (retries included), cache hits, replies
+    sent back unreadable, and tokens. Trees sum it (`Tree.expert_usage`)."""
+
+    requests: int = 0
+    cache_hits: int = 0
+    parse_retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other: ExpertUsage) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class ExpertReply:
+    """An expert's step with what it cost (an expert may return a bare Step instead)."""
+
+    step: Step
+    usage: ExpertUsage
+
+
 class CodedExpert:
     """H as the task's coded oracle, behind the async interface every expert offers.
 

@@ -45,6 +45,11 @@ class LocalBackend(Backend):
         self.engine = TorchEngine(copy.deepcopy(self.objective.served_model), copy.deepcopy(self.objective.adversary),
                                   self.objective.tokenizer, max_new_tokens=cfg.amplify.max_new_tokens)
         self.store: ReplayStore | None = None
+        self.expert = None  # H: the task's coded expert, unless a language model
+        if cfg.expert == "lm":
+            from ida_ray.lm_expert import build_lm_expert
+
+            self.expert = build_lm_expert(self.task, cfg.lm_expert, self.run_dir)
 
     @property
     def checkpoints(self) -> Path:
@@ -61,12 +66,16 @@ class LocalBackend(Backend):
 
     async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[ExpandResult], DispatchStats]:
         async def one(job: ExpandJob) -> ExpandResult:
-            result = await expand_job(self.task, self.engine, job, self.cfg.amplify, fmt=self.fmt)
+            result = await expand_job(self.task, self.engine, job, self.cfg.amplify, self.expert, self.fmt)
             on_done(1)
             return result
 
         results = await gather_limited([one(j) for j in jobs], self.cfg.trees_in_flight)
         return results, DispatchStats(submitted=len(jobs), chunks=1)
+
+    async def set_expert_budget(self, calls: int | None) -> None:
+        if self.expert is not None:
+            self.expert.budget.set(calls)
 
     async def record(self, iteration: int, results: list[ExpandResult]) -> int:
         self.store.add([e for r in results for e in r.examples])
@@ -100,4 +109,5 @@ class LocalBackend(Backend):
         self.engine.load_state(model_state, adversary_state, version)
 
     async def close(self) -> None:
-        pass
+        if self.expert is not None:
+            await self.expert.client.close()

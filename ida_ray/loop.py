@@ -91,6 +91,10 @@ class Backend(ABC):
     async def swap(self, trained: TrainResult) -> dict[str, int]:
         """Serve the round's weights; returns each server's weight version."""
 
+    async def set_expert_budget(self, calls: int | None) -> None:
+        """Endpoint calls the LM expert may make this iteration, over all expanders (None: no
+        cap); a backend without an LM expert ignores it."""
+
     async def figures(self) -> dict:
         """The backend's own figures for the iteration's metrics record."""
         return {}
@@ -232,6 +236,7 @@ class IDARun:
         lap("questions")
 
         self.set_phase("expanding trees", len(jobs))                                      # 2. amplify, distil
+        await self.backend.set_expert_budget(self.expert_allowance())
         results, dispatch = await self.backend.expand(jobs, self._done)
         results += rejected
         dispatch.rejected = len(rejected)
@@ -288,6 +293,19 @@ class IDARun:
     def _done(self, n: int) -> None:
         self.progress_info["done"] += n
 
+    def expert_allowance(self) -> int | None:
+        """LM expert calls this iteration may make: the per-iteration cap, within what is left
+        of the run's (None: no cap, or not an LM expert)."""
+        lm = self.cfg.lm_expert
+        if self.cfg.expert != "lm":
+            return None
+        left = None if lm.max_calls_per_run is None else max(0, lm.max_calls_per_run - self.expert_requests())
+        caps = [c for c in (lm.max_calls_per_iteration, left) if c is not None]
+        return min(caps) if caps else None
+
+    def expert_requests(self) -> int:
+        return sum(m.get("expert_requests", 0) for m in self.history)
+
     def metrics(self, it: int, results: list[ExpandResult], trees: list[Tree], trained: TrainResult,
                 swapped: dict[str, int], accuracy: dict[int, float], buffer_size: int, dispatch: DispatchStats,
                 phases: dict[str, float]) -> dict:
@@ -304,6 +322,15 @@ class IDARun:
             checkpoint=trained.checkpoint_path, expand_seconds=phases["expand"], setup_seconds=self.setup_seconds)
         if s.objective_stats:
             m[self.cfg.objective] = s.objective_stats
+        if self.cfg.expert == "lm":
+            from ida_ray.lm_expert import expert_figures
+
+            m.update(expert_figures(trees, self.cfg.lm_expert))
+            lm = self.cfg.lm_expert
+            spent = lm.max_calls_per_run is not None and \
+                self.expert_requests() + m["expert_requests"] >= lm.max_calls_per_run
+            if spent and lm.on_budget == "stop":
+                m["stop"] = f"the expert's budget of {lm.max_calls_per_run} calls is spent (lm_expert.on_budget stop)"
         return m
 
     def plot(self) -> None:
@@ -337,4 +364,8 @@ def iteration_line(m: dict) -> str:
     return (f"iter {m['iteration']}: acc {format_accuracy(m['accuracy_by_size'])} | expert calls/tree "
             f"{m['expert_calls_per_tree']:.2f} | loss {m['model_loss']:.3f} adv {m['adversary_loss']:.3f} | "
             f"{m['seconds']:.0f}s ({', '.join(f'{k} {v:.0f}' for k, v in m['phase_seconds'].items())})"
-            + (f"\n  {format_honest(m['honest'])}" if m.get("honest") else ""))
+            + (f"\n  {format_honest(m['honest'])}" if m.get("honest") else "")
+            + (f"\n  expert: {m['expert_requests']} requests, {m['expert_cache_hits']} cache hits, "
+               f"{m['expert_tokens_per_tree']:.0f} tokens/tree, cost {m['expert_cost']:g}"
+               if "expert_requests" in m else "")
+            + (f"\n  stopping: {m['stop']}" if m.get("stop") else ""))

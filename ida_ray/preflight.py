@@ -100,6 +100,9 @@ def backend_problems(cfg: IDAConfig) -> list[str]:
                  "use backend ray")
     if cfg.use_gpu:
         p.append("backend 'local' runs on the CPU; use_gpu needs the Ray backend")
+    if cfg.expert == "lm" and cfg.lm_expert.backend == "cluster":
+        p.append("lm_expert.backend 'cluster' serves the expert on its own replica actors: use backend ray (or "
+                 "lm_expert.backend http, with the model behind `vllm serve`)")
     if (cfg.replicas, cfg.expanders, cfg.learner_workers) != (1, 1, 1):
         p.append(f"backend 'local' is one process: replicas, expanders and learner_workers must be 1, got "
                  f"{cfg.replicas}, {cfg.expanders}, {cfg.learner_workers}")

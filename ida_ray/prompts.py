@@ -190,9 +190,9 @@ class ChatFormat(PromptFormat):
         self.special_tokens: dict[str, str] = dict(tokenizer.special_tokens_map) if tokenizer else {}
         self.system = system
 
-    def _render(self, user: str) -> str:
-        messages = ([{"role": "system", "content": self.system}] if self.system else [])
-        messages.append({"role": "user", "content": user})
+    def render(self, messages: list[dict]) -> str:
+        """A conversation as prompt text: the chat template's, ending where the assistant
+        speaks next (without a template: the messages' text, a blank line between them)."""
         if self.chat_template is None:
             return "\n\n".join(m["content"] for m in messages) + "\n"
         # transformers' own renderer (what apply_chat_template runs, compiled once and cached).
@@ -202,16 +202,30 @@ class ChatFormat(PromptFormat):
                                             add_generation_prompt=True, **self.special_tokens)
         return rendered[0]
 
+    def _render(self, user: str) -> str:
+        messages = ([{"role": "system", "content": self.system}] if self.system else [])
+        return self.render(messages + [{"role": "user", "content": user}])
+
+    # The user message of each role: what M sees, and what an LM expert is asked.
+    def answer_message(self, q: str) -> str:
+        return f"{_one_line(q, 'question')}\n{ASK_ANSWER}"
+
+    def fan_out_message(self, q: str) -> str:
+        return f"{_one_line(q, 'question')}\n{ASK_STEP}"
+
+    def fan_in_message(self, q: str, sub: SubAnswers) -> str:
+        (q1, a1), (q2, a2) = sorted(sub)
+        return (f"{_one_line(q, 'question')}\nSubquestion 1: {q1}\nAnswer 1: {a1}\n"
+                f"Subquestion 2: {q2}\nAnswer 2: {a2}\n{ASK_COMBINE}")
+
     def answer_prompt(self, q: str) -> str:
-        return self._render(f"{_one_line(q, 'question')}\n{ASK_ANSWER}")
+        return self._render(self.answer_message(q))
 
     def fan_out_prompt(self, q: str) -> str:
-        return self._render(f"{_one_line(q, 'question')}\n{ASK_STEP}")
+        return self._render(self.fan_out_message(q))
 
     def fan_in_prompt(self, q: str, sub: SubAnswers) -> str:
-        (q1, a1), (q2, a2) = sorted(sub)
-        return self._render(f"{_one_line(q, 'question')}\nSubquestion 1: {q1}\nAnswer 1: {a1}\n"
-                            f"Subquestion 2: {q2}\nAnswer 2: {a2}\n{ASK_COMBINE}")
+        return self._render(self.fan_in_message(q, sub))
 
     def format_answer(self, answer: str) -> str:
         return f"Answer: {_one_line(answer, 'answer')}"

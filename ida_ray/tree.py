@@ -87,6 +87,9 @@ class Tree:
     root: Node
     expert_calls: int = 0
     model_calls: int = 0
+    # What the expert's steps cost, where it reports it (a language model: requests, cache
+    # hits, replies sent back unreadable, tokens; ida_ray.experts.ExpertUsage).
+    expert_usage: dict = field(default_factory=dict)
     weight_versions: list[int] = field(default_factory=list)
     error: dict | None = None
     source: str = "train"  # "train" | "adversarial" | "user"

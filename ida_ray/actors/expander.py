@@ -26,6 +26,7 @@ import time
 from ida_ray.config import AmplifyConfig
 from ida_ray.expansion import expand_job
 from ida_ray.experts import HumanExpert
+from ida_ray.lm_expert import LMExpertConfig
 from ida_ray.messages import ExpandJob, ExpandResult, InvalidJob
 from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.serving.engine_pool import ReplicaPool
@@ -44,9 +45,13 @@ def check_jobs(jobs: list) -> list[ExpandJob]:
 class TreeExpander:
     def __init__(self, replicas: list, task: str = "sum", task_kwargs: dict | None = None,
                  amplify: AmplifyConfig | dict | None = None, trees_in_flight: int = 256,
-                 pool_options: dict | None = None, human_queue=None, fmt: PromptFormat = COMPACT):
-        """human_queue: the run's HumanQueueActor handle; its person is H of amplification trees
-        (default: the task's coded expert). fmt: how the model's prompts and replies are written."""
+                 pool_options: dict | None = None, human_queue=None, fmt: PromptFormat = COMPACT,
+                 lm_expert: LMExpertConfig | None = None, run_dir: str | None = None,
+                 expert_replicas: list | None = None):
+        """H of amplification trees: the task's coded expert by default; a person when
+        human_queue (the run's HumanQueueActor handle) is given; a language model with
+        lm_expert (over HTTP, or over expert_replicas, the expert's own replica actors; its
+        reply cache under run_dir). fmt: how the model's prompts and replies are written."""
         if trees_in_flight < 1:
             raise ValueError("trees_in_flight must be >= 1")
         self.task = get_task(task, **(task_kwargs or {}))
@@ -59,6 +64,11 @@ class TreeExpander:
             from ida_ray.actors.human_queue import HumanQueueClient
 
             self.expert = HumanExpert(self.task, HumanQueueClient(human_queue))
+        elif lm_expert is not None:
+            from ida_ray.lm_expert import build_lm_expert
+
+            expert_pool = ReplicaPool(expert_replicas, **(pool_options or {})) if expert_replicas else None
+            self.expert = build_lm_expert(self.task, lm_expert, run_dir or ".", engine=expert_pool)
         self._slots: asyncio.Semaphore | None = None  # created on the actor's event loop
         self.in_flight = 0
         self.completed = 0
@@ -103,11 +113,18 @@ class TreeExpander:
         than the bytes; used to resync replicas Ray restarts (see ReplicaPool)."""
         self.pool.remember_weights(payload_ref[0], version)
 
+    def set_expert_budget(self, calls: int | None) -> None:
+        """Endpoint calls this expander's LM expert may make from now (None: no cap)."""
+        if self.expert is not None and hasattr(self.expert, "budget"):
+            self.expert.budget.set(calls)
+
     def set_amplify(self, amplify: AmplifyConfig | dict) -> None:
         self.cfg = amplify if isinstance(amplify, AmplifyConfig) else dataclasses.replace(self.cfg, **amplify)
 
     def health(self) -> dict:
-        return {"pid": os.getpid(), "expert": "coded" if self.expert is None else "human",
+        expert = "coded" if self.expert is None else type(self.expert).__name__
+        return {"pid": os.getpid(), "expert": expert,
+                "expert_stats": self.expert.stats_dict() if hasattr(self.expert, "stats_dict") else None,
                 "trees_in_flight": self.in_flight, "trees_completed": self.completed, "trees_failed": self.failed,
                 "nodes": self.nodes, "model_calls": self.model_calls, "busy_s": round(self.busy_s, 2),
                 "weight_version": self.pool.weight_version, "pool": self.pool.health()}

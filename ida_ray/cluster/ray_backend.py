@@ -38,6 +38,7 @@ class RayBackend(Backend):
         self.metrics = IDAMetrics(self.run_dir.name)
         self.replicas: list = []
         self.expanders: list = []
+        self.expert_replicas: list = []  # the LM expert's own replicas (lm_expert.backend cluster)
         self.engine = None  # the ReplicaPool, once the replicas are up
         self.buffer = None
         self.learner = None
@@ -88,10 +89,20 @@ class RayBackend(Backend):
             from ida_ray.actors.human_queue import start_human_queue
 
             human_queue = await asyncio.to_thread(start_human_queue, cfg.human_timeout_s)
+        lm = cfg.lm_expert if cfg.expert == "lm" else None
+        if lm is not None and lm.backend == "cluster":  # H's own replicas: its weights never change
+            t2 = time.time()
+            report(f"starting {lm.replicas} expert replica(s) of {lm.path}")
+            self.expert_replicas = await asyncio.to_thread(
+                start_replicas, lm.replicas, lm.path, None, engine=cfg.engine, use_gpu=cfg.use_gpu,
+                tensor_parallel_size=lm.gpus_per_replica, max_new_tokens=lm.max_tokens, name_prefix="expert",
+                num_cpus=res.replica_cpus, kv_cache_gib=res.kv_cache_gib)
+            self.setup_seconds["expert_replicas"] = round(time.time() - t2, 2)
         self.expanders = start_expanders(cfg.expanders, self.replicas, num_cpus=res.expander_cpus, task=cfg.task,
                                          task_kwargs=cfg.task_kwargs, amplify=cfg.amplify, fmt=cfg.model.make_format(),
                                          trees_in_flight=max(1, math.ceil(cfg.trees_in_flight / cfg.expanders)),
-                                         human_queue=human_queue)
+                                         human_queue=human_queue, lm_expert=lm, run_dir=str(self.run_dir),
+                                         expert_replicas=self.expert_replicas or None)
         await asyncio.gather(*(e.health.remote() for e in self.expanders))
         return dict(self.setup_seconds)
 
@@ -106,6 +117,10 @@ class RayBackend(Backend):
                                        on_reissue=self._tell_weights)
         finally:
             watcher.cancel()
+
+    async def set_expert_budget(self, calls: int | None) -> None:
+        share = None if calls is None else math.ceil(calls / len(self.expanders))
+        await asyncio.gather(*(e.set_expert_budget.remote(share) for e in self.expanders))
 
     async def _tell_weights(self, expander) -> None:
         """A restarted expander's pool starts without the latest weights."""
@@ -181,12 +196,12 @@ class RayBackend(Backend):
             await asyncio.to_thread(self.learner.stop)
             if self.learner.control is not None:
                 ray.kill(self.learner.control)
-        for r in self.replicas:
+        for r in self.replicas + self.expert_replicas:
             try:
                 await asyncio.wait_for(r.shutdown.remote(), 30)
             except Exception:  # noqa: BLE001 - a dead replica has nothing left to shut down
                 pass
-        for h in self.expanders + self.replicas + ([self.buffer] if self.buffer else []):
+        for h in self.expanders + self.replicas + self.expert_replicas + ([self.buffer] if self.buffer else []):
             ray.kill(h, no_restart=True)
         if self.engine is not None:
             self.engine.close()

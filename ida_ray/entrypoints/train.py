@@ -194,6 +194,8 @@ async def _train_local(cfg, resume, user_questions, questions_file, progress, lo
                 bars.show(it, run.progress())
                 await asyncio.wait([task], timeout=0.5)
             bars.iteration_done(task.result())
+            if task.result().get("stop"):
+                break
         return run.history, run.initial_accuracy
     finally:
         bars.close()
@@ -228,7 +230,10 @@ def _train_ray(cfg, resume, user_questions, questions_file, address, progress, d
                 while not ray.wait([ref], timeout=0.5)[0]:
                     if progress:
                         bars.show(it, ray.get(coordinator.progress.remote()))
-                bars.iteration_done(ray.get(ref))
+                m = ray.get(ref)
+                bars.iteration_done(m)
+                if m.get("stop"):
+                    break
         finally:
             bars.close()
         return ray.get(coordinator.get_history.remote()), info["initial_accuracy"]

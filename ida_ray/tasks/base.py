@@ -83,6 +83,25 @@ class Task(ABC):
         (q1, a1), (q2, a2) = sorted(sub)
         return self._combine(question, ((q1, a1), (q2, a2)))
 
+    def expert_examples(self, n: int, rng: random.Random) -> list[tuple]:
+        """Worked examples of H's steps, shown to a language model playing H (ida_ray/lm_expert.py):
+        (kind, question, sub, step) tuples, kind "fan_out" (sub None) or "fan_in". By default
+        the coded expert's own steps: n direct answers at the base size, and n questions just
+        above it with their split and every fan-in round to the answer. Override to write them
+        by hand (a task whose H is a person or a model has no coded expert to make them)."""
+        out = []
+        for _ in range(n):
+            q = self.generate(self.base_size, rng)
+            out.append(("fan_out", q, None, self.expert_fan_out(q)))
+            q = self.generate(self.base_size + 1, rng)
+            step = self.expert_fan_out(q)
+            out.append(("fan_out", q, None, step))
+            while isinstance(step, Split):
+                sub = tuple((s, expert_tree_answer(self, s)) for s in step.questions)
+                step = self.expert_fan_in(q, sub)
+                out.append(("fan_in", q, sub, step))
+        return out
+
     # -- helpers ---------------------------------------------------------------------
     def check_chars(self, question: str) -> None:
         if not question or any(c not in QUESTION_CHARS for c in question):
