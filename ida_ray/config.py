@@ -135,8 +135,13 @@ class ClusterResources:
     round_timeout_s: float = 3600.0
     """A training round that takes longer fails the run (LearnerFailure): nothing waits unbounded."""
 
+    start_timeout_s: float = 900.0
+    """Actors that are not up within this (e.g. waiting for resources the cluster lacks) fail
+    the start with a ConfigError naming them."""
+
     def required_cpus(self, cfg: IDAConfig) -> float:
-        return (cfg.replicas * self.replica_cpus + cfg.expanders * self.expander_cpus
+        expert_replicas = cfg.lm_expert.replicas if cfg.expert == "lm" and cfg.lm_expert.backend == "cluster" else 0
+        return ((cfg.replicas + expert_replicas) * self.replica_cpus + cfg.expanders * self.expander_cpus
                 + cfg.learner_workers * self.learner_cpus)
 
     def problems(self) -> list[str]:
@@ -144,6 +149,8 @@ class ClusterResources:
         for name in ("replica_cpus", "expander_cpus", "learner_cpus"):
             if getattr(self, name) < 0:
                 p.append(f"resources.{name} must be a number >= 0, got {getattr(self, name)}")
+        if not self.start_timeout_s > 0:
+            p.append(f"resources.start_timeout_s must be > 0, got {self.start_timeout_s}")
         if not self.round_timeout_s > 0:
             p.append(f"resources.round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.kv_cache_gib < 1:

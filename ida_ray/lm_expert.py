@@ -239,8 +239,9 @@ class HTTPChatClient(ChatClient):
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self.rng = rng or random.Random()
         self._client = None
+        self._loop = None
         self._slots: asyncio.Semaphore | None = None
-        self.requests = 0  # made to the endpoint, retries included
+        self.requests = 0  # sent to the endpoint, failed attempts and retries included
 
     def identity(self) -> dict:
         return {"backend": "http", "model": self.cfg.model, "base_url": self.cfg.base_url}
@@ -248,11 +249,12 @@ class HTTPChatClient(ChatClient):
     def _http(self):
         import httpx
 
-        if self._client is None:  # made on the event loop that uses it
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:  # one client per event loop that uses it
             key = self.cfg.api_key()
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             self._client = httpx.AsyncClient(timeout=self.cfg.timeout_s, headers=headers)
-            self._slots = asyncio.Semaphore(self.cfg.concurrency)
+            self._slots, self._loop = asyncio.Semaphore(self.cfg.concurrency), loop
         return self._client
 
     async def complete(self, messages: list[dict]) -> ChatReply:
@@ -276,7 +278,9 @@ class HTTPChatClient(ChatClient):
                 problem = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue
             if response.status_code != 200:
-                raise ExpertFailure(f"lm expert {self.url}: HTTP {response.status_code}: {response.text[:300]}")
+                exc = ExpertFailure(f"lm expert {self.url}: HTTP {response.status_code}: {response.text[:300]}")
+                exc.attempts = attempt + 1
+                raise exc
             try:
                 data = response.json()
                 text = data["choices"][0]["message"]["content"]
@@ -288,7 +292,9 @@ class HTTPChatClient(ChatClient):
                 continue
             return ChatReply(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
                              attempt)
-        raise ExpertFailure(f"lm expert {self.url}: no reply after {self.cfg.max_retries + 1} attempts ({problem})")
+        exc = ExpertFailure(f"lm expert {self.url}: no reply after {self.cfg.max_retries + 1} attempts ({problem})")
+        exc.attempts = self.cfg.max_retries + 1
+        raise exc
 
     async def close(self) -> None:
         if self._client is not None:
@@ -383,19 +389,25 @@ class LMExpert:
         return await self._step(self.format.answer_message(question), question, answer_only=True)
 
     async def _step(self, message: str, question: str, answer_only: bool) -> ExpertReply:
+        """One step within its deadline. A failed step's exception carries what it cost
+        (`usage`), so the tree counts the requests that failed too."""
         self.stats.steps += 1
+        usage = ExpertUsage()
         try:
-            return await asyncio.wait_for(self._converse(message, question, answer_only), self.cfg.deadline_s)
+            return await asyncio.wait_for(self._converse(message, question, answer_only, usage), self.cfg.deadline_s)
         except TimeoutError:
             self.stats.failures += 1
-            raise ExpertFailure(f"lm expert: no usable reply within the step's deadline of "
-                                f"{self.cfg.deadline_s:g}s") from None
-        except ExpertFailure:
+            exc = ExpertFailure(f"lm expert: no usable reply within the step's deadline of {self.cfg.deadline_s:g}s")
+            exc.usage = usage
+            raise exc from None
+        except ExpertBudgetExhausted:
+            raise
+        except ExpertFailure as exc:
             self.stats.failures += 1
+            exc.usage = usage
             raise
 
-    async def _converse(self, message: str, question: str, answer_only: bool) -> ExpertReply:
-        usage = ExpertUsage()
+    async def _converse(self, message: str, question: str, answer_only: bool, usage: ExpertUsage) -> ExpertReply:
         messages = self.template + [{"role": "user", "content": message}]
         for attempt in range(self.cfg.parse_retries + 1):
             text = await self._complete(messages, usage)
@@ -425,7 +437,12 @@ class LMExpert:
                 self.stats.cache_hits += 1
                 return hit[0]
         self.budget.take()
-        reply = await self.client.complete(messages)
+        try:
+            reply = await self.client.complete(messages)
+        except ExpertFailure as exc:  # the attempts were made, and count
+            usage.requests += getattr(exc, "attempts", 1)
+            self.stats.requests += getattr(exc, "attempts", 1)
+            raise
         usage.requests += 1 + reply.retries
         usage.prompt_tokens += reply.prompt_tokens
         usage.completion_tokens += reply.completion_tokens

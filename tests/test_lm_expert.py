@@ -40,7 +40,7 @@ from ida_ray.tree import HPRIME
 
 SUM = get_task("sum", base_size=1, max_digit=3)
 COINS = get_task("coins", base_size=1, max_coins=3)
-RAY_INIT = dict(num_cpus=3, namespace="test-lm-expert")  # the `ray_cluster` fixture (tests/conftest.py)
+RAY_INIT = dict(num_cpus=4, namespace="test-lm-expert")  # the `ray_cluster` fixture (tests/conftest.py)
 
 
 class ScriptedClient(ChatClient):
@@ -215,7 +215,8 @@ def test_a_bad_endpoint_gives_recorded_failures_and_a_run_that_finishes(endpoint
     trees = [json.loads(line) for line in (tmp_path / "trees" / "iteration_0000.jsonl").read_text().splitlines()]
     failed = [t for t in trees if t["mode"] == "amplify" and t["error"]]
     assert failed and all(t["error"]["kind"] == "expert_failure" for t in failed)
-    assert m["errors"].get("expert_failure") == len(failed) and m["expert_requests"] == 0
+    assert m["errors"].get("expert_failure") == len(failed)
+    assert m["expert_requests"] >= 2 * len(failed) and m["expert_tokens"] == 0  # attempts count; nothing came back
 
 
 def test_the_run_budget_stops_the_run_when_asked(endpoint, tmp_path):
@@ -321,13 +322,13 @@ def test_amplification_against_a_real_vllm_serve_and_its_cache(vllm_server, tmp_
     before = served_requests(vllm_server)
     trees, expert = run_trees(tmp_path / "cache.sqlite")
     made = served_requests(vllm_server) - before
-    assert made == expert.stats.requests > 0  # every request the expert counts, the server answered
+    assert made == expert.client.requests >= expert.stats.requests > 0  # every request sent reached the server
     assert all(t.error is None or t.error["kind"] in ("expert_failure", "depth_exceeded", "fan_in_rounds_exceeded",
                                                       "parse_error") for t in trees)
     assert sum(t.expert_usage["prompt_tokens"] for t in trees) > 0
     print("LM expert on vllm serve:", [(t.error or {}).get("kind", t.answer) for t in trees], expert.stats_dict())
     again, expert2 = run_trees(tmp_path / "cache.sqlite")  # the same trees, the same cache: no call made twice
-    assert served_requests(vllm_server) - before == made and expert2.stats.requests == 0
+    assert served_requests(vllm_server) - before == made and expert2.client.requests == 0
     assert expert2.stats.cache_hits == expert.stats.requests
     assert [t.answer for t in again] == [t.answer for t in trees]
 

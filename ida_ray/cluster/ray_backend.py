@@ -23,6 +23,7 @@ import ray
 from ida_ray.cluster.dashboard import IDAMetrics
 from ida_ray.cluster.job_dispatch import dispatch_jobs
 from ida_ray.config import IDAConfig
+from ida_ray.errors import ConfigError
 from ida_ray.loop import Backend, Progress
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
 from ida_ray.run_dir import DASHBOARD_FILE, write_json_atomic
@@ -103,7 +104,14 @@ class RayBackend(Backend):
                                          trees_in_flight=max(1, math.ceil(cfg.trees_in_flight / cfg.expanders)),
                                          human_queue=human_queue, lm_expert=lm, run_dir=str(self.run_dir),
                                          expert_replicas=self.expert_replicas or None)
-        await asyncio.gather(*(e.health.remote() for e in self.expanders))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.health.remote() for e in self.expanders)), res.start_timeout_s)
+        except TimeoutError:
+            raise ConfigError(f"the {cfg.expanders} expander(s) did not start within resources.start_timeout_s="
+                              f"{res.start_timeout_s:g}s: does the cluster have the CPUs they ask for "
+                              f"(resources.expander_cpus={res.expander_cpus}, on top of "
+                              f"{res.required_cpus(cfg) - cfg.expanders * res.expander_cpus:g} for the other "
+                              f"actors)?") from None
         return dict(self.setup_seconds)
 
     async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[ExpandResult], DispatchStats]:
