@@ -102,7 +102,8 @@ def main(argv=None) -> dict:
         history = train(cfg, progress=False, log=common.timed_log(f"seed {cfg.seed}", t0=t0))
         largest = max(cfg.sizes(get_task(cfg.task, **cfg.task_kwargs)))
         runs.append({"seed": cfg.seed, "wall_seconds": round(time.time() - t0, 1),
-                     "iterations": [{"iteration": m["iteration"], "accuracy_by_size": m["accuracy_by_size"],
+                     "iterations": [{"iteration": m["iteration"],
+                                     "accuracy_by_size": {str(k): v for k, v in m["accuracy_by_size"].items()},
                                      "expert_calls_per_tree": m["expert_calls_per_tree"],
                                      "answered_by": m["answered_by"], "errors": m.get("errors", {}),
                                      "model_loss": m["model_loss"], "seconds": m["seconds"]} for m in history]})

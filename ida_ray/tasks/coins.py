@@ -82,20 +82,21 @@ class CoinStories(Task):
     name = "coins"
     natural_language = True
 
-    def __init__(self, base_size: int = 1, names: int = 2, max_coins: int = 9):
+    def __init__(self, base_size: int = 1, names: int = 2, max_coins: int = 9, shuffle: bool = True):
         if base_size < 1 or not 2 <= names <= len(NAMES) or max_coins < 1:
             raise ConfigError(f"coins: need base_size >= 1, 2 <= names <= {len(NAMES)} and max_coins >= 1, got "
                               f"{base_size}, {names}, {max_coins}")
         self.base_size = base_size
         self.names = NAMES[:names]  # people are drawn from these (2: always Ann and Bob)
         self.max_coins = max_coins  # counts stay within 0..max_coins in generated stories
+        self.shuffle = shuffle  # draw the two people and their order; False: always the first two names
         self.default_sizes = tuple(range(1, 4 * base_size + 1))
 
     # -- the question distribution -------------------------------------------------
     def generate(self, size: int, rng: random.Random) -> str:
         if size < 1:
             raise ValueError("size must be >= 1")
-        people = tuple(rng.sample(self.names, 2))
+        people = tuple(rng.sample(self.names, 2)) if self.shuffle else self.names[:2]
         counts = {p: rng.randint(0, self.max_coins) for p in people}
         start = (counts[people[0]], counts[people[1]])
         events = []
