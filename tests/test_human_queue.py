@@ -234,7 +234,7 @@ def test_bad_human_settings_are_clear_errors_before_ray(monkeypatch, capsys, tmp
     config.write_text("expert: person\nhuman_timeout_s: -1\n")
     assert cli.main(["train", "--config", str(config), "--engine", "torch"]) == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert "expert must be one of ['coded', 'human']" in err and "human_timeout_s must be > 0" in err
+    assert "expert must be one of ['coded', 'human', 'lm']" in err and "human_timeout_s must be > 0" in err
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

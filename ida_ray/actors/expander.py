@@ -122,7 +122,7 @@ class TreeExpander:
         self.cfg = amplify if isinstance(amplify, AmplifyConfig) else dataclasses.replace(self.cfg, **amplify)
 
     def health(self) -> dict:
-        expert = "coded" if self.expert is None else type(self.expert).__name__
+        expert = {"NoneType": "coded", "HumanExpert": "human", "LMExpert": "lm"}.get(type(self.expert).__name__, "user")
         return {"pid": os.getpid(), "expert": expert,
                 "expert_stats": self.expert.stats_dict() if hasattr(self.expert, "stats_dict") else None,
                 "trees_in_flight": self.in_flight, "trees_completed": self.completed, "trees_failed": self.failed,
