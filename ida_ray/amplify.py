@@ -116,9 +116,11 @@ class _TreeContext:
         except ExpertBudgetExhausted:
             self.expert_calls -= 1  # refused before the expert was consulted
             raise
-        except IDAError as exc:
-            if isinstance(getattr(exc, "usage", None), ExpertUsage):  # what a failed step still cost
+        except ExpertFailure as exc:
+            if exc.usage is not None:  # what a failed step still cost
                 self.expert_usage.add(exc.usage)
+            raise
+        except IDAError:
             raise
         except Exception as exc:  # a user's expert that raises is recorded, not fatal
             raise ExpertFailure(f"{type(exc).__name__}: {exc}") from exc

@@ -24,9 +24,16 @@ class ExpertCannotAnswer(IDAError):
 
 
 class ExpertFailure(IDAError):
-    """The expert raised while handling a step."""
+    """The expert raised while handling a step. An expert that pays for its calls says what the
+    failed step still cost: `attempts` (requests sent) and `usage` (an ida_ray.experts.ExpertUsage),
+    which the tree adds to its own."""
 
     kind = "expert_failure"
+
+    def __init__(self, message: str = "", *, attempts: int = 1, usage=None):
+        super().__init__(message)
+        self.attempts = attempts
+        self.usage = usage
 
 
 class ExpertBudgetExhausted(ExpertFailure):

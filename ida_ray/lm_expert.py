@@ -278,9 +278,8 @@ class HTTPChatClient(ChatClient):
                 problem = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue
             if response.status_code != 200:
-                exc = ExpertFailure(f"lm expert {self.url}: HTTP {response.status_code}: {response.text[:300]}")
-                exc.attempts = attempt + 1
-                raise exc
+                raise ExpertFailure(f"lm expert {self.url}: HTTP {response.status_code}: {response.text[:300]}",
+                                    attempts=attempt + 1)
             try:
                 data = response.json()
                 text = data["choices"][0]["message"]["content"]
@@ -292,9 +291,8 @@ class HTTPChatClient(ChatClient):
                 continue
             return ChatReply(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
                              attempt)
-        exc = ExpertFailure(f"lm expert {self.url}: no reply after {self.cfg.max_retries + 1} attempts ({problem})")
-        exc.attempts = self.cfg.max_retries + 1
-        raise exc
+        raise ExpertFailure(f"lm expert {self.url}: no reply after {self.cfg.max_retries + 1} attempts ({problem})",
+                            attempts=self.cfg.max_retries + 1)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -397,9 +395,8 @@ class LMExpert:
             return await asyncio.wait_for(self._converse(message, question, answer_only, usage), self.cfg.deadline_s)
         except TimeoutError:
             self.stats.failures += 1
-            exc = ExpertFailure(f"lm expert: no usable reply within the step's deadline of {self.cfg.deadline_s:g}s")
-            exc.usage = usage
-            raise exc from None
+            raise ExpertFailure(f"lm expert: no usable reply within the step's deadline of {self.cfg.deadline_s:g}s",
+                                usage=usage) from None
         except ExpertBudgetExhausted:
             raise
         except ExpertFailure as exc:
@@ -440,8 +437,8 @@ class LMExpert:
         try:
             reply = await self.client.complete(messages)
         except ExpertFailure as exc:  # the attempts were made, and count
-            usage.requests += getattr(exc, "attempts", 1)
-            self.stats.requests += getattr(exc, "attempts", 1)
+            usage.requests += exc.attempts
+            self.stats.requests += exc.attempts
             raise
         usage.requests += 1 + reply.retries
         usage.prompt_tokens += reply.prompt_tokens

@@ -60,6 +60,7 @@ class TreeExpander:
         self.fmt = fmt
         self.pool = ReplicaPool(replicas, **(pool_options or {}))
         self.expert = None  # amplify_tree's default: the task's coded expert
+        self.expert_kind = "coded" if human_queue is None and lm_expert is None else "human" if human_queue else "lm"
         if human_queue is not None:
             from ida_ray.actors.human_queue import HumanQueueClient
 
@@ -115,16 +116,15 @@ class TreeExpander:
 
     def set_expert_budget(self, calls: int | None) -> None:
         """Endpoint calls this expander's LM expert may make from now (None: no cap)."""
-        if self.expert is not None and hasattr(self.expert, "budget"):
+        if self.expert_kind == "lm":
             self.expert.budget.set(calls)
 
     def set_amplify(self, amplify: AmplifyConfig | dict) -> None:
         self.cfg = amplify if isinstance(amplify, AmplifyConfig) else dataclasses.replace(self.cfg, **amplify)
 
     def health(self) -> dict:
-        expert = {"NoneType": "coded", "HumanExpert": "human", "LMExpert": "lm"}.get(type(self.expert).__name__, "user")
-        return {"pid": os.getpid(), "expert": expert,
-                "expert_stats": self.expert.stats_dict() if hasattr(self.expert, "stats_dict") else None,
+        return {"pid": os.getpid(), "expert": self.expert_kind,
+                "expert_stats": self.expert.stats_dict() if self.expert_kind == "lm" else None,
                 "trees_in_flight": self.in_flight, "trees_completed": self.completed, "trees_failed": self.failed,
                 "nodes": self.nodes, "model_calls": self.model_calls, "busy_s": round(self.busy_s, 2),
                 "weight_version": self.pool.weight_version, "pool": self.pool.health()}
