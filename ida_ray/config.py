@@ -19,6 +19,7 @@ and absent, a questions file) is checked by `ida_ray.preflight` before anything 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -417,9 +418,23 @@ def _resolve(source: str | Path) -> Path:
     raise ConfigError(f"no config file or preset named {source!r} (presets: {sorted(presets())})")
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `1e-3` is a string; configs are written as YAML 1.2 reads
+    them (a number), so floats without a dot resolve as floats too."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -487,7 +502,7 @@ def parse_override(text: str) -> tuple[str, object]:
     if not sep or not key or not all(part.isidentifier() for part in key.split(".")):
         raise ConfigError(f"override {text!r} is not key=value (e.g. amplify.tau=0.3)")
     try:
-        return key, yaml.safe_load(raw) if raw.strip() else raw
+        return key, load_yaml(raw) if raw.strip() else raw
     except yaml.YAMLError:
         return key, raw
 

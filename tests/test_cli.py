@@ -128,6 +128,15 @@ def test_overrides_go_over_the_file_and_a_new_task_drops_the_old_options(tmp_pat
     assert cfg.iterations == 5 and (cfg.backend, cfg.engine) == ("local", "torch")  # key=value over flags
 
 
+def test_exponent_floats_read_as_numbers_on_the_command_line_and_in_files(tmp_path):
+    # PyYAML alone reads `1e-3` as a string (YAML 1.1); the help's own example must work.
+    args = cli.build_parser().parse_args(["train", "train.lr=1e-3", "train.adversary_lr=2E-4"])
+    cfg = cli.config_from_args(args)
+    assert (cfg.train.lr, cfg.train.adversary_lr) == (1e-3, 2e-4)
+    (tmp_path / "c.yaml").write_text("train: {lr: 5e-4}\n")
+    assert load_config(str(tmp_path / "c.yaml")).train.lr == 5e-4
+
+
 def test_every_preset_loads_and_round_trips():
     assert "default" in presets()
     for name in presets():

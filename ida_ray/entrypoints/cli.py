@@ -82,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="random seed")
     t.add_argument("--amplify-trees", type=_positive_int, metavar="N",
                    help="amplification trees per iteration (default: the config's; 4 with --expert human)")
-    t.add_argument("--expert", choices=("coded", "human"), help="the expert H of the amplification trees: the "
-                   "task's coded oracle (default), or you, answering each fan-out and fan-in on the page the run "
-                   "serves at http://HOST:PORT/human (run and page wait for you; distillation and evaluation are "
-                   "the model's alone)")
+    t.add_argument("--expert", choices=("coded", "human", "lm"), help="the expert H of the amplification trees: "
+                   "the task's coded oracle (default); a language model, set in the config's lm_expert: section "
+                   "(an OpenAI-compatible endpoint, or expert replicas in the cluster); or you, answering each "
+                   "fan-out and fan-in on the page the run serves at http://HOST:PORT/human (run and page wait "
+                   "for you; distillation and evaluation are the model's alone)")
     t.add_argument("--human-timeout", type=_positive_float, metavar="SECONDS", help="with --expert human: how "
                    "long a request waits for your answer before its tree is recorded as failed (default: 1800)")
     t.add_argument("--human-host", metavar="HOST", help="with --expert human: address the page binds to "
