@@ -32,6 +32,7 @@ from ida_ray.errors import ConfigError
 from ida_ray.honest.config import HonestConfig
 from ida_ray.lm_expert import LMExpertConfig
 from ida_ray.models import ModelSpec
+from ida_ray.trackers import TrackingConfig, logger_problems
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 """The presets: configs/<name>.yaml in the repository."""
@@ -221,10 +222,17 @@ class IDAConfig:
     use_gpu: bool = False
     """Replicas and learner on GPUs."""
     resources: ClusterResources = field(default_factory=ClusterResources)
+    logger: tuple[str, ...] = ("tensorboard",)
+    """Experiment trackers each iteration's figures go to: any of "tensorboard" (event files in
+    <run_dir>/tensorboard), "wandb", "mlflow" (ida_ray/trackers.py); [] for none."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """The trackers' options: W&B project / MLflow experiment, run name, MLflow tracking URI."""
 
     def __post_init__(self):
         if isinstance(self.train_sizes, list):
             self.train_sizes = tuple(self.train_sizes)
+        if isinstance(self.logger, list):
+            self.logger = tuple(self.logger)
         self.validate()
 
     def validate(self) -> IDAConfig:
@@ -262,6 +270,7 @@ class IDAConfig:
         if not 0 <= self.human_port <= 65535:
             p.append(f"human_port must be in 0..65535, got {self.human_port}")
         p += self.model.problems() + self.amplify.problems() + self.train.problems() + self.resources.problems()
+        p += logger_problems(self.logger) + self.tracking.problems()
         if self.expert == "lm":
             p += self.lm_expert.problems()
         if self.objective == "honest":

@@ -28,7 +28,7 @@ from pathlib import Path
 from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
 from ida_ray.loop import format_accuracy, format_honest, iteration_line
-from ida_ray.run_dir import check_run_dir, read_history
+from ida_ray.run_dir import PLOT_FILE, check_run_dir, read_history
 
 NAMESPACE = "ida-ray"
 
@@ -161,11 +161,20 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None, p
         log(summary(history, cfg.run_dir, state.get("initial_accuracy")))
         return history
     t0 = time.time()
-    if cfg.backend == "local":
-        history, initial = asyncio.run(_train_local(cfg, resume, user_questions, questions_file, progress, log))
-    else:
-        history, initial = _train_ray(cfg, resume, user_questions, questions_file, address, progress, dashboard,
-                                      actor_logs, log)
+    from ida_ray.trackers import Trackers
+
+    # In the driver, with the user's environment (credentials, WANDB_MODE); before any cluster.
+    trackers = Trackers(cfg.logger, cfg.tracking, cfg.run_dir, cfg.to_dict(),
+                        first_iteration=state["completed_iterations"] if state else 0, log=log)
+    try:
+        if cfg.backend == "local":
+            history, initial = asyncio.run(_train_local(cfg, resume, user_questions, questions_file, progress, log,
+                                                        trackers))
+        else:
+            history, initial = _train_ray(cfg, resume, user_questions, questions_file, address, progress, dashboard,
+                                          actor_logs, log, trackers)
+    finally:
+        trackers.close()
     log(summary(history, cfg.run_dir, initial))
     log(f"total {time.time() - t0:.0f}s")
     return history
@@ -177,7 +186,7 @@ def _ready_line(cfg: IDAConfig, info: dict) -> str:
             f"already done; accuracy before training: {format_accuracy(info['initial_accuracy'])}")
 
 
-async def _train_local(cfg, resume, user_questions, questions_file, progress, log) -> tuple[list[dict], dict]:
+async def _train_local(cfg, resume, user_questions, questions_file, progress, log, trackers) -> tuple[list[dict], dict]:
     """The loop in this process (backend "local")."""
     from ida_ray.local_backend import LocalBackend
     from ida_ray.loop import IDARun
@@ -194,6 +203,7 @@ async def _train_local(cfg, resume, user_questions, questions_file, progress, lo
                 bars.show(it, run.progress())
                 await asyncio.wait([task], timeout=0.5)
             bars.iteration_done(task.result())
+            trackers.log_iteration(task.result(), run.run_dir / PLOT_FILE)
             if task.result().get("stop"):
                 break
         return run.history, run.initial_accuracy
@@ -203,7 +213,7 @@ async def _train_local(cfg, resume, user_questions, questions_file, progress, lo
 
 
 def _train_ray(cfg, resume, user_questions, questions_file, address, progress, dashboard, actor_logs,
-               log) -> tuple[list[dict], dict]:
+               log, trackers) -> tuple[list[dict], dict]:
     """The loop in the coordinator actor on a Ray cluster (backend "ray")."""
     import ray
 
@@ -232,6 +242,7 @@ def _train_ray(cfg, resume, user_questions, questions_file, address, progress, d
                         bars.show(it, ray.get(coordinator.progress.remote()))
                 m = ray.get(ref)
                 bars.iteration_done(m)
+                trackers.log_iteration(m, Path(cfg.run_dir).resolve() / PLOT_FILE)
                 if m.get("stop"):
                     break
         finally:
