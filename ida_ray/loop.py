@@ -48,7 +48,10 @@ from ida_ray.run_dir import (
     PLOT_FILE,
     STATE_FILE,
     append_metrics,
+    best_score,
     check_run_dir,
+    keep_best,
+    read_best,
     read_history,
     rng_state_from_json,
     rng_state_to_json,
@@ -261,6 +264,7 @@ class IDARun:
         self.set_phase("recording")                                                       # 7. metrics
         m = self.metrics(it, results, trees, trained, swapped, accuracy, buffer_size, dispatch, phases)
         m.update(await self.backend.figures())
+        m["best_iteration"] = self.keep_if_best(it, accuracy, trained)
         self.history.append(m)
         self.backend.publish(m, trees, phases)
         self.plot()
@@ -289,6 +293,19 @@ class IDARun:
         where = Path(self.questions_file).name if self.questions_file else "questions file"
         extra, rejected = user_jobs(self.task, cfg, self.user_questions, it, where)
         return jobs + extra, rejected
+
+    def keep_if_best(self, it: int, accuracy: dict[int, float], trained: TrainResult) -> int:
+        """Keep this iteration's checkpoint as the run's best/ if its held-out accuracy is the
+        best so far (ties: the newer); returns the best iteration."""
+        best = read_best(self.run_dir)
+        if best is not None and best["iteration"] < it and best_score(best["accuracy_by_size"]) > best_score(accuracy):
+            return best["iteration"]
+        if trained.checkpoint_path:
+            keep_best(self.run_dir, trained.checkpoint_path, {
+                "iteration": it, "weight_version": trained.weight_version, "accuracy_by_size": accuracy,
+                "checkpoint": trained.checkpoint_path, "task": self.cfg.task, "task_kwargs": self.cfg.task_kwargs,
+                "prompt_format": self.cfg.model.prompt_format})
+        return it
 
     def _done(self, n: int) -> None:
         self.progress_info["done"] += n

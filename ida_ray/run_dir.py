@@ -6,12 +6,14 @@
     plots/progress.png accuracy by size and expert calls per tree, per iteration
     checkpoints/       the learner's checkpoints (ida_ray/checkpoint.py)
     replay/, trees/    the replay buffer's spill and the tree records (ida_ray/replay.py)
+    best/              the model and adversary of the iteration with the best held-out
+                       accuracy so far, with best.json (`ida-ray export` and `ida-ray eval` read it)
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ida_ray.config import IDAConfig
@@ -22,6 +24,8 @@ STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "plots/progress.png"
 DASHBOARD_FILE = "dashboard_metrics.json"  # the last values sent to the Ray dashboard
+BEST_DIR = "best"
+BEST_FILE = "best.json"
 
 
 def read_state(run_dir: str | Path) -> dict | None:
@@ -101,3 +105,97 @@ def rng_state_to_json(state) -> list:
 def rng_state_from_json(data) -> tuple:
     version, internal, gauss = data
     return version, tuple(internal), gauss
+
+
+def best_score(accuracy_by_size: dict) -> tuple[float, float]:
+    """What "best" means for a run's models: held-out accuracy at the largest size (the
+    questions IDA exists to answer), then the mean over sizes."""
+    acc = {int(k): v for k, v in accuracy_by_size.items()}
+    return acc[max(acc)], sum(acc.values()) / len(acc)
+
+
+def keep_best(run_dir: str | Path, checkpoint: str | Path, record: dict) -> Path:
+    """Make `checkpoint`'s model/ and adversary/ the run's best/, with best.json = `record`.
+
+    Checkpoint files are never rewritten, so best/ hard-links them where it can (no copy of
+    the weights; the checkpoint's own pruning then frees nothing best/ still needs). The new
+    best/ is built beside the old one and swapped in by renames: a crash leaves one whole best/."""
+    import shutil
+
+    run_dir, checkpoint = Path(run_dir), Path(checkpoint)
+    best, new, old = run_dir / BEST_DIR, run_dir / f"{BEST_DIR}.new", run_dir / f"{BEST_DIR}.old"
+    shutil.rmtree(new, ignore_errors=True)
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copy2(src, dst)
+
+    for part in ("model", "adversary"):
+        if (checkpoint / part).is_dir():
+            shutil.copytree(checkpoint / part, new / part, copy_function=link_or_copy)
+    new.mkdir(exist_ok=True)
+    (new / BEST_FILE).write_text(json.dumps(record, indent=1))
+    if best.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(best, old)
+    os.replace(new, best)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
+def read_best(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / BEST_DIR / BEST_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@dataclass
+class ModelSource:
+    """Where a model to evaluate or export lives, and what is known about how it was trained."""
+
+    model_dir: Path  # an HF directory (from_pretrained, vllm serve)
+    adversary_dir: Path | None
+    run_dir: Path | None  # the run it came from, when it came from one
+    iteration: int | None  # the iteration whose checkpoint it is, when known
+    config: dict | None  # that run's config.json (or the exported model's ida_ray.json)
+    which: str  # "best", "last", "checkpoint" or "model"
+
+
+EXPORT_INFO_FILE = "ida_ray.json"  # beside an exported model: task, format, config, figures
+
+
+def find_model(path: str | Path, which: str = "best") -> ModelSource:
+    """The model at `path`: a run directory (its best/ model, or with which="last" the last
+    checkpoint's), a learner checkpoint (model/ and adversary/), an exported model, or any HF
+    directory. ConfigError when there is none."""
+    path = Path(path).expanduser().resolve()
+    if which not in ("best", "last"):
+        raise ConfigError(f"which must be 'best' or 'last', got {which!r}")
+    if (path / STATE_FILE).exists() or (path / "config.json").exists() and (path / METRICS_FILE).exists():
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+        best = read_best(path)
+        if which == "best" and best is not None:
+            return ModelSource(path / BEST_DIR / "model", _dir_or_none(path / BEST_DIR / "adversary"), path,
+                               best["iteration"], config, "best")
+        state = read_state(path)
+        if not state or not state.get("checkpoint"):
+            raise ConfigError(f"run {path} has no completed iteration, so no model to use")
+        ckpt = Path(state["checkpoint"])
+        return ModelSource(ckpt / "model", _dir_or_none(ckpt / "adversary"), path,
+                           state["completed_iterations"] - 1, config, "last")
+    if (path / "model" / "config.json").exists():  # a learner checkpoint
+        meta = json.loads((path / "learner.json").read_text()) if (path / "learner.json").exists() else {}
+        run = next((p for p in path.parents if (p / STATE_FILE).exists()), None)
+        config = json.loads((run / "config.json").read_text()) if run and (run / "config.json").exists() else None
+        return ModelSource(path / "model", _dir_or_none(path / "adversary"), run, meta.get("iteration"), config,
+                           "checkpoint")
+    if (path / "config.json").exists():  # an HF directory, maybe one `ida-ray export` wrote
+        info = json.loads((path / EXPORT_INFO_FILE).read_text()) if (path / EXPORT_INFO_FILE).exists() else {}
+        return ModelSource(path, _dir_or_none(path / "adversary"), None, info.get("iteration"), info.get("config"),
+                           "model")
+    raise ConfigError(f"{path} is not a run directory, a checkpoint or an HF model directory (no config.json)")
+
+
+def _dir_or_none(path: Path) -> Path | None:
+    return path if (path / "config.json").exists() else None

@@ -11,6 +11,8 @@
     ida-ray train --config core_learning           a preset of configs/ by name (or a YAML path)
     ida-ray train --backend local amplify.tau=0.3  one process, no Ray; any config key as key=value
     ida-ray view --run-dir runs/latest             browse the trees of a run
+    ida-ray eval runs/latest --amplify             the run's best model on held-out questions
+    ida-ray export runs/latest --out exports/m     the best model as an HF directory + model card
 
 Every argument and the config file are checked before Ray starts: a mistake costs no
 cluster time and prints one clear message (exit status 2).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 
 from ida_ray.errors import ConfigError, IDAError
@@ -106,6 +109,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("view", help="browse a run's trees in the browser (ida_ray.entrypoints.viewer)", add_help=False)
     v.add_argument("rest", nargs=argparse.REMAINDER)
+
+    e = sub.add_parser("eval", help="a model on a task's held-out questions or a questions file "
+                       "(ida_ray.entrypoints.evaluate)", description="The model alone answers each question "
+                       "greedily, graded by the task; with --amplify, its amplification trees too. Results as JSON.")
+    e.add_argument("model", metavar="PATH", help="a run directory (its best model), a learner checkpoint, an "
+                   "exported model or any HF directory")
+    e.add_argument("--which", choices=("best", "last"), default="best", help="of a run directory: the model of "
+                   "its best iteration (held-out accuracy at the largest size) or of its last")
+    e.add_argument("--task", help="the task (a built-in name or module:Class); default: the run's")
+    e.add_argument("--task-kwargs", type=json.loads, metavar="JSON", help="the task's options, e.g. '{\"base_size\": 2}'")
+    e.add_argument("--prompt-format", choices=("compact", "chat"), help="default: the run's; for a bare HF "
+                   "directory, chat if its tokenizer has a chat template")
+    e.add_argument("--questions-file", metavar="FILE", help="these questions instead of the held-out ones "
+                   "(as for train; malformed lines are listed in the result)")
+    e.add_argument("--per-size", type=_positive_int, metavar="N", help="held-out questions per size (default: "
+                   "the run's eval_questions_per_size)")
+    e.add_argument("--amplify", action="store_true", help="also answer each question by an amplification tree "
+                   "(the task's coded expert, the model and its adversary)")
+    e.add_argument("--seed", type=int, default=0, help="held-out draw and tree seeds")
+    e.add_argument("--out", metavar="FILE.json", help="write the result here (default: print a summary only)")
+
+    x = sub.add_parser("export", help="a run's best or last model as an HF directory with a model card "
+                       "(ida_ray.entrypoints.export)")
+    x.add_argument("run_dir", metavar="RUN_DIR")
+    x.add_argument("--out", required=True, metavar="DIR", help="a new directory")
+    x.add_argument("--which", choices=("best", "last"), default="best", help="the best iteration's model "
+                   "(held-out accuracy at the largest size) or the last")
     return ap
 
 
@@ -159,6 +189,26 @@ def run_train(args) -> int:
     return 0
 
 
+def run_eval(args) -> int:
+    from ida_ray.entrypoints.evaluate import evaluate_model
+    from ida_ray.loop import format_accuracy
+
+    r = evaluate_model(args.model, which=args.which, task=args.task, task_kwargs=args.task_kwargs,
+                       prompt_format=args.prompt_format, questions_file=args.questions_file, per_size=args.per_size,
+                       amplify=args.amplify, seed=args.seed, out=args.out)
+    at = f" (iteration {r.iteration})" if r.iteration is not None else ""
+    print(f"{r.which} model {r.model}{at} on {r.task}, {r.questions} questions {r.questions_by_size}")
+    print(f"model alone: {format_accuracy(r.accuracy_by_size)}")
+    if r.amplified_accuracy_by_size is not None:
+        print(f"amplified:   {format_accuracy(r.amplified_accuracy_by_size)} "
+              f"(expert calls per tree {r.expert_calls_per_tree:.2f})")
+    if r.malformed:
+        print(f"{len(r.malformed)} malformed line(s) in the questions file (listed in the result)")
+    if args.out:
+        print(f"result: {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -178,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
             from ida_ray.entrypoints.viewer import main as view_main
 
             return view_main(args.rest)
+        if args.command == "eval":
+            return run_eval(args)
+        if args.command == "export":
+            from ida_ray.entrypoints.export import export_model
+
+            out = export_model(args.run_dir, args.out, which=args.which,
+                               command=" ".join(["ida-ray", *argv]))
+            print(f"exported {args.which} model of {args.run_dir} to {out}")
+            return 0
         return run_train(args)
     except ConfigError as exc:
         print(f"ida-ray: {exc}", file=sys.stderr)
