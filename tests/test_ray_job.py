@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-RAY = str(Path(sys.executable).with_name("ray"))
+RAY = str(Path(sys.executable).with_name("ray"))  # the venv's ray CLI
 
 
 def free_port() -> int:
@@ -27,7 +28,7 @@ def free_port() -> int:
 @pytest.fixture
 def head_node(tmp_path):
     """A single-node cluster from `ray start --head`, with its dashboard (the job server)."""
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
     temp = Path("/tmp") / f"ray_job_{os.getpid()}"  # its own session dir: unix socket paths stay short
     # Token authentication off for this cluster only: it listens on 127.0.0.1 for this test,
     # and the client here does not read ~/.ray's token (a cluster's users run `ray job submit`,
@@ -35,34 +36,58 @@ def head_node(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=4",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    f"--temp-dir={temp}",
+                    f"--temp-dir={temp}", f"--dashboard-agent-listen-port={agent}",
+                    f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+                    f"--runtime-env-agent-port={runtime_env}",  # not the defaults: another cluster may hold them
                     "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Stop the processes of the cluster whose session lives under temp_dir, and only those:
+    `ray stop` would stop every Ray cluster on the machine."""
+    import psutil
+
+    def ours():
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(temp_dir in part for part in p.info["cmdline"] or ()):
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return found
+
+    for p in ours():
+        p.terminate()
+    _, alive = psutil.wait_procs(ours(), timeout=20)
+    for p in alive:
+        p.kill()
 
 
 def test_a_run_submitted_as_a_ray_job_completes_and_writes_its_run(head_node, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(head_node)
-    deadline = time.time() + 60
-    while True:  # the job server comes up a moment after `ray start` returns
-        try:
-            client.list_jobs()
-            break
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(1)
     run_dir = tmp_path / "run"
     entrypoint = (f"{sys.executable} -m ida_ray.entrypoints.cli train --address auto --engine torch "
                   f"--iterations 1 --run-dir {run_dir} --no-progress amplify_trees_per_iteration=8 "
                   f"distill_trees_per_iteration=4 eval_questions_per_size=4 train.steps_per_iteration=3 "
                   f"train.adversary_steps_per_iteration=1 'train_sizes=[1, 2]' logger=[]")
     env = {"OMP_NUM_THREADS": "1", **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}
-    job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+    deadline = time.time() + 120
+    while True:  # the job server and its agent come up a little after `ray start` returns
+        try:
+            client = JobSubmissionClient(head_node)
+            job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+            break
+        except (ConnectionError, RuntimeError) as exc:  # refused, or "No available agent to submit job"
+            if time.time() > deadline:
+                raise AssertionError(f"the job server at {head_node} took no job in 120 s: {exc}") from exc
+            time.sleep(2)
     deadline = time.time() + 600
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, f"job {job} still {status} after 600 s:\n{client.get_job_logs(job)[-3000:]}"
