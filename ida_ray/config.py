@@ -193,16 +193,21 @@ class IDAConfig:
     """Where the run writes metrics, checkpoints, trees and its resume state."""
     expert: Literal["coded", "human", "lm"] = "coded"
     """H of the amplification trees: the task's coded oracle, a person on the run's /human
-    page (http://<human_host>:<human_port>/human, served by the driver), or a language model
+    page (http://<pages_host>:<pages_port>/human, served by the driver), or a language model
     (the `lm_expert` section: an OpenAI-compatible endpoint, or its own vLLM replicas)."""
     lm_expert: LMExpertConfig = field(default_factory=LMExpertConfig)
     """H as a language model (expert "lm"): where it is served, retries, cache and budget."""
     human_timeout_s: float = 1800.0
     """How long a request waits for the person; then its tree fails and the run goes on."""
-    human_host: str = "127.0.0.1"
-    """Address of the /human page: whoever reaches it acts as the expert, so localhost."""
-    human_port: int = 8266
-    """Port of the /human page."""
+    serve_pages: bool = True
+    """Serve the run's pages while it runs: the tree viewer and progress plot at
+    http://<pages_host>:<pages_port>/ (and /human with expert "human", which always serves)."""
+    pages_host: str = "127.0.0.1"
+    """Address the run's pages bind to: the /human page lets whoever reaches it act as the
+    expert, so localhost (reach it from elsewhere with an SSH tunnel)."""
+    pages_port: int = 8266
+    """Port of the run's pages. Taken by another run: the viewer is skipped with a warning
+    (expert "human": the run refuses to start)."""
     objective: Literal["imitation", "honest"] = "imitation"
     """What the learner optimises: "imitation" (-log M(target) on every model example,
     ALGORITHM.md sections 2-3) or "honest" (section 5: a two-headed model, the trees' labels
@@ -267,8 +272,8 @@ class IDAConfig:
             p.append(f"trees_in_flight ({self.trees_in_flight}) must be at least expanders ({self.expanders})")
         if not self.human_timeout_s > 0:
             p.append(f"human_timeout_s must be > 0, got {self.human_timeout_s}")
-        if not 0 <= self.human_port <= 65535:
-            p.append(f"human_port must be in 0..65535, got {self.human_port}")
+        if not 0 <= self.pages_port <= 65535:
+            p.append(f"pages_port must be in 0..65535, got {self.pages_port}")
         p += self.model.problems() + self.amplify.problems() + self.train.problems() + self.resources.problems()
         p += logger_problems(self.logger) + self.tracking.problems()
         if self.expert == "lm":

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def shots(tmp_path_factory):
 
 
 class Served:
-    """A command serving the viewer app on a free port (`--port`/`--human-port` PORT is
+    """A command serving the viewer app on a free port (`--port`/`--pages-port` PORT is
     appended), started and waited for; `stop()` ends it if it is still running."""
 
     def __init__(self, args: list[str], log_path: Path, port_flag: str = "--port", timeout_s: float = 120):
@@ -237,7 +238,7 @@ def human_run(tmp_path_factory):
     run_dir = root / "run"
     served = Served(["-m", "ida_ray.entrypoints.cli", "train", "--config", str(config), "--engine", "torch", "--expert",
                      "human", "--human-timeout", "300", "--run-dir", str(run_dir), "--no-dashboard",
-                     "--no-progress"], root / "train.log", port_flag="--human-port")
+                     "--no-progress"], root / "train.log", port_flag="--pages-port")
     served.run_dir = run_dir
     yield served
     served.stop()
@@ -325,3 +326,84 @@ def test_train_with_the_person_as_expert_until_the_run_ends(human_run, browser, 
     finally:
         viewer.stop()
 
+
+
+# -- the viewer beside a live run -----------------------------------------------------------
+# The local backend (one process) on the tiny model: iterations of a few seconds each, enough
+# for the page to show one iteration before the next arrives.
+LIVE_RUN = {
+    "backend": "local", "engine": "torch", "iterations": 6, "train_sizes": [1, 2, 3],
+    "amplify_trees_per_iteration": 48, "distill_trees_per_iteration": 32, "eval_questions_per_size": 20,
+    "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+    "train": {"steps_per_iteration": 40, "adversary_steps_per_iteration": 4}, "logger": [],
+}
+
+
+def test_the_runs_own_viewer_follows_it_then_search_and_compare_a_question_across_iterations(
+        tmp_path_factory, browser, shots):
+    from selenium.webdriver.common.by import By
+
+    root = tmp_path_factory.mktemp("live_run")
+    config = root / "live.yaml"
+    config.write_text(yaml.safe_dump(LIVE_RUN))
+    run_dir = root / "run"
+    run = Served(["-m", "ida_ray.entrypoints.cli", "train", "--config", str(config), "--run-dir", str(run_dir),
+                  "--no-progress"], root / "train.log", port_flag="--pages-port")
+    try:
+        browser.get(run.base + "/")
+        points = lambda d: {int(a.get_attribute("data-iteration"))  # noqa: E731
+                            for a in d.find_elements(By.CSS_SELECTOR, "#accuracy-chart a.point-link")}
+        wait(browser, lambda d: points(d) and len(d.find_elements(By.CSS_SELECTOR, "tr.tree-row")) > 0,
+             "the first iteration's point and trees", 120)
+        first = max(points(browser))
+        assert run.proc.poll() is None, "the run ended before the page saw it running"
+        browser.save_screenshot(str(shots / "live_run.png"))
+        # No reload: the page follows the run and shows the next iteration as it completes.
+        browser.execute_script("window.notReloaded = true")
+        wait(browser, lambda d: max(points(d)) > first, "a later iteration, without reloading", 120)
+        assert browser.execute_script("return window.notReloaded === true")
+    finally:
+        run.proc.wait(timeout=300)
+        run.stop()
+    assert run.proc.returncode == 0, run.log_path.read_text()[-3000:]
+    assert "tree viewer and progress: http://127.0.0.1:" in run.log_path.read_text()
+
+    viewer = Served(["-m", "ida_ray.entrypoints.viewer", "--run-dir", str(run_dir)], run_dir / "viewer.log")
+    try:
+        # A point of the plot opens that iteration's trees of that size.
+        browser.get(viewer.base + "/")
+        link = wait(browser, lambda d: [a for a in d.find_elements(By.CSS_SELECTOR, "#accuracy-chart a.point-link")
+                                        if a.get_attribute("data-iteration") == "2"
+                                        and a.get_attribute("data-series") == "size 2"], "iteration 2's point")[0]
+        browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", link)
+        wait(browser, lambda d: "iteration=2" in d.current_url and d.find_elements(By.CSS_SELECTOR, "tr.tree-row"),
+             "the point's trees")
+        rows = browser.find_elements(By.CSS_SELECTOR, "tr.tree-row")
+        assert all(r.find_elements(By.TAG_NAME, "td")[0].text == "2" and r.find_elements(By.TAG_NAME, "td")[3].text == "2"
+                   for r in rows)
+
+        # Search by question text: a size-1 question of this run, found among every tree.
+        trees = json.loads(urllib.request.urlopen(viewer.base + "/api/trees?size=1&limit=1000", timeout=10).read())
+        by_question: dict[str, set] = {}
+        for t in trees["trees"]:
+            by_question.setdefault(t["question"], set()).add(t["iteration"])
+        question = max(by_question, key=lambda q: len(by_question[q]))
+        assert len(by_question[question]) >= 2  # sum's size-1 questions recur across iterations
+        browser.get(viewer.base + "/")
+        box = wait(browser, lambda d: d.find_elements(By.ID, "search"), "the search box")[0]
+        box.send_keys("," if "," in question else question)
+        wait(browser, lambda d: "q=" in d.current_url, "the search in the URL")
+        texts = wait(browser, lambda d: [a.text for a in d.find_elements(By.CSS_SELECTOR, "a.tree-link")], "matches")
+        assert texts and all(("," if "," in question else question) in t for t in texts)
+
+        # One question's trees across iterations, side by side.
+        browser.get(f"{viewer.base}/question?q={urllib.parse.quote(question)}")
+        columns = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".column"), "the columns")
+        iterations = [int(c.get_attribute("data-iteration")) for c in columns]
+        assert iterations == sorted(iterations) and len(set(iterations)) >= 2
+        for c in columns:
+            assert c.find_elements(By.CSS_SELECTOR, "tbody tr")[0].text.startswith(question)
+            assert c.find_elements(By.CSS_SELECTOR, ".badge")  # who answered
+        browser.save_screenshot(str(shots / "question_across_iterations.png"))
+    finally:
+        viewer.stop()

@@ -208,12 +208,12 @@ def test_cli_human_mode_is_person_sized_unless_told_otherwise(no_train, tmp_path
     base = ["train", "--engine", "torch", "--run-dir", str(tmp_path / "r")]
     assert cli.main(base + ["--expert", "human"]) == 0
     cfg = no_train["cfg"]
-    assert (cfg.expert, cfg.amplify_trees_per_iteration, cfg.human_host, cfg.human_port, cfg.human_timeout_s) == \
+    assert (cfg.expert, cfg.amplify_trees_per_iteration, cfg.pages_host, cfg.pages_port, cfg.human_timeout_s) == \
         ("human", 4, "127.0.0.1", 8266, 1800.0)
     assert cli.main(base + ["--expert", "human", "--amplify-trees", "7", "--human-timeout", "90",
-                            "--human-port", "9001"]) == 0
+                            "--pages-port", "9001"]) == 0
     cfg = no_train["cfg"]
-    assert (cfg.amplify_trees_per_iteration, cfg.human_timeout_s, cfg.human_port) == (7, 90.0, 9001)
+    assert (cfg.amplify_trees_per_iteration, cfg.human_timeout_s, cfg.pages_port) == (7, 90.0, 9001)
     config = tmp_path / "run.yaml"
     config.write_text("amplify_trees_per_iteration: 12\nexpert: human\n")
     assert cli.main(["train", "--config", str(config), "--engine", "torch"]) == 0
@@ -239,6 +239,6 @@ def test_bad_human_settings_are_clear_errors_before_ray(monkeypatch, capsys, tmp
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        rc = cli.main(["train", "--expert", "human", "--engine", "torch", "--human-port", str(port),
+        rc = cli.main(["train", "--expert", "human", "--engine", "torch", "--pages-port", str(port),
                        "--run-dir", str(tmp_path / "r")])
     assert rc == cli.EXIT_BAD_INPUT and f"cannot serve the human page on 127.0.0.1:{port}" in capsys.readouterr().err

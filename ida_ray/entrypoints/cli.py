@@ -92,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "for you; distillation and evaluation are the model's alone)")
     t.add_argument("--human-timeout", type=_positive_float, metavar="SECONDS", help="with --expert human: how "
                    "long a request waits for your answer before its tree is recorded as failed (default: 1800)")
-    t.add_argument("--human-host", metavar="HOST", help="with --expert human: address the page binds to "
-                   "(default: 127.0.0.1; whoever reaches the page acts as the expert)")
-    t.add_argument("--human-port", type=int, metavar="PORT", help="with --expert human: the page's port "
-                   "(default: 8266)")
+    t.add_argument("--pages-host", metavar="HOST", help="address the run's pages (the tree viewer; /human with "
+                   "--expert human) bind to (default: 127.0.0.1; whoever reaches /human acts as the expert)")
+    t.add_argument("--pages-port", type=int, metavar="PORT", help="port of the run's pages (default: 8266)")
+    t.add_argument("--no-pages", dest="serve_pages", action="store_false", default=None,
+                   help="do not serve the tree viewer while the run goes")
     t.add_argument("--run-dir", help="run directory (default: runs/latest)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     t.add_argument("--questions-file", metavar="FILE", help="questions to amplify besides the run's own draws, "
@@ -149,8 +150,9 @@ def _check_engine(engine: str, backend: str) -> None:
 FLAG_KEYS = {"task": "task", "model": "model.path", "iterations": "iterations", "replicas": "replicas", "expanders": "expanders",
              "learner_workers": "learner_workers", "backend": "backend", "engine": "engine", "gpu": "use_gpu",
              "objective": "objective", "seed": "seed", "amplify_trees": "amplify_trees_per_iteration",
-             "expert": "expert", "human_timeout": "human_timeout_s", "human_host": "human_host",
-             "human_port": "human_port", "run_dir": "run_dir"}
+             "expert": "expert", "human_timeout": "human_timeout_s", "pages_host": "pages_host",
+             "pages_port": "pages_port", "run_dir": "run_dir",
+             "serve_pages": "serve_pages"}
 
 
 def config_from_args(args):

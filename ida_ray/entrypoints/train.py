@@ -13,7 +13,7 @@ metrics.jsonl, plots/progress.png, state.json, the learner's checkpoints, the re
 spill and the tree records (ida_ray/run_dir.py).
 
 With cfg.expert == "human" a person is the expert H: `train` also serves the /human page on
-http://<cfg.human_host>:<cfg.human_port>/human, where the amplification trees' requests wait
+http://<cfg.pages_host>:<cfg.pages_port>/human, where the amplification trees' requests wait
 (ida_ray/viewer/human_page.py).
 """
 from __future__ import annotations
@@ -147,9 +147,9 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None, p
     if cfg.expert == "human":
         from ida_ray.entrypoints.viewer import check_port_free
 
-        problem = check_port_free(cfg.human_host, cfg.human_port)
+        problem = check_port_free(cfg.pages_host, cfg.pages_port)
         if problem:
-            raise ConfigError(f"{problem}; choose another with --human-port")
+            raise ConfigError(f"{problem}; choose another with --pages-port")
     state = check_run_dir(cfg, resume)
     if questions_file is None and state:
         questions_file = state.get("questions_file")
@@ -166,6 +166,7 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None, p
     # In the driver, with the user's environment (credentials, WANDB_MODE); before any cluster.
     trackers = Trackers(cfg.logger, cfg.tracking, cfg.run_dir, cfg.to_dict(),
                         first_iteration=state["completed_iterations"] if state else 0, log=log)
+    pages = serve_viewer(cfg, log) if cfg.serve_pages and cfg.expert != "human" else None
     try:
         if cfg.backend == "local":
             history, initial = asyncio.run(_train_local(cfg, resume, user_questions, questions_file, progress, log,
@@ -175,9 +176,28 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None, p
                                           actor_logs, log, trackers)
     finally:
         trackers.close()
+        if pages is not None:
+            pages.stop()
     log(summary(history, cfg.run_dir, initial))
     log(f"total {time.time() - t0:.0f}s")
     return history
+
+
+def serve_viewer(cfg: IDAConfig, log):
+    """The tree viewer over the run directory, served from this process while the run goes
+    (new trees and iterations appear as they are written); None, with a warning, where the
+    port is taken: a page is never a reason to stop a run."""
+    from ida_ray.entrypoints.viewer import PageServer
+    from ida_ray.viewer import create_app
+
+    try:
+        server = PageServer(create_app(cfg.run_dir), cfg.pages_host, cfg.pages_port).start()
+    except OSError as exc:
+        log(f"warning: the tree viewer is not served ({exc}); choose a free port with --pages-port, or browse "
+            f"the run later with `ida-ray view --run-dir {cfg.run_dir}`")
+        return None
+    log(f"tree viewer and progress: {server.url}/")
+    return server
 
 
 def _ready_line(cfg: IDAConfig, info: dict) -> str:

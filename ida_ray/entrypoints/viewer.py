@@ -67,7 +67,7 @@ class PageServer:
         self.host, self.port = host, port
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                     lifespan="on"))
-        self.thread = threading.Thread(target=self._run, name="ida-human-page", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="ida-run-pages", daemon=True)
         self.error: BaseException | None = None
 
     def _run(self) -> None:
@@ -87,7 +87,7 @@ class PageServer:
         while not self.server.started:
             if not self.thread.is_alive() or time.time() > deadline:
                 self.stop()
-                raise OSError(f"could not serve the human page on {self.host}:{self.port}"
+                raise OSError(f"could not serve the run's pages on {self.host}:{self.port}"
                               + (f" ({self.error!r})" if self.error else ""))
             time.sleep(0.05)
         return self

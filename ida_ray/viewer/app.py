@@ -1,8 +1,12 @@
 """The viewer's web app: a JSON API over a run directory's trees, the static pages that use it,
 and, when a human backend is given, the queue through which a person acts as the expert.
 
-    /                 tree list with filters          GET /api/trees?task=&size=&...
+    /                 progress plot, tree list with filters and search
+                                                      GET /api/trees?task=&size=&q=&...
+                                                      GET /api/metrics (metrics.jsonl, per iteration)
     /tree/<id>        one tree, nodes expandable      GET /api/trees/<id>
+    /question?q=      one question's trees across iterations, side by side
+                                                      GET /api/question?q=
     /human            pending expert requests         GET /api/human/requests
                                                        POST /api/human/requests/<id> {"text"}
                                                        GET|POST /api/human/runs {"question"}
@@ -14,6 +18,7 @@ trees wait on a Ray actor; the page answers them and starts none).
 """
 from __future__ import annotations
 
+import json
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal, Protocol
@@ -25,6 +30,7 @@ from pydantic import BaseModel
 
 from ida_ray.errors import MalformedQuestion
 from ida_ray.experts import UnknownRequest
+from ida_ray.run_dir import METRICS_FILE
 from ida_ray.viewer.store import TreeStore, annotated, facets, matches
 
 STATIC = Path(__file__).parent / "static"
@@ -95,6 +101,10 @@ def create_app(run_dir: str | Path, human: HumanBackend | None = None,
     def tree_page(tree_id: str):
         return FileResponse(STATIC / "tree.html")
 
+    @app.get("/question", include_in_schema=False)
+    def question_page():
+        return FileResponse(STATIC / "question.html")
+
     @app.get("/human", include_in_schema=False)
     def human_page():
         return FileResponse(STATIC / "human.html")
@@ -111,13 +121,35 @@ def create_app(run_dir: str | Path, human: HumanBackend | None = None,
     def list_trees(task: str | None = None, size: int | None = None, iteration: int | None = None,
                    mode: str | None = None, source: str | None = None,
                    correct: Literal["true", "false", "unknown"] | None = None, error: str | None = None,
-                   offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)):
+                   q: str | None = None, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)):
         summaries = store.summaries()
         filters = dict(task=task, size=size, iteration=iteration, mode=mode, source=source, correct=correct,
-                       error=error)
+                       error=error, q=q)
         chosen = [s for s in reversed(summaries) if matches(s, filters)]  # newest first
         return {"total": len(chosen), "offset": offset, "trees": chosen[offset:offset + limit],
                 "facets": facets(summaries)}
+
+    @app.get("/api/metrics")
+    def metrics():
+        """Each completed iteration's record of metrics.jsonl (a re-run iteration's later line wins)."""
+        path = Path(store.run_dir) / METRICS_FILE
+        by_iteration: dict[int, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    m = json.loads(line)
+                    by_iteration[int(m["iteration"])] = m
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line being written, or not a record
+        return {"iterations": [by_iteration[i] for i in sorted(by_iteration)]}
+
+    @app.get("/api/question")
+    def question_trees(q: str = Query(..., min_length=1), limit: int = Query(24, ge=1, le=200)):
+        """Every tree of question q, oldest iteration first, each whole (for the side-by-side page)."""
+        found = store.with_question(q)
+        trees = [store.load(s["tree_id"]) for s in found[-limit:]]
+        return {"question": q, "total": len(found),
+                "trees": [annotated(t, store.correctness) for t in trees if t is not None]}
 
     @app.get("/api/trees/{tree_id}")
     def get_tree(tree_id: str):

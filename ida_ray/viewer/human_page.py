@@ -2,7 +2,7 @@
 
 `HumanPage` starts the run's queue actor (ida_ray/actors/human_queue.py), whose requests every
 expander's amplification trees wait on, and serves the viewer's /human page over it from the
-driver's process (bound to cfg.human_host, 127.0.0.1 by default): the person answers each
+driver's process (bound to cfg.pages_host, 127.0.0.1 by default): the person answers each
 fan-out and fan-in there, a malformed answer comes back with the task parser's error, and a
 request left unanswered for cfg.human_timeout_s fails its tree (an ExpertFailure) while the
 run goes on. `ida-ray train --expert human` sizes the run for one person (HUMAN_AMPLIFY_TREES).
@@ -29,7 +29,7 @@ class HumanPage:
         self.queue = start_human_queue(cfg.human_timeout_s)
         try:
             app = create_app(cfg.run_dir, RayHumanBackend(self.queue, status=self.status))
-            self.server = PageServer(app, cfg.human_host, cfg.human_port).start()
+            self.server = PageServer(app, cfg.pages_host, cfg.pages_port).start()
         except BaseException:
             self._kill_queue()
             raise

@@ -158,6 +158,11 @@ class TreeStore:
         with self._lock:
             return list(self._summaries.values())
 
+    def with_question(self, question: str) -> list[dict]:
+        """The summaries of every tree of exactly this question, oldest iteration first."""
+        return sorted((s for s in self.summaries() if s["question"] == question),
+                      key=lambda s: (s["iteration"], s["mode"]))
+
     def load(self, tree_id: str) -> Tree | None:
         self.refresh()
         with self._lock:
@@ -170,15 +175,19 @@ class TreeStore:
             return tree_from_record(json.loads(f.readline()))
 
 
-FILTERS = ("task", "size", "iteration", "mode", "source", "correct", "error")
+FILTERS = ("task", "size", "iteration", "mode", "source", "correct", "error", "q")
 
 
 def matches(summary: dict, filters: dict) -> bool:
     """filters: task, mode, source (exact); size, iteration (int); correct ("true" | "false" |
-    "unknown"); error ("any" | "none" | an error kind). A None value does not filter."""
+    "unknown"); error ("any" | "none" | an error kind); q (text the question contains, any
+    case). A None value does not filter."""
     for key in ("task", "mode", "source", "size", "iteration"):
         if filters.get(key) is not None and summary[key] != filters[key]:
             return False
+    text = filters.get("q")
+    if text and text.casefold() not in (summary["question"] or "").casefold():
+        return False
     correct = filters.get("correct")
     if correct is not None and correct != {True: "true", False: "false", None: "unknown"}[summary["correct"]]:
         return False
