@@ -407,3 +407,40 @@ def test_the_runs_own_viewer_follows_it_then_search_and_compare_a_question_acros
         browser.save_screenshot(str(shots / "question_across_iterations.png"))
     finally:
         viewer.stop()
+
+
+def test_off_localhost_the_page_opens_with_the_printed_token_only(tmp_path, browser, shots):
+    from selenium.webdriver.common.by import By
+
+    run_dir = write_run(tmp_path / "run", make_trees())
+    port = free_port()
+    log_path = tmp_path / "viewer.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-u", "-m", "ida_ray.entrypoints.viewer", "--run-dir", str(run_dir),
+                                 "--host", "0.0.0.0", "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while "?token=" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        token = log_path.read_text().split("?token=")[1].split()[0]
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # the URL is printed just before the server listens
+            try:
+                urllib.request.urlopen(f"{base}/static/style.css", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        browser.delete_all_cookies()
+        browser.get(base + "/")
+        assert "needs the run's token" in browser.find_element(By.TAG_NAME, "body").text
+        browser.get(f"{base}/?token={token}")
+        rows = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr.tree-row"), "the trees, with the token")
+        href = rows[0].find_element(By.CSS_SELECTOR, "a.tree-link").get_attribute("href")
+        assert "token" not in href
+        browser.get(href)  # the cookie the token set carries the next pages and their API calls
+        wait(browser, lambda d: d.find_elements(By.ID, "tree-summary"), "a tree page, by the cookie")
+        browser.delete_all_cookies()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

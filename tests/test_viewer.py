@@ -299,3 +299,63 @@ def test_human_run_rejects_a_malformed_question(human_client):
 def test_answering_an_unknown_request_is_404(human_client):
     r = human_client.post("/api/human/requests/abc", json={"text": "!1"})
     assert r.status_code == 404 and "not pending" in r.json()["detail"]
+
+
+# -- the pages off localhost: a token, no cross-site posts, bounded bodies -------------------
+def serve_guarded(run_dir, host="0.0.0.0"):
+    """A real server for run_dir on `host`, with the token page_guard gives that host."""
+    import socket
+
+    from ida_ray.entrypoints.viewer import PageServer
+    from ida_ray.viewer.app import page_guard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = page_guard(host)
+    return PageServer(create_app(run_dir, token=token), host, port).start(), f"http://127.0.0.1:{port}", token
+
+
+def test_off_localhost_every_request_needs_the_token_and_cross_site_posts_are_refused(tmp_path, trees):
+    import httpx
+
+    server, base, token = serve_guarded(write_run(tmp_path, trees))
+    try:
+        assert token and len(token) >= 24
+        assert httpx.get(f"{base}/api/info").status_code == 403
+        assert httpx.get(f"{base}/").status_code == 403
+        assert httpx.get(f"{base}/api/trees", params={"token": "wrong"}).status_code == 403
+        first = httpx.get(f"{base}/api/trees", params={"token": token})
+        assert first.status_code == 200 and first.json()["total"] == sum(len(v) for v in trees.values())
+        cookie = first.cookies.get("ida_ray_token")
+        assert cookie == token  # the page's own fetches carry it from here on
+        assert httpx.get(f"{base}/api/info", cookies={"ida_ray_token": cookie}).status_code == 200
+        assert httpx.get(f"{base}/api/info", headers={"Authorization": f"token {token}"}).status_code == 200
+        assert httpx.get(f"{base}/static/style.css").status_code == 200  # no secrets in the static files
+        # A POST from another site is refused even with the cookie; from this page it reaches the app.
+        auth = {"Authorization": f"token {token}"}
+        evil = httpx.post(f"{base}/api/human/requests/r1", json={"text": "!3"},
+                          headers={**auth, "Origin": "http://evil.example"})
+        assert evil.status_code == 403 and "cross-site" in evil.text
+        same = httpx.post(f"{base}/api/human/requests/r1", json={"text": "!3"},
+                          headers={**auth, "Origin": base})
+        assert same.status_code == 404  # no human expert on this page: the app's own answer
+        big = httpx.post(f"{base}/api/human/runs", content=b"x" * 70_000, headers={**auth, "Content-Type": "application/json"})
+        assert big.status_code == 413
+    finally:
+        server.stop()
+
+
+def test_on_localhost_no_token_is_asked_but_bodies_stay_bounded(tmp_path, trees):
+    import httpx
+
+    server, base, token = serve_guarded(write_run(tmp_path, trees), host="127.0.0.1")
+    try:
+        assert token is None
+        assert httpx.get(f"{base}/api/info").status_code == 200
+        assert httpx.post(f"{base}/api/human/runs", content=b"x" * 70_000,
+                          headers={"Content-Type": "application/json"}).status_code == 413
+        long_reply = httpx.post(f"{base}/api/human/runs", json={"question": "1," * 5000})
+        assert long_reply.status_code == 422  # over MAX_TEXT: refused by the model, not a 5xx
+    finally:
+        server.stop()

@@ -189,14 +189,16 @@ def serve_viewer(cfg: IDAConfig, log):
     port is taken: a page is never a reason to stop a run."""
     from ida_ray.entrypoints.viewer import PageServer
     from ida_ray.viewer import create_app
+    from ida_ray.viewer.app import page_guard
 
+    token = page_guard(cfg.pages_host)  # off localhost, the pages ask for this token
     try:
-        server = PageServer(create_app(cfg.run_dir), cfg.pages_host, cfg.pages_port).start()
+        server = PageServer(create_app(cfg.run_dir, token=token), cfg.pages_host, cfg.pages_port).start()
     except OSError as exc:
         log(f"warning: the tree viewer is not served ({exc}); choose a free port with --pages-port, or browse "
             f"the run later with `ida-ray view --run-dir {cfg.run_dir}`")
         return None
-    log(f"tree viewer and progress: {server.url}/")
+    log(f"tree viewer and progress: {server.url}/" + (f"?token={token}" if token else ""))
     return server
 
 

@@ -131,9 +131,11 @@ def main(argv=None) -> int:
     import uvicorn
 
     from ida_ray.viewer import create_app
+    from ida_ray.viewer.app import page_guard
 
-    app = create_app(run_dir, human, tuple(args.question))
-    page = "/human" if args.human else "/"
+    token = page_guard(args.host)  # off localhost, the pages ask for this token
+    app = create_app(run_dir, human, tuple(args.question), token=token)
+    page = ("/human" if args.human else "/") + (f"?token={token}" if token else "")
     print(f"ida-ray viewer for {run_dir}: http://{args.host}:{args.port}{page}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -11,6 +11,12 @@ and, when a human backend is given, the queue through which a person acts as the
                                                        POST /api/human/requests/<id> {"text"}
                                                        GET|POST /api/human/runs {"question"}
 
+Off localhost (`page_guard(host)` gives a token for any host that is not loopback) every
+page and API call needs the run's token, given once as `?token=...` (the URL printed at start,
+as Jupyter does; it is then kept in a same-site cookie) or as an `Authorization: token ...`
+header; a POST from another site (its Origin is not this server) is refused, and so is a body
+over MAX_BODY_BYTES. On 127.0.0.1 none of this is asked: only this machine reaches the page.
+
 The human backend is `ida_ray.viewer.human_runs.HumanRuns` for `ida-ray view --human` (trees
 run in the server's process and are started from the page) or
 `ida_ray.actors.human_queue.RayHumanBackend` for `ida-ray train --expert human` (the training run's
@@ -18,15 +24,18 @@ trees wait on a Ray actor; the page answers them and starts none).
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal, Protocol
+from urllib.parse import urlsplit
 
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ida_ray.errors import MalformedQuestion
 from ida_ray.experts import UnknownRequest
@@ -34,14 +43,54 @@ from ida_ray.run_dir import METRICS_FILE
 from ida_ray.viewer.store import TreeStore, annotated, facets, matches
 
 STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 64 * 1024  # a reply or a question is a line of text
+MAX_TEXT = 8192
+TOKEN_COOKIE = "ida_ray_token"
 
 
 class Reply(BaseModel):
-    text: str
+    text: str = Field(max_length=MAX_TEXT)
 
 
 class NewRun(BaseModel):
-    question: str
+    question: str = Field(max_length=MAX_TEXT)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def page_guard(host: str) -> str | None:
+    """The token the pages served on `host` require: a fresh random one off loopback, else None."""
+    return None if is_loopback(host) else secrets.token_urlsafe(24)
+
+
+def _guard(app: FastAPI, token: str | None) -> None:
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+            return JSONResponse(status_code=413, content={"detail": f"request bodies are limited to {MAX_BODY_BYTES} bytes"})
+        if token is None:
+            return await call_next(request)
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            origin = request.headers.get("origin")
+            if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+                return JSONResponse(status_code=403, content={"detail": "cross-site request refused"})
+        given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("token "):
+            given = header[6:].strip()
+        if request.url.path.startswith("/static/") or (given and secrets.compare_digest(given, token)):
+            response = await call_next(request)
+            if request.query_params.get("token"):
+                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            return response
+        return JSONResponse(status_code=403, content={"detail": "this page needs the run's token: open the URL "
+                                                                 "printed when it started (…?token=...)"})
 
 
 class HumanBackend(Protocol):
@@ -73,8 +122,9 @@ class HumanBackend(Protocol):
 
 
 def create_app(run_dir: str | Path, human: HumanBackend | None = None,
-               start_questions: tuple[str, ...] = ()) -> FastAPI:
-    """The app for one run directory. `start_questions` are started as human trees at startup."""
+               start_questions: tuple[str, ...] = (), token: str | None = None) -> FastAPI:
+    """The app for one run directory. `start_questions` are started as human trees at startup;
+    `token` (see `page_guard`) is required of every request when given."""
     store = TreeStore(run_dir)
 
     @asynccontextmanager
@@ -88,6 +138,7 @@ def create_app(run_dir: str | Path, human: HumanBackend | None = None,
     if start_questions and (human is None or not human.can_start):
         raise ValueError("start_questions needs a human backend that starts trees (HumanRuns)")
     app = FastAPI(title="ida-ray tree viewer", lifespan=lifespan)
+    _guard(app, token)
     app.state.store = store
     app.state.human = human
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

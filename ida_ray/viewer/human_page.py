@@ -24,16 +24,18 @@ class HumanPage:
         from ida_ray.actors.human_queue import RayHumanBackend, start_human_queue
         from ida_ray.entrypoints.viewer import PageServer
         from ida_ray.viewer import create_app
+        from ida_ray.viewer.app import page_guard
 
         self.cfg, self.coordinator = cfg, None
         self.queue = start_human_queue(cfg.human_timeout_s)
         try:
-            app = create_app(cfg.run_dir, RayHumanBackend(self.queue, status=self.status))
+            token = page_guard(cfg.pages_host)  # off localhost, the page asks for this token
+            app = create_app(cfg.run_dir, RayHumanBackend(self.queue, status=self.status), token=token)
             self.server = PageServer(app, cfg.pages_host, cfg.pages_port).start()
         except BaseException:
             self._kill_queue()
             raise
-        self.url = f"{self.server.url}/human"
+        self.url = f"{self.server.url}/human" + (f"?token={token}" if token else "")
         log(f"you are the expert: answer the run's requests at {self.url}\n"
             f"  (each waits up to {cfg.human_timeout_s:g}s; unanswered, its tree is recorded as failed and the run "
             f"goes on)")
