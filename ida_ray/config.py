@@ -448,7 +448,9 @@ def load_yaml(text: str):
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = load_yaml(path.read_text()) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
