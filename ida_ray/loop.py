@@ -356,9 +356,15 @@ class IDARun:
         plot_history(self.history, self.run_dir / PLOT_FILE, title=f"ida-ray: {self.cfg.task} ({self.run_dir.name})")
 
     def save_state(self, trained: TrainResult) -> None:
+        rng_state = rng_state_to_json(self.rng.getstate())
+        # The question RNG after each of the last few iterations: resuming from an earlier
+        # checkpoint (the last one unusable) draws what that iteration's successor drew.
+        previous = (self.state or {}).get("rng_states", {}) if self.completed > 1 else {}
+        self.state = {**(self.state or {}), "rng_states": {
+            **{k: v for k, v in previous.items() if int(k) >= self.completed - 3}, str(self.completed - 1): rng_state}}
         write_json_atomic(self.run_dir / STATE_FILE, {
             "completed_iterations": self.completed, "checkpoint": trained.checkpoint_path,
-            "rng_state": rng_state_to_json(self.rng.getstate()), "config": self.cfg.to_dict(),
+            "rng_state": rng_state, "rng_states": self.state["rng_states"], "config": self.cfg.to_dict(),
             "initial_accuracy": self.initial_accuracy, "questions_file": self.questions_file,
             "weight_version": trained.weight_version, "time": time.time()})
 

@@ -92,9 +92,30 @@ def check_run_dir(cfg: IDAConfig, resume: bool) -> dict | None:
     if old.get("backend", cfg.backend) != cfg.backend:
         raise ConfigError(f"cannot resume {cfg.run_dir}: it ran on backend {old.get('backend')!r}, this "
                           f"configuration asks for {cfg.backend!r}")
-    if not Path(state["checkpoint"]).exists():
-        raise ConfigError(f"cannot resume {cfg.run_dir}: checkpoint {state['checkpoint']} is missing")
-    return state
+    return usable_state(cfg.run_dir, state)
+
+
+def usable_state(run_dir: str | Path, state: dict) -> dict:
+    """`state`, or where its checkpoint is missing, truncated or corrupted, the state of the
+    newest earlier checkpoint that is intact (its iterations after that one run again; the
+    reason is in state["resume_note"]). ConfigError when none is."""
+    from ida_ray.checkpoint import checkpoint_problem, latest_checkpoint
+
+    problem = checkpoint_problem(state["checkpoint"]) if Path(state["checkpoint"]).exists() else \
+        f"checkpoint {state['checkpoint']} is missing"
+    if problem is None:
+        return state
+    passed_over: list[str] = []
+    earlier = latest_checkpoint(Path(run_dir) / "checkpoints", max_iteration=state["completed_iterations"] - 2,
+                                log=passed_over.append)
+    iteration = json.loads((earlier / "learner.json").read_text())["iteration"] if earlier else None
+    rng = state.get("rng_states", {}).get(str(iteration)) if earlier else None
+    if earlier is None or rng is None:
+        raise ConfigError(f"cannot resume {run_dir}: {problem}, and no earlier checkpoint is intact"
+                          + (f" with its question state ({'; '.join(passed_over)})" if passed_over else ""))
+    return {**state, "completed_iterations": iteration + 1, "checkpoint": str(earlier), "rng_state": rng,
+            "resume_note": f"{problem}: resuming from the checkpoint of iteration {iteration} ({earlier}) instead; "
+                           f"iterations {iteration + 1}..{state['completed_iterations'] - 1} run again"}
 
 
 def rng_state_to_json(state) -> list:

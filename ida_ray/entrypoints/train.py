@@ -151,6 +151,8 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None, p
         if problem:
             raise ConfigError(f"{problem}; choose another with --pages-port")
     state = check_run_dir(cfg, resume)
+    if state and state.get("resume_note"):
+        log(f"warning: {state['resume_note']}")
     if questions_file is None and state:
         questions_file = state.get("questions_file")
     user_questions = check_questions_file(cfg, questions_file)
