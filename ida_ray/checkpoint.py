@@ -16,6 +16,7 @@ file is named, and `latest_checkpoint` and resume pass over it to the one before
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ida_ray.errors import IDAError
+from ida_ray.errors import DiskFull, IDAError
 from ida_ray.training import Objective
 
 CHECKPOINT_PREFIX = "iteration_"
@@ -60,13 +61,21 @@ def save_checkpoint(directory: str | Path, objective: Objective, iteration: int)
     d = Path(directory)
     tmp = d.with_name(d.name + PARTIAL_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)  # what a killed writer left
-    tmp.mkdir(parents=True)
-    objective.save_model(tmp / "model")
-    save_pretrained(objective.adversary, objective.tokenizer, tmp / "adversary")
-    torch.save(objective.optimizer_states(), tmp / "optimizer.pt")
-    meta = {"iteration": iteration, "weight_version": iteration + 1, "objective": objective.name,
-            "files": _manifest(tmp)}
-    (tmp / META_FILE).write_text(json.dumps(meta))
+    try:
+        tmp.mkdir(parents=True)
+        objective.save_model(tmp / "model")
+        save_pretrained(objective.adversary, objective.tokenizer, tmp / "adversary")
+        torch.save(objective.optimizer_states(), tmp / "optimizer.pt")
+        meta = {"iteration": iteration, "weight_version": iteration + 1, "objective": objective.name,
+                "files": _manifest(tmp)}
+        (tmp / META_FILE).write_text(json.dumps(meta))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(d.parent).free if d.parent.exists() else 0
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or free < 16 * 2**20:
+            raise DiskFull(f"no room to write checkpoint {d} ({free / 2**20:.1f} MB free): the previous "
+                           f"checkpoints are intact; free some space and resume ({exc})") from exc
+        raise
     if d.exists():  # the same iteration written again (a re-run after a crash): the new one wins
         shutil.rmtree(d)
     os.replace(tmp, d)

@@ -32,6 +32,7 @@ from ida_ray.errors import ConfigError
 from ida_ray.honest.config import HonestConfig
 from ida_ray.lm_expert import LMExpertConfig
 from ida_ray.models import ModelSpec
+from ida_ray.replay import RecordsConfig
 from ida_ray.trackers import TrackingConfig, logger_problems
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -227,6 +228,8 @@ class IDAConfig:
     use_gpu: bool = False
     """Replicas and learner on GPUs."""
     resources: ClusterResources = field(default_factory=ClusterResources)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    """What the run keeps of its tree records on disk (gzip, retention) and the free space it needs."""
     logger: tuple[str, ...] = ("tensorboard",)
     """Experiment trackers each iteration's figures go to: any of "tensorboard" (event files in
     <run_dir>/tensorboard), "wandb", "mlflow" (ida_ray/trackers.py); [] for none."""
@@ -275,7 +278,7 @@ class IDAConfig:
         if not 0 <= self.pages_port <= 65535:
             p.append(f"pages_port must be in 0..65535, got {self.pages_port}")
         p += self.model.problems() + self.amplify.problems() + self.train.problems() + self.resources.problems()
-        p += logger_problems(self.logger) + self.tracking.problems()
+        p += logger_problems(self.logger) + self.tracking.problems() + self.records.problems()
         if self.expert == "lm":
             p += self.lm_expert.problems()
         if self.objective == "honest":

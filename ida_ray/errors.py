@@ -72,3 +72,10 @@ class NoAdversary(IDAError):
 
 class ConfigError(IDAError, ValueError):
     kind = "config_error"
+
+
+class DiskFull(IDAError):
+    """The run directory's filesystem is (nearly) full: the run stops before it writes what it
+    could not finish; completed iterations and checkpoints stay, and --resume continues."""
+
+    kind = "disk_full"

@@ -58,7 +58,7 @@ class LocalBackend(Backend):
     async def start(self, completed: int, checkpoint: str | None, report=lambda phase: None) -> dict:
         t0 = time.time()
         self.store = ReplayStore(self.cfg.train.replay_capacity, self.run_dir, self.cfg.seed,
-                                 completed_iterations=completed if checkpoint else None)
+                                 completed_iterations=completed if checkpoint else None, records=self.cfg.records)
         if checkpoint:
             load_checkpoint(checkpoint, self.objective)
             self._serve(self._weights(), completed)

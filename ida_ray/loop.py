@@ -28,7 +28,9 @@ newer than the checkpoint); the question RNG from its saved state.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -39,6 +41,7 @@ from pathlib import Path
 from ida_ray.amplify import adversarial_question
 from ida_ray.config import IDAConfig
 from ida_ray.engine import Engine, gather_limited
+from ida_ray.errors import DiskFull
 from ida_ray.evaluation import evaluate, heldout_questions
 from ida_ray.expansion import failure_result
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
@@ -234,6 +237,7 @@ class IDARun:
             phases[name] = round(now - t, 3)
             t = now
 
+        check_free_space(self.run_dir, self.cfg.records.min_free_mb)
         self.set_phase("drawing questions")                                               # 1. questions
         jobs, rejected = await self.plan(it)
         lap("questions")
@@ -265,6 +269,8 @@ class IDARun:
         m = self.metrics(it, results, trees, trained, swapped, accuracy, buffer_size, dispatch, phases)
         m.update(await self.backend.figures())
         m["best_iteration"] = self.keep_if_best(it, accuracy, trained)
+        m["run_dir_mb"] = round(directory_bytes(self.run_dir) / 2**20, 2)
+        m["disk_free_mb"] = round(shutil.disk_usage(self.run_dir).free / 2**20, 1)
         self.history.append(m)
         self.backend.publish(m, trees, phases)
         self.plot()
@@ -367,6 +373,29 @@ class IDARun:
             "rng_state": rng_state, "rng_states": self.state["rng_states"], "config": self.cfg.to_dict(),
             "initial_accuracy": self.initial_accuracy, "questions_file": self.questions_file,
             "weight_version": trained.weight_version, "time": time.time()})
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes under path, each file once (best/ hard-links its checkpoint's files)."""
+    total, seen = 0, set()
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:  # removed while we walked (pruned checkpoints, renamed files)
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def check_free_space(run_dir: Path, min_free_mb: int) -> None:
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free_mb * 2**20:
+        raise DiskFull(f"{free / 2**20:.0f} MB free on the filesystem of {run_dir}, less than records.min_free_mb "
+                       f"({min_free_mb} MB): free some space (or lower records.min_free_mb, or keep fewer tree records "
+                       f"with records.keep_tree_iterations) and resume")
 
 
 def format_accuracy(acc: dict) -> str:

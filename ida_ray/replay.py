@@ -5,17 +5,44 @@ appends every added example to a JSONL spill file and reloads it on start, so co
 survives a restart."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
 import re
+import shutil
 from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from ida_ray.examples import Example
 from ida_ray.tree import Tree
 
-_TREE_FILE = re.compile(r"^iteration_(\d+)\.jsonl$")
+_TREE_FILE = re.compile(r"^iteration_(\d+)\.jsonl(\.gz)?$")
+SPILL_SLACK = 3  # the spill is compacted to 2 x capacity once it passes 3 x capacity lines
+
+
+@dataclass(kw_only=True)
+class RecordsConfig:
+    """What the run keeps on disk of its trees, and how much room it needs (a long run must
+    not fill the disk: the default run writes about 5 MB of tree records an iteration)."""
+
+    compress_trees: bool = True
+    """Gzip each iteration's tree records once the next iteration's are written (about 10x
+    smaller); the newest iteration stays plain JSONL for `tail` and the live viewer."""
+    keep_tree_iterations: int | None = None
+    """Keep the tree records of only the newest N iterations (None: every iteration's)."""
+    min_free_mb: int = 200
+    """Before each iteration, the run stops (resumable, with a clear error) if the run
+    directory's filesystem has less free space than this."""
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.keep_tree_iterations is not None and self.keep_tree_iterations < 1:
+            p.append(f"records.keep_tree_iterations must be >= 1 or null, got {self.keep_tree_iterations}")
+        if self.min_free_mb < 0:
+            p.append(f"records.min_free_mb must be >= 0, got {self.min_free_mb}")
+        return p
 
 
 class ReplayBuffer:
@@ -25,10 +52,12 @@ class ReplayBuffer:
         self._rng = random.Random(seed)
         self.spill_path = Path(spill_path) if spill_path else None
         self.total_added = 0
+        self._spilled = 0  # lines in the spill file
         if self.spill_path and self.spill_path.exists():
             for line in self.spill_path.read_text().splitlines():
                 if line.strip():
                     self._items.append(Example(**json.loads(line)))
+                    self._spilled += 1
             self.total_added = len(self._items)
 
     def __len__(self) -> int:
@@ -42,6 +71,12 @@ class ReplayBuffer:
             with self.spill_path.open("a") as f:
                 for ex in examples:
                     f.write(json.dumps(ex.to_dict()) + "\n")
+            self._spilled += len(examples)
+            # Bounded on disk too: the newest 2 x capacity lines cover what is held, and what a
+            # resume after a crash mid-iteration (its newest examples dropped) falls back on.
+            if self._spilled > SPILL_SLACK * self.capacity:
+                compact_spill(self.spill_path, 2 * self.capacity, None)
+                self._spilled = 2 * self.capacity
 
     def sample(self, n: int, kinds: tuple[str, ...] | None = None) -> list[Example]:
         pool = [e for e in self._items if kinds is None or e.kind in kinds]
@@ -67,6 +102,40 @@ def spill_path(run_dir: str | Path) -> Path:
 
 def trees_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "trees"
+
+
+def tree_file(run_dir: str | Path, iteration: int) -> Path | None:
+    """Where iteration's tree records are: plain JSONL, or gzipped once the run moved on."""
+    plain = trees_dir(run_dir) / f"iteration_{iteration:04d}.jsonl"
+    packed = plain.with_name(plain.name + ".gz")
+    return plain if plain.exists() else packed if packed.exists() else None
+
+
+def read_tree_records(run_dir: str | Path, iteration: int) -> list[dict]:
+    """The tree records of one iteration, as dicts (a torn last line is left out)."""
+    path = tree_file(run_dir, iteration)
+    if path is None:
+        return []
+    opener = gzip.open if path.suffix == ".gz" else open
+    out = []
+    with opener(path, "rt") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def gzip_file(path: Path) -> Path:
+    """path -> path.gz, written beside it under a temporary name and renamed: a crash leaves
+    one whole copy."""
+    target, tmp = path.with_name(path.name + ".gz"), path.with_name(path.name + ".gz.partial")
+    with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(tmp, target)
+    path.unlink()
+    return target
 
 
 def compact_spill(path: Path, capacity: int, max_weight_version: int | None) -> int:
@@ -106,7 +175,8 @@ class ReplayStore:
         whose training never completed produced them), and the spill file is compacted to the
         newest `capacity` examples so it does not grow without bound across restarts."""
 
-    def __init__(self, capacity: int, run_dir: str | Path, seed: int = 0, completed_iterations: int | None = None):
+    def __init__(self, capacity: int, run_dir: str | Path, seed: int = 0, completed_iterations: int | None = None,
+                 records: RecordsConfig | None = None):
         """`completed_iterations`: None starts empty (a previous spill is discarded). An int N
         resumes after a checkpoint that includes iterations 0..N-1: the spilled examples they
         produced (weight_version < N; iteration i expands with weights version i) and their tree
@@ -114,6 +184,7 @@ class ReplayStore:
         if capacity < 1:
             raise ValueError(f"replay capacity must be >= 1, got {capacity}")
         self.run_dir = Path(run_dir)
+        self.records = records or RecordsConfig()
         path = spill_path(run_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         trees_dir(run_dir).mkdir(parents=True, exist_ok=True)
@@ -143,7 +214,20 @@ class ReplayStore:
             for t in trees:
                 f.write(json.dumps(t.to_dict(), separators=(",", ":")) + "\n")
         self.trees_written += len(trees)
+        self._retain(iteration)
         return self.trees_written
+
+    def _retain(self, newest: int) -> None:
+        """Older iterations' tree records: gzipped, and past keep_tree_iterations deleted."""
+        keep = self.records.keep_tree_iterations
+        for f in sorted(trees_dir(self.run_dir).iterdir()):
+            m = _TREE_FILE.match(f.name)
+            if not m or int(m.group(1)) >= newest:
+                continue
+            if keep is not None and int(m.group(1)) <= newest - keep:
+                f.unlink()
+            elif self.records.compress_trees and not m.group(2):
+                gzip_file(f)
 
     def sample(self, n: int, kinds: list[str] | tuple[str, ...] | None = None, seed: int | None = None) -> list[Example]:
         """n examples drawn uniformly with replacement; [] when none of `kinds` is held."""

@@ -30,6 +30,7 @@ from ida_ray.actors.coordinator import COORDINATOR_NAME
 from ida_ray.config import AmplifyConfig, ClusterResources, IDAConfig, TrainConfig, load_config
 from ida_ray.entrypoints.train import train
 from ida_ray.models import ModelSpec
+from ida_ray.replay import read_tree_records
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -39,7 +40,7 @@ RAY_INIT = dict(num_cpus=4, namespace="test-chaos")  # the `cluster` fixture (te
 
 
 def read_trees(run_dir: Path, it: int) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "trees" / f"iteration_{it:04d}.jsonl").read_text().splitlines()]
+    return read_tree_records(run_dir, it)  # plain, or gzipped once the run moved past it
 
 
 class Chaos(threading.Thread):
@@ -224,5 +225,5 @@ def test_driver_killed_between_iterations_resumes_to_the_same_weights(cluster, t
         assert diff <= 1e-6, (part, diff)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted({m["iteration"] for m in lines}) == [0, 1, 2]
-    trees = (run / "trees" / "iteration_0002.jsonl").read_text().splitlines()
+    trees = read_tree_records(run, 2)
     assert len(trees) == 24 + 16  # the resumed iteration's records, once

@@ -19,5 +19,5 @@ class ReplayBufferActor(ReplayStore):
 
 
 def start_replay_buffer(capacity: int, run_dir: str | Path, seed: int = 0, completed_iterations: int | None = None,
-                        name: str = REPLAY_BUFFER_NAME):
-    return ReplayBufferActor.options(name=name).remote(capacity, str(run_dir), seed, completed_iterations)
+                        name: str = REPLAY_BUFFER_NAME, records=None):
+    return ReplayBufferActor.options(name=name).remote(capacity, str(run_dir), seed, completed_iterations, records)

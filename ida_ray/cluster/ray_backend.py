@@ -59,7 +59,7 @@ class RayBackend(Backend):
         cfg, res = self.cfg, self.cfg.resources
         report("starting replay buffer")
         self.buffer = start_replay_buffer(cfg.train.replay_capacity, self.run_dir, cfg.seed,
-                                          completed_iterations=completed if checkpoint else None)
+                                          completed_iterations=completed if checkpoint else None, records=cfg.records)
         await self.buffer.stats.remote()
         # The learner's workers start (model build, process group) while the replicas start.
         report("starting learner")

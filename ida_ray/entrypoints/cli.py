@@ -20,6 +20,7 @@ cluster time and prints one clear message (exit status 2).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import sys
@@ -248,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         cause = exc if isinstance(exc, IDAError) else getattr(exc, "cause", None)
         if isinstance(cause, IDAError):
             print(f"ida-ray: run failed ({cause.kind}): {cause}{_resume_hint(args)}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or \
+                isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            print(f"ida-ray: run failed (disk_full): no space left on the device ({exc}); completed iterations and "
+                  f"checkpoints are kept{_resume_hint(args)} once there is room", file=sys.stderr)
             return EXIT_RUN_FAILED
         ray_exceptions = sys.modules.get("ray.exceptions")
         if ray_exceptions is not None and isinstance(exc, ray_exceptions.RayActorError):

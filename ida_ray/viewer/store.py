@@ -1,5 +1,5 @@
-"""The trees of a run directory, indexed for browsing: <run_dir>/trees/*.jsonl, one
-`Tree.to_dict()` per line.
+"""The trees of a run directory, indexed for browsing: <run_dir>/trees/*.jsonl (and
+*.jsonl.gz, an iteration's records once the run gzipped them), one `Tree.to_dict()` per line.
 
 The index keeps a short summary per tree and where its line starts, and loads a whole tree
 only when it is opened, so a run with many thousands of trees stays cheap. `refresh()` reads
@@ -12,6 +12,7 @@ Correctness is computed here with the task's ground-truth `solve()`, whatever a 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import threading
 from pathlib import Path
@@ -110,9 +111,15 @@ class TreeStore:
         with self._lock:
             if not self.trees_dir.is_dir():
                 return
-            for path in sorted(self.trees_dir.glob("*.jsonl")):
+            for gone in [p for p in self._files if not p.exists()]:  # e.g. gzipped into a .gz beside it
+                self._forget(gone)
+                del self._files[gone]
+            for path in sorted([*self.trees_dir.glob("*.jsonl"), *self.trees_dir.glob("*.jsonl.gz")]):
                 state = self._files.setdefault(path, _FileState())
-                size = path.stat().st_size
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:  # gzipped between the listing and now
+                    continue
                 if size < state.size:  # rewritten or truncated: index it again
                     self._forget(path)
                     state = self._files[path] = _FileState()
@@ -127,9 +134,15 @@ class TreeStore:
             del self._summaries[tid]
 
     def _index_from(self, path: Path, state: _FileState) -> None:
-        with open(path, "rb") as f:
-            f.seek(state.offset)
-            data = f.read()
+        if path.suffix == ".gz":  # written whole (renamed into place): read it all, once
+            self._forget(path)
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+            state.offset = 0
+        else:
+            with open(path, "rb") as f:
+                f.seek(state.offset)
+                data = f.read()
         end = data.rfind(b"\n") + 1  # a last line without newline is still being written
         pos = 0
         while pos < end:
@@ -155,8 +168,8 @@ class TreeStore:
     # -- queries ---------------------------------------------------------------------
     def summaries(self) -> list[dict]:
         self.refresh()
-        with self._lock:
-            return list(self._summaries.values())
+        with self._lock:  # by iteration (stable: file order within one), however files were indexed
+            return sorted(self._summaries.values(), key=lambda s: s["iteration"])
 
     def with_question(self, question: str) -> list[dict]:
         """The summaries of every tree of exactly this question, oldest iteration first."""
@@ -170,9 +183,19 @@ class TreeStore:
         if where is None:
             return None
         path, offset = where
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return tree_from_record(json.loads(f.readline()))
+        try:
+            with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+                f.seek(offset)
+                return tree_from_record(json.loads(f.readline()))
+        except FileNotFoundError:  # gzipped since it was indexed: index again and retry once
+            self.refresh()
+            with self._lock:
+                where = self._where.get(tree_id)
+            if where is None or where[0] == path:
+                return None
+            with (gzip.open if where[0].suffix == ".gz" else open)(where[0], "rb") as f:
+                f.seek(where[1])
+                return tree_from_record(json.loads(f.readline()))
 
 
 FILTERS = ("task", "size", "iteration", "mode", "source", "correct", "error", "q")
