@@ -18,7 +18,7 @@ from ida_ray.examples import Example
 from ida_ray.expansion import failure_result
 from ida_ray.messages import ExpandJob
 from ida_ray.models import ModelSpec
-from ida_ray.replay import ReplayStore, compact_spill, spill_path
+from ida_ray.replay import ReplayStore, compact_spill, read_tree_records, spill_path
 from ida_ray.serving.weights import WeightsPayload
 from ida_ray.tasks import get_task
 
@@ -56,7 +56,9 @@ def test_replay_store_spills_and_resumes_only_completed_iterations(tmp_path):
     resumed = ReplayStore(capacity=100, run_dir=tmp_path, seed=0, completed_iterations=2)
     st = resumed.stats()
     assert st["by_weight_version"] == {0: 30, 1: 30} and st["dropped_on_resume"] == 30
-    assert sorted(p.name for p in (tmp_path / "trees").iterdir()) == ["iteration_0000.jsonl"]
+    # Iteration 0's records were gzipped once iteration 2's were written (records.compress_trees).
+    assert sorted(p.name for p in (tmp_path / "trees").iterdir()) == ["iteration_0000.jsonl.gz"]
+    assert len(read_tree_records(tmp_path, 0)) == 1
     fresh = ReplayStore(capacity=100, run_dir=tmp_path, seed=0)  # not resuming: starts empty
     assert fresh.stats()["size"] == 0 and not list((tmp_path / "trees").iterdir())
 
