@@ -345,3 +345,7 @@ def test_an_in_cluster_expert_on_its_own_vllm_replica(ray_cluster, expert_model,
     assert (tmp_path / "expert_cache.sqlite").exists() and len(ExpertCache(tmp_path / "expert_cache.sqlite")) > 0
     print("in-cluster LM expert:", {k: v for k, v in m.items() if k.startswith("expert")}, m["errors"])
     assert Path(m["checkpoint"]).exists()
+    # The dashboard's ida_expert gauge got the same figures (the values the run sent, kept in its snapshot).
+    dash = json.loads((tmp_path / "dashboard_metrics.json").read_text())["expert"]
+    assert dash["requests"] == m["expert_requests"] and dash["prompt_tokens"] == m["expert_prompt_tokens"]
+    assert dash["tokens_per_tree"] == pytest.approx(m["expert_tokens_per_tree"])

@@ -4,7 +4,8 @@ agent to Prometheus / the Ray dashboard's Metrics view).
 Every series carries a `run` tag (the run directory's name), so two runs on one cluster stay
 apart. The coordinator records, per iteration: trees completed (by mode and source) and
 failed (by error kind), nodes expanded per second, expert calls per amplification tree
-(histogram, tagged by question size), who answered each node (expert / model /
+(histogram, tagged by question size), a language-model expert's requests, tokens, cache hits
+and cost, who answered each node (expert / model /
 model_via_hprime), the model and adversary losses, held-out accuracy by size, the weight
 version each replica serves and its queue depth, the replay buffer's size, and the seconds
 spent in each phase.
@@ -45,6 +46,9 @@ class IDAMetrics:
                             "intended head right / instrumental head copying the simple label where it errs",
                             r + ("which",))
         self.phase_seconds = Gauge("ida_phase_seconds", "Seconds spent in each phase, last iteration", r + ("phase",))
+        self.expert_cost = Gauge("ida_expert", "A language-model expert's cost, last iteration: requests, cache "
+                                 "hits, parse retries, prompt and completion tokens, tokens per tree, cost",
+                                 r + ("which",))
         self.snapshot: dict[str, dict] = {}
 
     def _tags(self, **extra) -> dict[str, str]:
@@ -103,6 +107,14 @@ class IDAMetrics:
         for phase, s in phase_seconds.items():
             self.phase_seconds.set(s, self._tags(phase=phase))
             self._keep("phase_seconds", phase, s)
+
+    def record_expert(self, m: dict) -> None:
+        """An LM expert's figures of the iteration (expert "lm" only: the expert_* keys of metrics)."""
+        for key, v in m.items():
+            if key.startswith("expert_") and key != "expert_calls_per_tree" and isinstance(v, (int, float)):
+                which = key.removeprefix("expert_")
+                self.expert_cost.set(float(v), self._tags(which=which))
+                self._keep("expert", which, v)
 
     def record_honest(self, honest: dict | None) -> None:
         """The honest objective's round figures (objective "honest" only)."""

@@ -163,6 +163,7 @@ class RayBackend(Backend):
         self.metrics.record_losses(m["model_loss"], m["adversary_loss"])
         self.metrics.record_accuracy(m["accuracy_by_size"])
         self.metrics.record_honest(m.get("honest"))
+        self.metrics.record_expert(m)
         self.metrics.record_iteration(m["iteration"] + 1, m["buffer"], phases)
         write_json_atomic(self.run_dir / DASHBOARD_FILE, self.metrics.snapshot)
 
