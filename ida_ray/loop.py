@@ -365,7 +365,7 @@ class IDARun:
         rng_state = rng_state_to_json(self.rng.getstate())
         # The question RNG after each of the last few iterations: resuming from an earlier
         # checkpoint (the last one unusable) draws what that iteration's successor drew.
-        previous = (self.state or {}).get("rng_states", {}) if self.completed > 1 else {}
+        previous = (self.state or {}).get("rng_states", {})
         self.state = {**(self.state or {}), "rng_states": {
             **{k: v for k, v in previous.items() if int(k) >= self.completed - 3}, str(self.completed - 1): rng_state}}
         write_json_atomic(self.run_dir / STATE_FILE, {

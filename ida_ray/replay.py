@@ -111,14 +111,18 @@ def tree_file(run_dir: str | Path, iteration: int) -> Path | None:
     return plain if plain.exists() else packed if packed.exists() else None
 
 
+def open_records(path: Path, mode: str = "rb"):
+    """A tree-record file for reading, plain or gzipped."""
+    return (gzip.open if path.suffix == ".gz" else open)(path, mode)
+
+
 def read_tree_records(run_dir: str | Path, iteration: int) -> list[dict]:
     """The tree records of one iteration, as dicts (a torn last line is left out)."""
     path = tree_file(run_dir, iteration)
     if path is None:
         return []
-    opener = gzip.open if path.suffix == ".gz" else open
     out = []
-    with opener(path, "rt") as f:
+    with open_records(path, "rt") as f:
         for line in f:
             try:
                 out.append(json.loads(line))

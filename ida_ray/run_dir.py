@@ -99,7 +99,7 @@ def usable_state(run_dir: str | Path, state: dict) -> dict:
     """`state`, or where its checkpoint is missing, truncated or corrupted, the state of the
     newest earlier checkpoint that is intact (its iterations after that one run again; the
     reason is in state["resume_note"]). ConfigError when none is."""
-    from ida_ray.checkpoint import checkpoint_problem, latest_checkpoint
+    from ida_ray.checkpoint import META_FILE, checkpoint_problem, latest_checkpoint
 
     problem = checkpoint_problem(state["checkpoint"]) if Path(state["checkpoint"]).exists() else \
         f"checkpoint {state['checkpoint']} is missing"
@@ -108,7 +108,7 @@ def usable_state(run_dir: str | Path, state: dict) -> dict:
     passed_over: list[str] = []
     earlier = latest_checkpoint(Path(run_dir) / "checkpoints", max_iteration=state["completed_iterations"] - 2,
                                 log=passed_over.append)
-    iteration = json.loads((earlier / "learner.json").read_text())["iteration"] if earlier else None
+    iteration = json.loads((earlier / META_FILE).read_text())["iteration"] if earlier else None
     rng = state.get("rng_states", {}).get(str(iteration)) if earlier else None
     if earlier is None or rng is None:
         raise ConfigError(f"cannot resume {run_dir}: {problem}, and no earlier checkpoint is intact"
@@ -206,7 +206,9 @@ def find_model(path: str | Path, which: str = "best") -> ModelSource:
         return ModelSource(ckpt / "model", _dir_or_none(ckpt / "adversary"), path,
                            state["completed_iterations"] - 1, config, "last")
     if (path / "model" / "config.json").exists():  # a learner checkpoint
-        meta = json.loads((path / "learner.json").read_text()) if (path / "learner.json").exists() else {}
+        from ida_ray.checkpoint import META_FILE
+
+        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
         run = next((p for p in path.parents if (p / STATE_FILE).exists()), None)
         config = json.loads((run / "config.json").read_text()) if run and (run / "config.json").exists() else None
         return ModelSource(path / "model", _dir_or_none(path / "adversary"), run, meta.get("iteration"), config,

@@ -87,6 +87,7 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, str]:
 
 class Tracker(ABC):
     name: str
+    run_id: str | None = None  # the tracker's own id of the run, kept for resume (None: it needs none)
 
     @abstractmethod
     def log_iteration(self, iteration: int, figures: dict[str, float], plot: Path | None) -> None: ...
@@ -135,7 +136,7 @@ class WandbTracker(Tracker):
                                   config=config, id=run_id, resume="allow" if run_id else None, reinit="create_new")
         except Exception as exc:  # noqa: BLE001 - wandb raises its own types (not logged in, offline, ...)
             raise ConfigError(f"logger wandb: {exc} (set WANDB_MODE=offline to log to disk only)") from exc
-        self.id = self.run.id
+        self.run_id = self.run.id
 
     def log_iteration(self, iteration, figures, plot):
         row = dict(figures)
@@ -174,7 +175,7 @@ class MLflowTracker(Tracker):
                 self.client.update_run(run_id, status="RUNNING")
         except Exception as exc:  # noqa: BLE001 - an unreachable server, a bad URI, ...
             raise ConfigError(f"logger mlflow ({uri}): {exc}") from exc
-        self.id = run_id
+        self.run_id = run_id
 
     def log_iteration(self, iteration, figures, plot):
         import mlflow
@@ -182,12 +183,12 @@ class MLflowTracker(Tracker):
         now = mlflow.utils.time.get_current_time_millis()
         metrics = [mlflow.entities.Metric(k.replace("/", "."), v, now, iteration) for k, v in figures.items()]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
         if plot is not None and plot.exists():
-            self.client.log_artifact(self.id, str(plot), artifact_path="plots")
+            self.client.log_artifact(self.run_id, str(plot), artifact_path="plots")
 
     def close(self):
-        self.client.set_terminated(self.id)
+        self.client.set_terminated(self.run_id)
 
 
 class Trackers:
@@ -219,7 +220,7 @@ class Trackers:
         except Exception:
             self.close()
             raise
-        ids.update({t.name: t.id for t in self.trackers if hasattr(t, "id")})
+        ids.update({t.name: t.run_id for t in self.trackers if t.run_id is not None})
         ids_path.write_text(json.dumps(ids))
 
     def log_iteration(self, metrics: dict, plot: str | Path | None = None) -> None:

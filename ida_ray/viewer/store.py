@@ -12,12 +12,12 @@ Correctness is computed here with the task's ground-truth `solve()`, whatever a 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import threading
 from pathlib import Path
 
 from ida_ray.errors import ConfigError
+from ida_ray.replay import open_records
 from ida_ray.tasks import get_task
 from ida_ray.tree import Node, Tree
 
@@ -136,7 +136,7 @@ class TreeStore:
     def _index_from(self, path: Path, state: _FileState) -> None:
         if path.suffix == ".gz":  # written whole (renamed into place): read it all, once
             self._forget(path)
-            with gzip.open(path, "rb") as f:
+            with open_records(path) as f:
                 data = f.read()
             state.offset = 0
         else:
@@ -182,20 +182,19 @@ class TreeStore:
             where = self._where.get(tree_id)
         if where is None:
             return None
-        path, offset = where
         try:
-            with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-                f.seek(offset)
-                return tree_from_record(json.loads(f.readline()))
+            return _read_at(*where)
         except FileNotFoundError:  # gzipped since it was indexed: index again and retry once
             self.refresh()
             with self._lock:
-                where = self._where.get(tree_id)
-            if where is None or where[0] == path:
-                return None
-            with (gzip.open if where[0].suffix == ".gz" else open)(where[0], "rb") as f:
-                f.seek(where[1])
-                return tree_from_record(json.loads(f.readline()))
+                again = self._where.get(tree_id)
+            return None if again is None or again[0] == where[0] else _read_at(*again)
+
+
+def _read_at(path: Path, offset: int) -> Tree:
+    with open_records(path) as f:
+        f.seek(offset)
+        return tree_from_record(json.loads(f.readline()))
 
 
 FILTERS = ("task", "size", "iteration", "mode", "source", "correct", "error", "q")
