@@ -188,6 +188,19 @@ class IDAConfig:
     """Held-out questions per size, answered by the model alone after each iteration."""
     trees_in_flight: int = 256
     """Trees expanded concurrently (over all expanders): the batch the engines see."""
+    mode: Literal["sync", "async"] = "sync"
+    """How expansion and training take turns. "sync": expand, train, swap, evaluate in strict
+    turn; the reproducible mode (one config, one run). "async": the next iteration's trees
+    expand on the weights the replicas hold while the learner trains on the trees just
+    completed, and evaluation runs while they expand; new weights go into each replica between
+    its requests (no model call mixes two versions; a tree may span two, every step records
+    its own). Backend "ray" only."""
+    max_staleness: int | None = None
+    """The oldest example a training round may use, in weight versions behind the weights it
+    trains (round i trains version i into i+1): older examples are dropped from the replay
+    buffer before the round and counted (`examples_dropped_stale`); every round reports the
+    oldest version it trained on. None: only the replay capacity bounds their age. In mode
+    async fresh examples are one version behind, so it must be >= 1 there."""
     seed: int = 0
     """Seeds the question draws, the models' initial weights and the learner's sampling."""
     run_dir: str = "runs/latest"
@@ -273,6 +286,10 @@ class IDAConfig:
             p.append(f"train_sizes must be positive sizes, got {self.train_sizes}")
         if self.trees_in_flight < self.expanders:
             p.append(f"trees_in_flight ({self.trees_in_flight}) must be at least expanders ({self.expanders})")
+        if self.max_staleness is not None and self.max_staleness < (1 if self.mode == "async" else 0):
+            p.append(f"max_staleness must be >= {1 if self.mode == 'async' else 0} in mode {self.mode} (or null), "
+                     f"got {self.max_staleness}" + (": async examples are one version behind the learner"
+                                                     if self.mode == "async" else ""))
         if not self.human_timeout_s > 0:
             p.append(f"human_timeout_s must be > 0, got {self.human_timeout_s}")
         if not 0 <= self.pages_port <= 65535:

@@ -521,5 +521,5 @@ def expert_transcripts(expert: LMExpert, sizes, n: int, rng: random.Random) -> l
     return out
 
 
-__all__ = ["ChatClient", "coded_expert_steps", "EngineChatClient", "ExpertBudget", "ExpertBudgetExhausted", "ExpertCache", "FewShot",
-           "HTTPChatClient", "LMExpert", "LMExpertConfig"]
+__all__ = ["ChatClient", "EngineChatClient", "ExpertBudget", "ExpertBudgetExhausted", "ExpertCache", "FewShot",
+           "HTTPChatClient", "LMExpert", "LMExpertConfig", "coded_expert_steps", "expert_transcripts"]

@@ -82,6 +82,9 @@ class LocalBackend(Backend):
         self.store.add_trees(iteration, [r.tree for r in results])
         return len(self.store.buffer)
 
+    async def drop_stale(self, min_version: int) -> int:
+        return self.store.drop_stale(min_version)
+
     async def train(self, iteration: int) -> TrainResult:
         t0, t = time.time(), self.cfg.train
         command = TrainCommand(iteration, t.steps_per_iteration, t.adversary_steps_per_iteration)

@@ -27,6 +27,7 @@ newer than the checkpoint); the question RNG from its saved state.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -35,7 +36,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ida_ray.amplify import adversarial_question
@@ -67,6 +68,20 @@ from ida_ray.tree import Tree
 Progress = Callable[[int], None]
 
 
+@dataclass
+class Expansion:
+    """An iteration's expanded trees (steps 1-2), with what drawing and expanding took."""
+
+    results: list[ExpandResult]
+    dispatch: DispatchStats
+    questions_seconds: float
+    seconds: float
+
+
+def expert_requests_of(trees: list[Tree]) -> int:
+    return sum(t.expert_usage.get("requests", 0) for t in trees if t.mode == "amplify")
+
+
 class Backend(ABC):
     """Where the model is served, trees are expanded and the learner trains."""
 
@@ -88,6 +103,11 @@ class Backend(ABC):
         """Add the results' examples to the replay buffer (in job order, so seeded sampling
         draws the same examples on every run of a configuration) and write the trees;
         returns the buffer's size."""
+
+    @abstractmethod
+    async def drop_stale(self, min_version: int) -> int:
+        """Drop replay examples made by weights older than `min_version` (max_staleness);
+        returns how many."""
 
     @abstractmethod
     async def train(self, iteration: int) -> TrainResult:
@@ -201,6 +221,8 @@ class IDARun:
             self.initial_accuracy = {int(k): v for k, v in self.state.get("initial_accuracy", {}).items()}
         self.heldout = heldout_questions(self.task, self.sizes, cfg.eval_questions_per_size, cfg.seed)
         self.setup_seconds: dict = {}
+        self.next_expansion: asyncio.Future[Expansion] | None = None  # mode async: the next iteration's trees
+        self.next_rng_state = None  # mode async: the question RNG before the next iteration drew
         self.progress_info = {"phase": "created", "iteration": self.completed, "done": 0, "total": 0}
 
     def set_phase(self, phase: str, total: int = 0) -> None:
@@ -238,23 +260,41 @@ class IDARun:
             t = now
 
         check_free_space(self.run_dir, self.cfg.records.min_free_mb)
-        self.set_phase("drawing questions")                                               # 1. questions
-        jobs, rejected = await self.plan(it)
-        lap("questions")
-
-        self.set_phase("expanding trees", len(jobs))                                      # 2. amplify, distil
-        await self.backend.set_expert_budget(self.expert_allowance())
-        results, dispatch = await self.backend.expand(jobs, self._done)
-        results += rejected
-        dispatch.rejected = len(rejected)
-        lap("expand")
+        self.next_rng_state = None
+        drawn_ahead = self.next_expansion is not None
+        if not drawn_ahead:                                                               # 1. questions
+            self.set_phase("drawing questions")                                           # 2. amplify, distil
+            expansion = await self.plan_and_expand(it, self.expert_allowance())
+        else:  # mode async: started while the last round trained
+            self.set_phase("expanding trees (started during the last round)")
+            expansion, self.next_expansion = await self.next_expansion, None
+        results, dispatch = expansion.results, expansion.dispatch
+        lap("expand")  # mode async: only what was left of the expansion when the last round ended
+        phases["questions"] = expansion.questions_seconds
+        if not drawn_ahead:
+            phases["expand"] = round(phases["expand"] - expansion.questions_seconds, 3)
 
         buffer_size = await self.backend.record(it, results)                           # 3. record
         trees = [r.tree for r in results]
+        # Round `it` trains weights version `it`: examples more than max_staleness behind go.
+        dropped = 0 if self.cfg.max_staleness is None else \
+            await self.backend.drop_stale(it - self.cfg.max_staleness)
         lap("record_trees")
 
-        self.set_phase("training")                                                        # 4. train
-        trained = await self.backend.train(it)
+        if self.cfg.mode == "async" and it + 1 < self.cfg.iterations:
+            # The next iteration's trees expand on the weights the replicas hold while the learner
+            # trains; their questions are drawn from the RNG state saved with this iteration.
+            self.next_rng_state = self.rng.getstate()
+            allowance = self.expert_allowance(spent=expert_requests_of(trees))
+            self.next_expansion = asyncio.ensure_future(self.plan_and_expand(it + 1, allowance, ahead=True))
+
+        ahead = self.next_expansion is not None
+        self.set_phase("training (the next trees expanding)" if ahead else "training")    # 4. train
+        try:
+            trained = await self.backend.train(it)
+        except BaseException:
+            await self.cancel_next_expansion()
+            raise
         lap("train")
 
         self.set_phase("swapping weights")                                                # 5. swap
@@ -267,6 +307,9 @@ class IDARun:
 
         self.set_phase("recording")                                                       # 7. metrics
         m = self.metrics(it, results, trees, trained, swapped, accuracy, buffer_size, dispatch, phases)
+        m.update(mode=self.cfg.mode, examples_dropped_stale=dropped, expansion_seconds=expansion.seconds,
+                 nodes_per_second=round(m["nodes"] / expansion.seconds, 2) if expansion.seconds else 0.0,
+                 oldest_weight_version_trained=trained.stats.oldest_weight_version)
         m.update(await self.backend.figures())
         m["best_iteration"] = self.keep_if_best(it, accuracy, trained)
         m["run_dir_mb"] = round(directory_bytes(self.run_dir) / 2**20, 2)
@@ -282,8 +325,33 @@ class IDARun:
         append_metrics(self.run_dir, m)
         self.completed = it + 1
         self.save_state(trained)
+        if m.get("stop"):
+            await self.cancel_next_expansion()
         self.set_phase("iteration done")
         return m
+
+    async def plan_and_expand(self, it: int, expert_allowance: int | None, ahead: bool = False) -> Expansion:
+        """Steps 1 and 2: the iteration's questions, and their trees. `ahead` (mode async): while
+        the last round trains, which is the phase progress shows."""
+        t0 = time.time()
+        jobs, rejected = await self.plan(it)
+        t1 = time.time()
+        if not ahead:
+            self.set_phase("expanding trees", len(jobs))
+        await self.backend.set_expert_budget(expert_allowance)
+        results, dispatch = await self.backend.expand(jobs, (lambda n: None) if ahead else self._done)
+        dispatch.rejected = len(rejected)
+        return Expansion(results + rejected, dispatch, round(t1 - t0, 3), round(time.time() - t1, 3))
+
+    async def close(self) -> None:
+        await self.cancel_next_expansion()
+
+    async def cancel_next_expansion(self) -> None:
+        """A run that stops (an error, a stop asked for) stops the expansion started ahead."""
+        if self.next_expansion is not None:
+            self.next_expansion.cancel()
+            await asyncio.gather(self.next_expansion, return_exceptions=True)
+            self.next_expansion = None
 
     async def plan(self, it: int) -> tuple[list[ExpandJob], list[ExpandResult]]:
         """The iteration's jobs, and the failure records of malformed questions-file entries."""
@@ -316,13 +384,15 @@ class IDARun:
     def _done(self, n: int) -> None:
         self.progress_info["done"] += n
 
-    def expert_allowance(self) -> int | None:
+    def expert_allowance(self, spent: int = 0) -> int | None:
         """LM expert calls this iteration may make: the per-iteration cap, within what is left
-        of the run's (None: no cap, or not an LM expert)."""
+        of the run's (None: no cap, or not an LM expert). `spent`: calls of trees not yet in
+        the history (mode async plans an iteration before the last one's record is written)."""
         lm = self.cfg.lm_expert
         if self.cfg.expert != "lm":
             return None
-        left = None if lm.max_calls_per_run is None else max(0, lm.max_calls_per_run - self.expert_requests())
+        left = None if lm.max_calls_per_run is None else \
+            max(0, lm.max_calls_per_run - self.expert_requests() - spent)
         caps = [c for c in (lm.max_calls_per_iteration, left) if c is not None]
         return min(caps) if caps else None
 
@@ -339,7 +409,6 @@ class IDARun:
             buffer=buffer_size, model_loss=s.model_loss, adversary_loss=s.adversary_loss,
             model_steps=s.model_steps, adversary_steps=s.adversary_steps, learner_ranks_in_sync=trained.ranks_in_sync,
             accuracy_by_size=accuracy, swapped=swapped, replica_versions=swapped, jobs=asdict(dispatch),
-            nodes_per_second=round(m["nodes"] / phases["expand"], 2) if phases["expand"] else 0.0,
             learner_round={"model_train_seconds": s.model_train_seconds, "train_seconds": s.train_seconds,
                            "checkpoint_seconds": s.checkpoint_seconds, "round_seconds": s.round_seconds},
             checkpoint=trained.checkpoint_path, expand_seconds=phases["expand"], setup_seconds=self.setup_seconds)
@@ -362,7 +431,8 @@ class IDARun:
         plot_history(self.history, self.run_dir / PLOT_FILE, title=f"ida-ray: {self.cfg.task} ({self.run_dir.name})")
 
     def save_state(self, trained: TrainResult) -> None:
-        rng_state = rng_state_to_json(self.rng.getstate())
+        # Mode async has drawn the next iteration's questions already: a resume redraws them.
+        rng_state = rng_state_to_json(self.next_rng_state or self.rng.getstate())
         # The question RNG after each of the last few iterations: resuming from an earlier
         # checkpoint (the last one unusable) draws what that iteration's successor drew.
         previous = (self.state or {}).get("rng_states", {})

@@ -102,6 +102,9 @@ class RoundStats:
     """The objective's own figures of the round (honest: C, the trusted set, the probe)."""
     checkpoint_seconds: float = 0.0
     round_seconds: float = 0.0
+    oldest_weight_version: int | None = None
+    """The oldest weight version among the examples the round trained on (None: no examples):
+    what max_staleness bounds."""
 
 
 @dataclass

@@ -106,6 +106,8 @@ def backend_problems(cfg: IDAConfig) -> list[str]:
     if (cfg.replicas, cfg.expanders, cfg.learner_workers) != (1, 1, 1):
         p.append(f"backend 'local' is one process: replicas, expanders and learner_workers must be 1, got "
                  f"{cfg.replicas}, {cfg.expanders}, {cfg.learner_workers}")
+    if cfg.mode == "async":
+        p.append("mode 'async' overlaps expansion (the replicas) with training (the learner actors): use backend ray")
     if cfg.engine != "torch":
         p.append(f"backend 'local' serves the model on the torch engine: engine must be 'torch', got {cfg.engine!r}")
     return p

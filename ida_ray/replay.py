@@ -78,6 +78,15 @@ class ReplayBuffer:
                 compact_spill(self.spill_path, 2 * self.capacity, None)
                 self._spilled = 2 * self.capacity
 
+    def drop_older_than(self, version: int) -> int:
+        """Drop the examples made by weights older than `version`; returns how many. (The spill
+        keeps them: a resume reloads them, and the next round drops them again.)"""
+        keep = [e for e in self._items if e.weight_version >= version]
+        dropped = len(self._items) - len(keep)
+        if dropped:
+            self._items = deque(keep, maxlen=self.capacity)
+        return dropped
+
     def sample(self, n: int, kinds: tuple[str, ...] | None = None) -> list[Example]:
         pool = [e for e in self._items if kinds is None or e.kind in kinds]
         if not pool:
@@ -201,6 +210,7 @@ class ReplayStore:
             self._drop_tree_files(lambda it: it >= completed_iterations)
         self.buffer = ReplayBuffer(capacity, spill_path=path, seed=seed)
         self.trees_written = 0
+        self.dropped_stale = 0
 
     def _drop_tree_files(self, drop) -> None:
         for f in trees_dir(self.run_dir).iterdir():
@@ -233,6 +243,12 @@ class ReplayStore:
             elif self.records.compress_trees and not m.group(2):
                 gzip_file(f)
 
+    def drop_stale(self, min_version: int) -> int:
+        """Before a training round bound by max_staleness: drop examples older than min_version."""
+        dropped = self.buffer.drop_older_than(min_version)
+        self.dropped_stale += dropped
+        return dropped
+
     def sample(self, n: int, kinds: list[str] | tuple[str, ...] | None = None, seed: int | None = None) -> list[Example]:
         """n examples drawn uniformly with replacement; [] when none of `kinds` is held."""
         kinds = tuple(kinds) if kinds is not None else None
@@ -254,4 +270,5 @@ class ReplayStore:
             "by_weight_version": self.buffer.versions(),
             "trees_written": self.trees_written,
             "dropped_on_resume": self.dropped_on_resume,
+            "dropped_stale": self.dropped_stale,
         }

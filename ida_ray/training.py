@@ -300,7 +300,9 @@ def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, 
     _all_reduce(losses, world_size)
     losses /= world_size
     losses = losses.cpu()
+    trained = [e.weight_version for e in lm[:len(m_losses) * bs]] + [e.weight_version for e in adv[:len(a_losses) * bs]]
     return RoundStats(iteration=it, weight_version=it + 1, model_loss=float(losses[0]),
+                      oldest_weight_version=min(trained) if trained else None,
                       adversary_loss=float(losses[1]), model_steps=len(m_losses), adversary_steps=len(a_losses),
                       model_train_seconds=round(t_model, 3), train_seconds=round(time.time() - t0, 3),
                       local_batch_size=bs, objective_stats=objective.round_stats(len(m_losses)))

@@ -45,6 +45,7 @@ class IDACoordinator:
 
     async def shutdown(self) -> None:
         self.run.set_phase("shutting down")
+        await self.run.close()
         await self.backend.close()
         self.run.set_phase("stopped")
 

@@ -141,6 +141,9 @@ class RayBackend(Backend):
                              self.buffer.add_trees.remote(iteration, [r.tree for r in results]))
         return (await self.buffer.stats.remote())["size"]
 
+    async def drop_stale(self, min_version: int) -> int:
+        return await self.buffer.drop_stale.remote(min_version)
+
     async def train(self, iteration: int) -> TrainResult:
         return await self.learner.train(iteration)
 
@@ -159,7 +162,7 @@ class RayBackend(Backend):
                 "learner_start_seconds": self.learner.start_seconds}
 
     def publish(self, m: dict, trees: list[Tree], phases: dict[str, float]) -> None:
-        self.metrics.record_trees(trees, phases["expand"])
+        self.metrics.record_trees(trees, m["expansion_seconds"])
         self.metrics.record_losses(m["model_loss"], m["adversary_loss"])
         self.metrics.record_accuracy(m["accuracy_by_size"])
         self.metrics.record_honest(m.get("honest"))

@@ -233,6 +233,7 @@ async def _train_local(cfg, resume, user_questions, questions_file, progress, lo
         return run.history, run.initial_accuracy
     finally:
         bars.close()
+        await run.close()
         await run.backend.close()
 
 

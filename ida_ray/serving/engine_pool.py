@@ -253,26 +253,33 @@ class ReplicaPool(Engine):
 
     async def swap_weights(self, payload, version: int) -> dict[str, int]:
         """Load a WeightsPayload (or an ObjectRef to one) into every replica that is up, and
-        check each reports `version`. Replicas that are down get it when they come back."""
+        check each reports `version`. Replicas that are down get it when they come back. When
+        none is up (all died under the swap: in mode async a swap meets replicas mid-restart)
+        it waits for one, up to unavailable_timeout_s, then fails naming the version."""
         ref = payload if isinstance(payload, ray.ObjectRef) else ray.put(payload)
         self._latest, self._target_version = (ref, version), version
-        targets = [r for r in self._replicas if r.up]
-        if not targets:
-            raise EngineFailure("swap_weights: no replica is up")
-        results = await asyncio.gather(*(r.handle.load_weights.remote(ref, version) for r in targets),
-                                       return_exceptions=True)
-        loaded = {}
-        for rep, res in zip(targets, results):
-            if isinstance(res, RayActorError):
-                self._mark_down(rep, res)
-            elif isinstance(res, BaseException):
-                cause = getattr(res, "cause", None)
-                raise (cause if isinstance(cause, IDAError) else EngineFailure(f"swap on {rep.name}: {res}")) from res
-            else:
-                rep.version = res
-                loaded[rep.name] = res
-        if not loaded:
-            raise EngineFailure(f"swap_weights: every replica failed to load version {version}")
+        deadline = time.monotonic() + self.unavailable_timeout_s
+        while True:
+            targets = [r for r in self._replicas if r.up]
+            results = await asyncio.gather(*(r.handle.load_weights.remote(ref, version) for r in targets),
+                                           return_exceptions=True)
+            loaded = {}
+            for rep, res in zip(targets, results):
+                if isinstance(res, RayActorError):
+                    self._mark_down(rep, res)
+                elif isinstance(res, BaseException):
+                    cause = getattr(res, "cause", None)
+                    raise (cause if isinstance(cause, IDAError) else EngineFailure(f"swap on {rep.name}: {res}")) \
+                        from res
+                else:
+                    rep.version = res
+                    loaded[rep.name] = res
+            if loaded:
+                break
+            if time.monotonic() > deadline:
+                raise EngineFailure(f"swap_weights: no replica up to load version {version} within "
+                                    f"{self.unavailable_timeout_s:g}s")
+            await asyncio.sleep(0.5)
         reported = await asyncio.gather(*(r.handle.weight_version.remote() for r in targets if r.name in loaded))
         wrong = {name: v for name, v in zip(loaded, reported) if v != version}
         if wrong:
