@@ -105,6 +105,10 @@ class TrainConfig:
     """Gradient-norm clip of every step."""
     replay_capacity: int = 20_000
     """Examples the replay buffer keeps (the newest; FIFO eviction)."""
+    check_ranks_in_sync: bool = False
+    """Debug: every learner rank hashes all its parameters after each round, and the round
+    reports whether the ranks hold identical weights (`learner_ranks_in_sync`). A pass over
+    every weight on every rank each round, so off unless DDP is suspected."""
 
     def problems(self) -> list[str]:
         p = []
@@ -133,6 +137,15 @@ class ClusterResources:
     """Logical CPUs per learner worker."""
     learner_threads: int | None = None
     """torch threads per learner worker; null: Ray's default."""
+    replica_resources: dict = field(default_factory=dict)
+    """Custom Ray resources each model replica asks for besides its CPUs and GPUs, e.g.
+    {replica_node: 1}: the replicas go only to the nodes that declare them (a worker type's
+    `resources:` in cluster.yaml). The coordinator and the replay buffer always run on the
+    head node."""
+    expander_resources: dict = field(default_factory=dict)
+    """Custom Ray resources each tree expander asks for (as replica_resources)."""
+    learner_resources: dict = field(default_factory=dict)
+    """Custom Ray resources each learner worker asks for (as replica_resources)."""
     kv_cache_gib: int = 1
     """vLLM-CPU KV cache per engine, GiB."""
     round_timeout_s: float = 3600.0
@@ -158,6 +171,13 @@ class ClusterResources:
             p.append(f"resources.round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.kv_cache_gib < 1:
             p.append(f"resources.kv_cache_gib must be >= 1, got {self.kv_cache_gib}")
+        for name in ("replica_resources", "expander_resources", "learner_resources"):
+            bad = {k: v for k, v in getattr(self, name).items()
+                   if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int | float) or v < 0}
+            if bad:
+                p.append(f"resources.{name} maps resource names to amounts >= 0, got {bad}")
+            if {"CPU", "GPU"} & set(getattr(self, name)):
+                p.append(f"resources.{name} holds custom resources only: CPUs and GPUs have their own fields")
         if self.learner_threads is not None and self.learner_threads < 1:
             p.append(f"resources.learner_threads must be >= 1 or null, got {self.learner_threads}")
         return p

@@ -113,7 +113,9 @@ class RankResult:
 
     rank: int
     stats: RoundStats
-    digest: str
+    digest: str | None
+    node_id: str = ""
+    """The Ray node the rank ran on."""
     """sha256 of the rank's parameters: equal on every rank when DDP keeps them in sync."""
     checkpoint_path: str | None = None
     """Rank 0: the round's checkpoint directory."""
@@ -131,7 +133,9 @@ class TrainResult:
     weights: object
     """What `Backend.swap` serves: a payload ObjectRef (ray) or the modules' states (local)."""
     seconds: float
-    ranks_in_sync: bool = True
+    ranks_in_sync: bool | None = None
+    """Whether every rank held identical weights after the round (None: not checked,
+    train.check_ranks_in_sync off)."""
 
     @property
     def weight_version(self) -> int:

@@ -51,7 +51,8 @@ def small_config(run_dir, engine: str, iterations: int, trees: int = 96, steps: 
         task="sum", task_kwargs={"base_size": 2}, train_sizes=(1, 2, 3, 4), iterations=iterations, seed=0,
         amplify_trees_per_iteration=trees, distill_trees_per_iteration=2 * trees // 3, eval_questions_per_size=30,
         amplify=AmplifyConfig(max_new_tokens=12),
-        train=TrainConfig(steps_per_iteration=steps, adversary_steps_per_iteration=steps // 6, replay_capacity=4000),
+        train=TrainConfig(steps_per_iteration=steps, adversary_steps_per_iteration=steps // 6, replay_capacity=4000,
+                          check_ranks_in_sync=True),
         engine=engine, run_dir=str(run_dir), replicas=1, expanders=1, learner_workers=1, backend=backend,
         resources=RESOURCES)
 

@@ -126,7 +126,7 @@ def _grad_check_loop(config):
 def _cfg(tmp_path, workers: int) -> IDAConfig:
     return IDAConfig(model=SPEC, learner_workers=workers, seed=3, run_dir=str(tmp_path),
                      train=TrainConfig(batch_size=8, steps_per_iteration=4, adversary_steps_per_iteration=2,
-                                       grad_clip=1e9, lr=1e-2))
+                                       grad_clip=1e9, lr=1e-2, check_ranks_in_sync=True))
 
 
 def test_ddp_two_workers_average_gradients(ray_cluster, tmp_path):

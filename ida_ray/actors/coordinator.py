@@ -8,6 +8,7 @@ import copy
 
 import ray
 
+from ida_ray.actors import HEAD_NODE, node_id
 from ida_ray.cluster.ray_backend import RayBackend
 from ida_ray.config import IDAConfig
 from ida_ray.loop import IDARun
@@ -41,7 +42,8 @@ class IDACoordinator:
         return copy.deepcopy(self.backend.metrics.snapshot)
 
     async def health(self) -> dict:
-        return {"completed": self.run.completed, "progress": self.run.progress(), **await self.backend.health()}
+        return {"completed": self.run.completed, "progress": self.run.progress(), "node_id": node_id(),
+                **await self.backend.health()}
 
     async def shutdown(self) -> None:
         self.run.set_phase("shutting down")
@@ -56,5 +58,5 @@ def start_coordinator(cfg: IDAConfig, resume: bool = False, name: str = COORDINA
     # Ray's warning about blocking gets in async actors would only mislead.
     env = {"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}
     cls = ray.remote(num_cpus=0, max_concurrency=1000)(IDACoordinator)
-    return cls.options(name=name, runtime_env=env).remote(
+    return cls.options(name=name, runtime_env=env, resources={HEAD_NODE: 0.001}).remote(
         cfg, resume, list(user_questions or []), None if questions_file is None else str(questions_file))

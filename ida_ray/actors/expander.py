@@ -23,6 +23,7 @@ import dataclasses
 import os
 import time
 
+from ida_ray.actors import node_id
 from ida_ray.config import AmplifyConfig
 from ida_ray.expansion import expand_job
 from ida_ray.experts import HumanExpert
@@ -123,7 +124,7 @@ class TreeExpander:
         self.cfg = amplify if isinstance(amplify, AmplifyConfig) else dataclasses.replace(self.cfg, **amplify)
 
     def health(self) -> dict:
-        return {"pid": os.getpid(), "expert": self.expert_kind,
+        return {"pid": os.getpid(), "node_id": node_id(), "expert": self.expert_kind,
                 "expert_stats": self.expert.stats_dict() if self.expert_kind == "lm" else None,
                 "trees_in_flight": self.in_flight, "trees_completed": self.completed, "trees_failed": self.failed,
                 "nodes": self.nodes, "model_calls": self.model_calls, "busy_s": round(self.busy_s, 2),
@@ -131,10 +132,11 @@ class TreeExpander:
 
 
 def start_expanders(n: int, replicas: list, *, name_prefix: str = "expander", num_cpus: float = 1,
-                    max_restarts: int = 2, **kwargs) -> list:
+                    max_restarts: int = 2, resources: dict | None = None, **kwargs) -> list:
     """n TreeExpander actors over the same replicas (kwargs go to TreeExpander)."""
     import ray
 
     cls = ray.remote(TreeExpander)
-    return [cls.options(name=f"{name_prefix}-{i}", num_cpus=num_cpus, max_restarts=max_restarts,
+    return [cls.options(name=f"{name_prefix}-{i}", num_cpus=num_cpus, resources=resources or None,
+                        max_restarts=max_restarts,
                         max_concurrency=10_000).remote(replicas, **kwargs) for i in range(n)]

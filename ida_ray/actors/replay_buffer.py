@@ -8,6 +8,7 @@ from pathlib import Path
 
 import ray
 
+from ida_ray.actors import HEAD_NODE
 from ida_ray.replay import ReplayStore
 
 REPLAY_BUFFER_NAME = "replay-buffer"
@@ -20,4 +21,6 @@ class ReplayBufferActor(ReplayStore):
 
 def start_replay_buffer(capacity: int, run_dir: str | Path, seed: int = 0, completed_iterations: int | None = None,
                         name: str = REPLAY_BUFFER_NAME, records=None):
-    return ReplayBufferActor.options(name=name).remote(capacity, str(run_dir), seed, completed_iterations, records)
+    # On the head node: the run directory it writes is the driver's (multi-node: the head's).
+    return ReplayBufferActor.options(name=name, resources={HEAD_NODE: 0.001}).remote(
+        capacity, str(run_dir), seed, completed_iterations, records)

@@ -45,6 +45,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ida_ray.actors import node_id
 from ida_ray.serving.step_log import list_summary
 from ida_ray.serving.weights import (
     WEIGHTS_FILE,
@@ -226,7 +227,8 @@ class ModelReplica:
     # -- status --------------------------------------------------------------------
     def health(self) -> dict:
         e = self.engine
-        out = {"name": self.name, "pid": os.getpid(), "engine": self.engine_kind,
+        out = {"name": self.name, "pid": os.getpid(), "node_id": node_id(),
+               "engine": self.engine_kind,
                "adversary_backend": self.adversary_backend,
                "started": e is not None, "version": self.weight_version(), "in_flight": self.in_flight,
                "queue_depth": 0, "calls": dict(self.calls), "requests": dict(self.requests),
@@ -284,9 +286,10 @@ def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm
                    max_task_retries: int = 0, kv_cache_gib: int = 1, omp_threads_bind: str | None = None,
                    max_num_seqs: int = 256,
                    weight_transfer: str | None = None, cache_size: int = 200_000, dtype: str = "float32",
-                   wait: bool = True, timeout_s: float = 600) -> list:
+                   resources: dict | None = None, wait: bool = True, timeout_s: float = 600) -> list:
     """Start n named replica actors (name_prefix-0, ...) and, with wait, block until every
-    engine has started. A replica that fails to start is killed and the error raised."""
+    engine has started. resources: custom Ray resources each asks for (placement). A
+    replica that fails to start is killed and the error raised."""
     import ray
 
     if n < 1:
@@ -305,7 +308,7 @@ def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm
     for i in range(n):
         name = f"{name_prefix}-{i}"
         handles.append(actor_cls.options(
-            name=name, num_cpus=num_cpus, num_gpus=gpus, max_restarts=max_restarts,
+            name=name, num_cpus=num_cpus, num_gpus=gpus, resources=resources or None, max_restarts=max_restarts,
             max_task_retries=max_task_retries, max_concurrency=10_000,
             runtime_env=replica_runtime_env(kv_cache_gib, omp_threads_bind, use_gpu),
         ).remote(model_files, adversary_files, engine=engine, adversary_backend=adversary_backend,

@@ -51,6 +51,8 @@ class Learner:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.start_seconds: float | None = None
+        self.last_digests: dict[int, str | None] = {}
+        self.last_nodes: dict[int, str] = {}  # the Ray node of each rank, last round
 
     @property
     def storage_path(self) -> Path:
@@ -67,7 +69,7 @@ class Learner:
             ida_config=self.cfg.to_dict(), start_iteration=self.start_iteration, resume_from=self.resume_from,
             namespace=namespace, control_name=self.control_name, buffer_name=self.buffer_name,
             storage_path=str(self.storage_path), run_name=self.name, torch_threads=self.torch_threads)
-        resources = {"CPU": self.cpus_per_worker}
+        resources = {"CPU": self.cpus_per_worker, **self.cfg.resources.learner_resources}
         if self.cfg.use_gpu:
             resources["GPU"] = 1
         self.trainer = TorchTrainer(
@@ -116,8 +118,10 @@ class Learner:
                 self.start_seconds = round(max(ready.values()) - self._started_at, 2)
         first = got.ranks[0]
         self.last_digests = {r: v.digest for r, v in got.ranks.items()}
+        self.last_nodes = {r: v.node_id for r, v in got.ranks.items()}
         return TrainResult(stats=first.stats, checkpoint_path=first.checkpoint_path, weights=first.payload_ref[0],
-                           seconds=round(time.time() - t0, 3), ranks_in_sync=len(set(self.last_digests.values())) == 1)
+                           seconds=round(time.time() - t0, 3), ranks_in_sync=None if None in self.last_digests.values() else
+                           len(set(self.last_digests.values())) == 1)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Let the workers leave their loop and fit() return."""

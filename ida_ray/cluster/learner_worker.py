@@ -9,7 +9,7 @@ checkpoint), then per `TrainCommand` from the control actor:
      are averaged across ranks;
   2. calls `ray.train.report(metrics, checkpoint=...)`: rank 0's checkpoint is written by
      `ida_ray.checkpoint.save_checkpoint`;
-  3. publishes its `RankResult` (parameter digest; rank 0 also the checkpoint path and the new
+  3. publishes its `RankResult` (the parameter digest with train.check_ranks_in_sync; rank 0 also the checkpoint path and the new
      weights payload, an object-store ref) to the control actor.
 """
 from __future__ import annotations
@@ -86,7 +86,9 @@ def learner_loop(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(dataclasses.asdict(stats), checkpoint=checkpoint, checkpoint_dir_name=name)
             stats.checkpoint_seconds = round(time.time() - t1, 3)
-        result = RankResult(rank=rank, stats=stats, digest=param_digest(objective))
+        result = RankResult(rank=rank, stats=stats,
+                            digest=param_digest(objective) if cfg.train.check_ranks_in_sync else None,
+                            node_id=ray.get_runtime_context().get_node_id())
         if rank == 0:
             result.checkpoint_path = str(Path(wc.storage_path) / wc.run_name / name)
             payload_ref = ray.put(WeightsPayload.from_modules(objective.served_model, objective.adversary))

@@ -77,7 +77,7 @@ class RayBackend(Backend):
         self.replicas = await asyncio.to_thread(
             start_replicas, cfg.replicas, str(model_dir), str(adversary_dir), engine=cfg.engine,
             use_gpu=cfg.use_gpu, max_new_tokens=cfg.amplify.max_new_tokens, num_cpus=res.replica_cpus,
-            kv_cache_gib=res.kv_cache_gib, dtype=cfg.model.dtype)
+            kv_cache_gib=res.kv_cache_gib, dtype=cfg.model.dtype, resources=res.replica_resources)
         self.setup_seconds["replicas"] = round(time.time() - t1, 2)
         self.engine = ReplicaPool(self.replicas)
         if checkpoint:  # the checkpoint's weights are served; give them their version number
@@ -99,7 +99,8 @@ class RayBackend(Backend):
                 tensor_parallel_size=lm.gpus_per_replica, max_new_tokens=lm.max_tokens, name_prefix="expert",
                 num_cpus=res.replica_cpus, kv_cache_gib=res.kv_cache_gib)
             self.setup_seconds["expert_replicas"] = round(time.time() - t2, 2)
-        self.expanders = start_expanders(cfg.expanders, self.replicas, num_cpus=res.expander_cpus, task=cfg.task,
+        self.expanders = start_expanders(cfg.expanders, self.replicas, num_cpus=res.expander_cpus,
+                                         resources=res.expander_resources, task=cfg.task,
                                          task_kwargs=cfg.task_kwargs, amplify=cfg.amplify, fmt=cfg.model.make_format(),
                                          trees_in_flight=max(1, math.ceil(cfg.trees_in_flight / cfg.expanders)),
                                          human_queue=human_queue, lm_expert=lm, run_dir=str(self.run_dir),
@@ -158,6 +159,8 @@ class RayBackend(Backend):
         health = await self.replica_health()
         self.metrics.record_replicas(health)
         return {"replica_versions": {h["name"]: h["version"] for h in health},
+                "replica_nodes": {h["name"]: h["node_id"] for h in health},
+                "learner_nodes": {str(r): n for r, n in self.learner.last_nodes.items()},
                 "replica_max_queue_depth": dict(self.max_queue_depth), "replica_faults": await self._pool_faults(),
                 "learner_start_seconds": self.learner.start_seconds}
 
