@@ -1,6 +1,6 @@
 """IDA with an imperfect language model as H, beside the same runs with the coded expert.
 
-    python -m experiments.lm_expert [--seeds 0 1 2] [--expert-steps 1500] [--fresh]
+    python -m experiments.lm_expert [--seeds 0 1 2] [--expert-steps 4500] [--expert-only] [--fresh]
                                     [--set KEY=VALUE ...] [--out docs/results/lm_expert.json]
 
 1. H is made here: a tiny Qwen2 (its byte-level BPE tokenizer trained on the same text)
@@ -57,7 +57,9 @@ def expert_config(base_url: str):
 
 
 def train_expert_model(task, out: Path, *, trees: int, steps: int, seed: int, log) -> dict:
-    """Train H on the coded expert's transcripts; write its HF directory to `out`."""
+    """Train H on the coded expert's transcripts to `steps` steps; its HF directory is
+    `out/model`, saved with `out/training.json` after every 250 steps, so a stopped
+    experiment (or a later call with more steps) continues from the steps done."""
     import torch
 
     from ida_ray.config import TrainConfig
@@ -70,31 +72,41 @@ def train_expert_model(task, out: Path, *, trees: int, steps: int, seed: int, lo
     cfg = expert_config("http://127.0.0.1:1/v1")  # only its template is used here
     template = LMExpert(task, HTTPChatClient(cfg), cfg)
     transcripts = expert_transcripts(template, SIZES, trees, random.Random(f"expert-train-{seed}"))
-    texts = [ChatFormat().render(msgs) + reply for msgs, reply in transcripts]
-    create_tiny_qwen2(out / "init", texts + ["system\nuser\nassistant\n"] * 20, hidden_size=128, num_layers=3,
-                      num_heads=2, max_positions=1024, vocab_size=768, seed=seed)
-    spec = ModelSpec(path=str(out / "init"), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    record_path = out / "training.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if record is None or record["training_trees"] != trees:
+        texts = [ChatFormat().render(msgs) + reply for msgs, reply in transcripts]
+        create_tiny_qwen2(out / "init", texts + ["system\nuser\nassistant\n"] * 20, hidden_size=128, num_layers=3,
+                          num_heads=2, max_positions=1024, vocab_size=768, seed=seed)
+        record = {"architecture": "Qwen2ForCausalLM", "hidden_size": 128, "layers": 3, "training_trees": trees,
+                  "training_sizes": list(SIZES), "steps": 0, "batch_size": 16, "lr": 3e-3, "loss_every_250": [],
+                  "train_seconds": 0.0}
+    start = out / ("model" if record["steps"] else "init")
+    spec = ModelSpec(path=str(start), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     model, tok = build_model(spec)
     fmt = ChatFormat(tok)
     examples = [Example("fan_out", fmt.render(msgs), reply) for msgs, reply in transcripts]
     lengths = sorted(len(tok(e.prompt + e.completion)["input_ids"]) for e in examples)
+    record.update(parameters=sum(p.numel() for p in model.parameters()), vocab_size=len(tok),
+                  training_transcript_steps=len(examples), tokens_per_step_median=lengths[len(lengths) // 2],
+                  tokens_per_step_max=lengths[-1])
     adversary, _ = build_adversary(spec)
-    objective = ImitationObjective(model, adversary, tok, TrainConfig(lr=3e-3, batch_size=16))
-    torch.manual_seed(seed)
-    t0, done, losses = time.time(), 0, []
-    while done < steps:
-        chunk = min(250, steps - done)
+    objective = ImitationObjective(model, adversary, tok, TrainConfig(lr=record["lr"], batch_size=16))
+    torch.manual_seed(seed + record["steps"])
+    objective.rng.seed(seed + record["steps"])
+    if record["steps"]:
+        log(f"H: continuing from {record['steps']} steps (a fresh optimiser)")
+    while record["steps"] < steps:
+        t0 = time.time()
+        chunk = min(250, steps - record["steps"])
         stats = objective.fit(examples, steps=chunk, adversary_steps=0)
-        done += chunk
-        losses.append(round(stats.model_loss, 4))
-        log(f"H: {done}/{steps} steps, loss {stats.model_loss:.4f} ({time.time() - t0:.0f} s)")
-    save_pretrained(model.eval(), tok, out / "model")
-    n = sum(p.numel() for p in model.parameters())
-    return {"architecture": "Qwen2ForCausalLM", "parameters": n, "hidden_size": 128, "layers": 3,
-            "vocab_size": len(tok), "training_transcript_steps": len(examples), "training_trees": trees,
-            "training_sizes": list(SIZES), "steps": steps, "batch_size": 16, "lr": 3e-3, "loss_every_250": losses,
-            "tokens_per_step_median": lengths[len(lengths) // 2], "tokens_per_step_max": lengths[-1],
-            "train_seconds": round(time.time() - t0, 1)}
+        save_pretrained(model, tok, out / "model")
+        record["steps"] += chunk
+        record["loss_every_250"].append(round(stats.model_loss, 4))
+        record["train_seconds"] = round(record["train_seconds"] + time.time() - t0, 1)
+        record_path.write_text(json.dumps(record, indent=1))
+        log(f"H: {record['steps']}/{steps} steps, loss {stats.model_loss:.4f} ({record['train_seconds']:.0f} s)")
+    return record
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,9 +298,11 @@ def main(argv=None) -> dict:
     common.add_seeds(ap, default=(0, 1, 2))
     common.add_fresh(ap)
     common.add_overrides(ap)
-    ap.add_argument("--expert-steps", type=int, default=1500, help="H's training steps (batch 16)")
+    ap.add_argument("--expert-steps", type=int, default=4500, help="H's training steps (batch 16)")
     ap.add_argument("--expert-trees", type=int, default=600, help="expert-only trees H is trained on")
     ap.add_argument("--heldout-trees", type=int, default=100, help="fresh trees H's error rate is measured on")
+    ap.add_argument("--expert-only", action="store_true",
+                    help="train H and measure its error rate (written to the result), then stop")
     ap.add_argument("--port", type=int, default=8391, help="the port `vllm serve` listens on (127.0.0.1)")
     args = ap.parse_args(argv)
 
@@ -305,13 +319,8 @@ def main(argv=None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
 
     expert_dir = root / "expert"
-    if (expert_dir / "model" / "config.json").exists() and (expert_dir / "training.json").exists():
-        expert_model = json.loads((expert_dir / "training.json").read_text())
-        log(f"H: reusing {expert_dir / 'model'}")
-    else:
-        expert_model = train_expert_model(task, expert_dir, trees=args.expert_trees, steps=args.expert_steps,
-                                          seed=0, log=log)
-        (expert_dir / "training.json").write_text(json.dumps(expert_model, indent=1))
+    expert_model = train_expert_model(task, expert_dir, trees=args.expert_trees, steps=args.expert_steps, seed=0,
+                                      log=log)
 
     coded_cfgs = [seed_config(s, overrides, "coded") for s in args.seeds]
     coded = coded_runs_on_record(coded_cfgs[0], args.seeds)
@@ -322,6 +331,9 @@ def main(argv=None) -> dict:
         result.update(measure_error_rate(task, base_url, trees=args.heldout_trees, seed=0))
         log(f"H's error rate against the coded expert: {result['expert_error_rate']:.3f} "
             f"over {result['steps_measured']} steps {result['by_kind']}")
+        if args.expert_only:
+            common.write_result(result, args.out, "lm_expert", argv)
+            return result
         if coded is not None:
             result["arms"]["coded"] = {**summarise_arm(coded, largest), "source": coded[0]["source"]}
         lm_runs = []
