@@ -33,6 +33,7 @@ from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -138,6 +139,13 @@ def create_app(run_dir: str | Path, human: HumanBackend | None = None,
     if start_questions and (human is None or not human.can_start):
         raise ValueError("start_questions needs a human backend that starts trees (HumanRuns)")
     app = FastAPI(title="ida-ray tree viewer", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes the input back, and a body such as `Infinity` (which
+        # Python's JSON parser accepts) cannot be written as JSON: a 500. Say where and why only.
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]})
     _guard(app, token)
     app.state.store = store
     app.state.human = human
