@@ -326,6 +326,15 @@ def main(argv=None) -> dict:
     coded = coded_runs_on_record(coded_cfgs[0], args.seeds)
     result = {"task": task.name, "expert_base_size": lm_cfgs[0].task_kwargs.get("base_size"),
               "largest_size": largest, "expert_model": expert_model, "arms": {}, "config": lm_cfgs[0].to_dict()}
+    def run_arm(arm: str, cfgs) -> None:
+        """The arm's seeds in turn; the result rewritten after each."""
+        runs = []
+        for cfg in cfgs:
+            runs.append(run_seed(cfg))
+            result["arms"][arm] = summarise_arm(runs, largest)
+            out = common.write_result(result, args.out, "lm_expert", argv)
+            plot(result, common.png_beside(out))
+
     with VLLMServer(expert_dir / "model", args.port, root / "vllm_serve.log") as server:
         log(f"H served at {server.base}")
         result.update(measure_error_rate(task, base_url, trees=args.heldout_trees, seed=0))
@@ -336,19 +345,9 @@ def main(argv=None) -> dict:
             return result
         if coded is not None:
             result["arms"]["coded"] = {**summarise_arm(coded, largest), "source": coded[0]["source"]}
-        lm_runs = []
-        for cfg in lm_cfgs:
-            lm_runs.append(run_seed(cfg))
-            result["arms"]["lm"] = summarise_arm(lm_runs, largest)
-            out = common.write_result(result, args.out, "lm_expert", argv)
-            plot(result, common.png_beside(out))
+        run_arm("lm", lm_cfgs)
     if coded is None:
-        coded_runs = []
-        for cfg in coded_cfgs:
-            coded_runs.append(run_seed(cfg))
-            result["arms"]["coded"] = summarise_arm(coded_runs, largest)
-            out = common.write_result(result, args.out, "lm_expert", argv)
-            plot(result, common.png_beside(out))
+        run_arm("coded", coded_cfgs)
     for arm, a in result["arms"].items():
         last = a["iterations"][-1]
         print(f"{arm} H over {len(a['seeds'])} seed(s): final accuracy by size {last['accuracy_by_size']}; "
