@@ -158,6 +158,9 @@ class ClusterResources:
     start_timeout_s: float = 900.0
     """Actors that are not up within this (e.g. waiting for resources the cluster lacks) fail
     the start with a ConfigError naming them."""
+    restart_timeout_s: float = 300.0
+    """How long a call waits for an expander that Ray is restarting before it is passed over
+    (its jobs go to the next expander, or get failed records)."""
 
     def required_cpus(self, cfg: IDAConfig) -> float:
         expert_replicas = cfg.lm_expert.replicas if cfg.expert == "lm" and cfg.lm_expert.backend == "cluster" else 0
@@ -171,6 +174,8 @@ class ClusterResources:
                 p.append(f"resources.{name} must be a number >= 0, got {getattr(self, name)}")
         if not self.start_timeout_s > 0:
             p.append(f"resources.start_timeout_s must be > 0, got {self.start_timeout_s}")
+        if not self.restart_timeout_s > 0:
+            p.append(f"resources.restart_timeout_s must be > 0, got {self.restart_timeout_s}")
         if not self.round_timeout_s > 0:
             p.append(f"resources.round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.kv_cache_gib < 1:

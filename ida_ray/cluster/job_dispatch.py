@@ -44,7 +44,7 @@ class ExpanderError(IDAError):
     kind = "expander_error"
 
 
-async def _reachable(handle, timeout_s: float) -> bool:
+async def expander_reachable(handle, timeout_s: float) -> bool:
     """Whether the expander answers within timeout_s (it may be restarting); False at once if
     it is dead for good."""
     loop = asyncio.get_running_loop()
@@ -69,7 +69,7 @@ async def _run_chunk(expanders: list, index: int, chunk: list[ExpandJob], task: 
     for attempt in range(max_attempts):
         handle = expanders[(index + attempt) % len(expanders)]
         if attempt:
-            if not await _reachable(handle, restart_timeout_s):
+            if not await expander_reachable(handle, restart_timeout_s):
                 last = ExpanderLost(f"no expander answered after {attempt + 1} tries (the last did not come back "
                                     f"within {restart_timeout_s:.0f}s)")
                 continue

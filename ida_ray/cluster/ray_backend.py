@@ -18,10 +18,13 @@ import math
 import time
 from pathlib import Path
 
+import logging
+
 import ray
+from ray.exceptions import RayActorError
 
 from ida_ray.cluster.dashboard import IDAMetrics
-from ida_ray.cluster.job_dispatch import dispatch_jobs
+from ida_ray.cluster.job_dispatch import dispatch_jobs, expander_reachable
 from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
 from ida_ray.loop import Backend, Progress
@@ -30,6 +33,7 @@ from ida_ray.run_dir import DASHBOARD_FILE, write_json_atomic
 from ida_ray.tasks import get_task
 from ida_ray.tree import Tree
 
+log = logging.getLogger(__name__)
 
 class RayBackend(Backend):
     def __init__(self, cfg: IDAConfig):
@@ -44,6 +48,7 @@ class RayBackend(Backend):
         self.buffer = None
         self.learner = None
         self.latest_weights: tuple[object, int] | None = None  # (payload ref, version) last swapped
+        self.expert_share: int | None = None  # each expander's LM-expert calls this iteration (None: no cap)
         self.max_queue_depth: dict[str, int] = {}
         self.setup_seconds: dict[str, float] = {}
 
@@ -125,19 +130,39 @@ class RayBackend(Backend):
         watcher = asyncio.ensure_future(self._watch_replicas())
         try:
             return await dispatch_jobs(self.expanders, jobs, self.task, chunk_size=chunk, on_chunk_done=on_done,
-                                       on_reissue=self._tell_weights)
+                                       on_reissue=self._tell_state, restart_timeout_s=self.cfg.resources.restart_timeout_s)
         finally:
             watcher.cancel()
 
     async def set_expert_budget(self, calls: int | None) -> None:
-        share = None if calls is None else math.ceil(calls / len(self.expanders))
-        await asyncio.gather(*(e.set_expert_budget.remote(share) for e in self.expanders))
+        """Each expander's share of the iteration's expert calls. An expander that Ray is
+        restarting (async mode sets the budget while the last round's kills land) is waited for
+        up to resources.restart_timeout_s; one that does not come back gets its share with the
+        first chunk re-issued to it (_tell_state), and the dispatch routes around it meanwhile."""
+        self.expert_share = None if calls is None else math.ceil(calls / len(self.expanders))
+
+        async def tell(expander) -> None:
+            try:
+                await expander.set_expert_budget.remote(self.expert_share)
+            except RayActorError:
+                if not await expander_reachable(expander, self.cfg.resources.restart_timeout_s):
+                    log.warning("an expander did not come back to take its expert budget; it gets it on re-issue")
+                    return
+                await expander.set_expert_budget.remote(self.expert_share)
+
+        await asyncio.gather(*(tell(e) for e in self.expanders))
 
     async def _tell_weights(self, expander) -> None:
         """A restarted expander's pool starts without the latest weights."""
         if self.latest_weights is not None:
             ref, version = self.latest_weights
             await expander.remember_weights.remote([ref], version)
+
+    async def _tell_state(self, expander) -> None:
+        """What a restarted expander lost: the latest weights and this iteration's expert share
+        (so a restart can overspend the run's budget by at most one share)."""
+        await self._tell_weights(expander)
+        await expander.set_expert_budget.remote(self.expert_share)
 
     async def record(self, iteration: int, results: list[ExpandResult]) -> int:
         await asyncio.gather(self.buffer.add.remote([e for r in results for e in r.examples]),
