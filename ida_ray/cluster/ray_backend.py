@@ -14,11 +14,10 @@ them, the replay buffer actor and the Ray Train learner. It runs inside the coor
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from pathlib import Path
-
-import logging
 
 import ray
 from ray.exceptions import RayActorError
