@@ -62,6 +62,14 @@ class EngineFailure(IDAError):
     kind = "engine_failure"
 
 
+class StaleWeights(IDAError):
+    """A replica asked for weights newer than it holds: Ray restarted it on its creation
+    weights (version 0). It serves nothing until it is given the latest; the pool takes it out
+    of rotation, re-sends the request elsewhere and resyncs it (ida_ray/serving/engine_pool.py)."""
+
+    kind = "stale_weights"
+
+
 class NoAdversary(IDAError):
     """Adversary scores asked of an engine started without an adversary. Never a silent 0.0:
     with `amplify.confidence: adversary` that would pass every threshold (H' trusting the

@@ -149,14 +149,15 @@ async def draw_questions(task: Task, engine: Engine, cfg: IDAConfig, n: int, rng
 
 
 def user_jobs(task: Task, cfg: IDAConfig, entries: list[UserQuestion], it: int,
-              source_name: str) -> tuple[list[ExpandJob], list[ExpandResult]]:
+              source_name: str, min_weight_version: int = 0) -> tuple[list[ExpandJob], list[ExpandResult]]:
     """This iteration's share of the questions file: amplification jobs for the well-formed
     entries, failure records (kind malformed_question) for the others."""
     jobs, rejected = [], []
     for q in for_iteration(entries, it, cfg.iterations):
         # Seeded by the entry alone: the run's own draws are unchanged by the file.
         job = ExpandJob(job_id=f"u{q.index}", question=q.question, mode="amplify", iteration=it, source="user",
-                        seed=random.Random(f"user-{cfg.seed}-{q.index}").randrange(2**31))
+                        seed=random.Random(f"user-{cfg.seed}-{q.index}").randrange(2**31),
+                        min_weight_version=min_weight_version)
         if q.problem is None:
             jobs.append(job)
         else:
@@ -361,11 +362,16 @@ class IDARun:
         seeds = [self.rng.randrange(2**31) for _ in questions]
         distill_qs = [self.task.generate(self.rng.choice(self.sizes), self.rng)
                       for _ in range(cfg.distill_trees_per_iteration)]
-        jobs = [ExpandJob(job_id=f"a{i}", question=q, mode="amplify", iteration=it, source=src, seed=s)
+        # Round k publishes weights version k + 1, so `completed` is the version now served (in
+        # mode async the next iteration's jobs are made while the round that follows it trains).
+        published = self.completed
+        jobs = [ExpandJob(job_id=f"a{i}", question=q, mode="amplify", iteration=it, source=src, seed=s,
+                          min_weight_version=published)
                 for i, ((q, src), s) in enumerate(zip(questions, seeds))]
-        jobs += [ExpandJob(job_id=f"d{i}", question=q, mode="distill", iteration=it) for i, q in enumerate(distill_qs)]
+        jobs += [ExpandJob(job_id=f"d{i}", question=q, mode="distill", iteration=it, min_weight_version=published)
+                 for i, q in enumerate(distill_qs)]
         where = Path(self.questions_file).name if self.questions_file else "questions file"
-        extra, rejected = user_jobs(self.task, cfg, self.user_questions, it, where)
+        extra, rejected = user_jobs(self.task, cfg, self.user_questions, it, where, published)
         return jobs + extra, rejected
 
     def keep_if_best(self, it: int, accuracy: dict[int, float], trained: TrainResult) -> int:

@@ -33,6 +33,9 @@ class ExpandJob:
     """Seeds the tree's branch choices and audits, so a re-issued tree is the same tree."""
     hprime: bool | None = None
     """Overrides AmplifyConfig.use_hprime for this tree (None: the config's)."""
+    min_weight_version: int = 0
+    """The weights the run had published when it made the job: no model call of the tree is
+    answered by older ones (a replica that Ray restarted on its creation weights refuses)."""
 
     def __post_init__(self):
         if not isinstance(self.question, str):
@@ -41,7 +44,7 @@ class ExpandJob:
             raise InvalidJob(f"job {self.job_id}: mode must be 'amplify' or 'distill', got {self.mode!r}")
         if self.source not in ("train", "adversarial", "user"):
             raise InvalidJob(f"job {self.job_id}: source must be train, adversarial or user, got {self.source!r}")
-        for name in ("seed", "iteration"):
+        for name in ("seed", "iteration", "min_weight_version"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InvalidJob(f"job {self.job_id}: {name} must be an int, got {value!r}")

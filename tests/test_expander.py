@@ -16,6 +16,7 @@ ray = pytest.importorskip("ray")
 
 from ida_ray.actors.expander import start_expanders  # noqa: E402
 from ida_ray.actors.replica import start_replicas  # noqa: E402
+from ida_ray.errors import StaleWeights  # noqa: E402
 from ida_ray.messages import ExpandJob, InvalidJob  # noqa: E402
 from ida_ray.models import ModelSpec  # noqa: E402
 from ida_ray.serving.engine_pool import ReplicaPool  # noqa: E402
@@ -137,9 +138,10 @@ def test_a_dead_replica_is_routed_around_and_losing_all_is_recorded(replicas, ex
 
 
 def test_a_restarted_replica_is_brought_back_to_the_latest_weights(cluster, model_dirs):
-    """Ray restarts a killed replica on its initial weights (version 0). The pool sees the stale
-    version in its answers, takes it out of rotation, reloads the last swapped payload into it
-    and serves from it again at the current version."""
+    """Ray restarts a killed replica on its initial weights (version 0). Asked for the version
+    the pool swapped in, it refuses (StaleWeights) rather than answer on old weights; the pool
+    takes it out of rotation, reloads the last swapped payload into it and the request is
+    answered at the current version. No answer ever comes from the restarted weights."""
     model_dir, adversary_dir = model_dirs
     (handle,) = start_replicas(1, model_dir, adversary_dir, engine="torch", max_new_tokens=4, name_prefix="te-restart",
                                max_restarts=1)
@@ -158,15 +160,22 @@ def test_a_restarted_replica_is_brought_back_to_the_latest_weights(cluster, mode
             pass
         time.sleep(0.2)
 
+    # Asked directly for version 5, the restarted replica refuses for every kind of call.
+    for call in (handle.generate.remote(["A1,2="], min_version=5),
+                 handle.logprob.remote(["A1,2="], ["3"], min_version=5),
+                 handle.adversary.remote(["A1,2="], ["3"], min_version=5)):
+        with pytest.raises(ray.exceptions.RayTaskError) as refused:
+            ray.get(call, timeout=60)
+        assert isinstance(refused.value.cause, StaleWeights)
+
     async def serve():
-        (stale,) = await pool.generate(["A1,2="])
-        (fresh,) = await pool.generate(["A1,3="])
-        return stale, fresh
-    stale, fresh = asyncio.run(serve())
-    assert stale.weight_version == 0  # recorded honestly: it came from the restarted weights
-    assert fresh.weight_version == 5
+        return (await pool.generate(["A1,2="]))[0], (await pool.adversary(["A1,2="], ["3"]))[0]
+    first, score = asyncio.run(serve())
+    assert first.weight_version == 5  # the first answer after the restart is already on the latest weights
+    assert isinstance(score, float)
     health = pool.health()
-    assert health["resyncs"] == 1 and health["replicas"][0]["up"]
+    assert health["refused_stale"] == 1 and health["resyncs"] == 1 and health["replicas"][0]["up"]
     assert ray.get(handle.weight_version.remote()) == 5
+    assert ray.get(handle.health.remote())["calls"]["refused_stale"] == 4
     pool.close()
     ray.kill(handle, no_restart=True)

@@ -85,6 +85,7 @@ class TreeExpander:
         return self._slots
 
     async def _one(self, job: ExpandJob) -> ExpandResult:
+        self.pool.require_version(job.min_weight_version)
         async with self._semaphore():
             self.in_flight += 1
             try:

@@ -13,8 +13,10 @@ in-process fallback where vLLM is absent.
 
 Weights. The initial model directories are packed into bytes by `start_replicas` and unpacked
 by each replica on its own node, so nothing assumes a shared filesystem, and a replica that
-Ray restarts comes back on the initial weights at version 0 (the ReplicaPool notices the
-stale version and loads the latest payload again). `load_weights(payload, version)` takes a
+Ray restarts comes back on the initial weights at version 0. Every request says the oldest
+version it accepts (`min_version`, the latest the calling ReplicaPool swapped in); a replica
+behind it refuses with StaleWeights rather than answer on old weights, and the pool loads the
+latest payload into it before it serves again. `load_weights(payload, version)` takes a
 `WeightsPayload` (ida_ray/serving/weights.py) from the object store, writes it to node-local storage
 and reloads the engines in place (~30 ms for the tiny model on CPU); requests wait while the
 swap runs and none mixes two versions.
@@ -46,6 +48,7 @@ from collections import Counter
 from pathlib import Path
 
 from ida_ray.actors import node_id
+from ida_ray.errors import StaleWeights
 from ida_ray.serving.step_log import list_summary
 from ida_ray.serving.weights import (
     WEIGHTS_FILE,
@@ -148,8 +151,14 @@ class ModelReplica:
         return self.health()
 
     # -- serving -------------------------------------------------------------------
-    async def _serve(self, kind: str, n: int, call):
+    async def _serve(self, kind: str, n: int, call, min_version: int):
         engine = await self._engine()
+        if engine.weight_version < min_version:
+            # Restarted by Ray on its creation weights while the run has moved on: answering
+            # would mix old weights into the trees (and past the staleness bound in mode async).
+            self.calls["refused_stale"] += 1
+            raise StaleWeights(f"{self.name} holds weight version {engine.weight_version}; the request needs "
+                               f">= {min_version}")
         self.calls[kind] += 1
         self.requests[kind] += n
         self.in_flight += 1
@@ -158,19 +167,21 @@ class ModelReplica:
         finally:
             self.in_flight -= 1
 
-    async def generate(self, prompts: list[str]):
+    # min_version: the oldest weight version the caller accepts (ReplicaPool sends the latest it
+    # has swapped in); a replica behind it raises StaleWeights instead of answering.
+    async def generate(self, prompts: list[str], min_version: int = 0):
         prompts = list(prompts)
-        return await self._serve("generate", len(prompts), lambda e: e.generate(prompts))
+        return await self._serve("generate", len(prompts), lambda e: e.generate(prompts), min_version)
 
-    async def logprob(self, prompts: list[str], completions: list[str]) -> list[float]:
+    async def logprob(self, prompts: list[str], completions: list[str], min_version: int = 0) -> list[float]:
         prompts, completions = list(prompts), list(completions)
         _same_length(prompts, completions)
-        return await self._serve("logprob", len(prompts), lambda e: e.logprob(prompts, completions))
+        return await self._serve("logprob", len(prompts), lambda e: e.logprob(prompts, completions), min_version)
 
-    async def adversary(self, prompts: list[str], completions: list[str]) -> list[float]:
+    async def adversary(self, prompts: list[str], completions: list[str], min_version: int = 0) -> list[float]:
         prompts, completions = list(prompts), list(completions)
         _same_length(prompts, completions)
-        return await self._serve("adversary", len(prompts), lambda e: e.adversary(prompts, completions))
+        return await self._serve("adversary", len(prompts), lambda e: e.adversary(prompts, completions), min_version)
 
     # -- weights -------------------------------------------------------------------
     async def load_weights(self, payload: WeightsPayload, version: int) -> int:

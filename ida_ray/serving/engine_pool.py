@@ -12,7 +12,10 @@ Failures: a batch that fails because its replica died or is unreachable (RayActo
 its subclasses ActorDiedError, ActorUnavailableError) is sent again to another replica, up to
 `retries` times, and the replica is taken out of rotation. A background probe checks it with
 back-off; when it answers again (Ray restarted it), it gets the latest weights if it is
-behind and goes back into rotation. A batch that fails inside the replica (bad input, e.g. a
+behind and goes back into rotation. Every call carries the newest version this pool has
+swapped in or been told of (`min_version`); a replica behind it (restarted on its creation
+weights) refuses with StaleWeights, and is taken out and resynced the same way, so no answer
+ever comes from weights older than the run has published. A batch that fails inside the replica (bad input, e.g. a
 prompt over the engine's length limit) is split until the failing items are isolated, so one
 bad request fails only its own tree. Every failure reaches the caller as an IDAError
 (EngineFailure, or the replica's own IDAError kind), which the tree code records.
@@ -31,7 +34,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from ida_ray.engine import Engine, Generation
-from ida_ray.errors import EngineFailure, IDAError
+from ida_ray.errors import EngineFailure, IDAError, StaleWeights
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class ReplicaPool(Engine):
         self._latest: tuple[object, int] | None = None  # (payload ref, version) of the last swap
         self._target_version = 0
         self.stats = {"batches": 0, "items": 0, "resent": 0, "split": 0, "failed_items": 0, "resyncs": 0,
+                      "refused_stale": 0,
                       "batch_sizes": []}
 
     # -- Engine interface ----------------------------------------------------------
@@ -122,7 +126,7 @@ class ReplicaPool(Engine):
         del self.stats["batch_sizes"][:-1000]
         rep.batches += 1
         try:
-            results = await getattr(rep.handle, kind).remote(*columns)
+            results = await getattr(rep.handle, kind).remote(*columns, min_version=self._target_version)
         except RayActorError as exc:
             self._release(rep, len(batch))
             self._mark_down(rep, exc)
@@ -134,6 +138,13 @@ class ReplicaPool(Engine):
             return
         except RayTaskError as exc:
             self._release(rep, len(batch))
+            if isinstance(getattr(exc, "cause", None), StaleWeights):
+                # Restarted behind our back: out of rotation until _probe resyncs it, and the
+                # batch goes to a replica that holds the weights (not a failed attempt).
+                self.stats["refused_stale"] += 1
+                self._mark_down(rep, exc.cause)
+                await self._dispatch(kind, batch, attempt)
+                return
             await self._isolate(kind, batch, exc, attempt)
             return
         except Exception as exc:  # noqa: BLE001 - a transport error must reach the waiters
@@ -211,13 +222,8 @@ class ReplicaPool(Engine):
             rep.probe = asyncio.ensure_future(self._probe(rep))
 
     def _note_versions(self, rep: _Replica, gens: list[Generation]) -> None:
-        if not gens:
-            return
-        v = min(g.weight_version for g in gens)
-        rep.version = v
-        if self._latest is not None and v < self._target_version:
-            # Restarted by Ray behind our back (it serves its initial weights): resync it.
-            self._mark_down(rep, EngineFailure(f"serves version {v} < {self._target_version}"))
+        if gens:
+            rep.version = min(g.weight_version for g in gens)
 
     async def _probe(self, rep: _Replica) -> None:
         """Bring a replica back once it answers, with the latest weights; a replica that stays
@@ -228,7 +234,11 @@ class ReplicaPool(Engine):
             delay = min(delay * 2, self.probe_max_interval_s)
             try:
                 version = (await rep.handle.ready.remote())["version"]
-                if self._latest is not None and version < self._target_version:
+                if version < self._target_version:
+                    if self._latest is None or self._latest[1] < self._target_version:
+                        # Behind, and this pool holds no payload that new yet (a restarted
+                        # expander's pool learns it from remember_weights): keep waiting.
+                        continue
                     ref, target = self._latest
                     version = await rep.handle.load_weights.remote(ref, target)
                     self.stats["resyncs"] += 1
@@ -245,6 +255,11 @@ class ReplicaPool(Engine):
         log.warning("%s did not come back within %.0fs; it stays out of the pool", rep.name, self.probe_give_up_s)
 
     # -- weights -------------------------------------------------------------------
+    def require_version(self, version: int) -> None:
+        """Accept answers only from weights `version` or newer from now on (an ExpandJob's
+        min_weight_version: the version the run had published when it made the job)."""
+        self._target_version = max(self._target_version, version)
+
     def remember_weights(self, payload_ref, version: int) -> None:
         """Record the latest weights swapped by someone else (e.g. the coordinator's own pool),
         so this pool can bring a restarted replica up to date."""
@@ -257,7 +272,9 @@ class ReplicaPool(Engine):
         none is up (all died under the swap: in mode async a swap meets replicas mid-restart)
         it waits for one, up to unavailable_timeout_s, then fails naming the version."""
         ref = payload if isinstance(payload, ray.ObjectRef) else ray.put(payload)
-        self._latest, self._target_version = (ref, version), version
+        # Requests ask for `version` only once it is in: until then the replicas still on the
+        # old weights serve them (the swap gate orders each replica's requests and swap).
+        self._latest = (ref, version)
         deadline = time.monotonic() + self.unavailable_timeout_s
         while True:
             targets = [r for r in self._replicas if r.up]
@@ -284,6 +301,7 @@ class ReplicaPool(Engine):
         wrong = {name: v for name, v in zip(loaded, reported) if v != version}
         if wrong:
             raise EngineFailure(f"swap_weights: replicas report {wrong}, expected version {version}")
+        self._target_version = max(self._target_version, version)
         return dict(zip(loaded, reported))
 
     # -- status --------------------------------------------------------------------
