@@ -420,3 +420,36 @@ def test_an_expander_killed_mid_expansion_has_its_trees_reissued(cluster, model_
         for e in expanders:
             ray.kill(e, no_restart=True)
         ray.kill(replica, no_restart=True)
+
+
+def test_the_swapped_payload_outlives_the_learner_worker_that_made_it(cluster, model_dirs):
+    """The Ray backend swaps a copy of the learner's payload that the coordinator owns
+    (`owned_copy`): the learner worker that put the original may die, and its objects with it,
+    while a replica Ray restarts still needs the latest weights to resync from."""
+    from ida_ray.cluster.ray_backend import owned_copy
+    from ida_ray.serving.weights import WeightsPayload
+
+    @ray.remote(num_cpus=0)
+    class Maker:  # stands in for the learner's rank 0: it owns the payload it puts
+        def put(self, model_dir, adversary_dir):
+            payload = WeightsPayload.from_dirs(model_dir, adversary_dir)
+            # Past Ray's inline limit (100 KiB), as any real model is: kept in the object store.
+            payload.model_config["padding"] = "x" * 2**21
+            self.ref = ray.put(payload)
+            return [self.ref]
+
+    maker = Maker.remote()
+    (original,) = ray.get(maker.put.remote(*map(str, model_dirs)), timeout=60)
+    owned = asyncio.run(owned_copy(original, timeout_s=60))
+    assert owned != original
+    ray.kill(maker, no_restart=True)
+    deadline = time.time() + 60
+    while True:  # ray.kill is asynchronous: the original goes once the owner is gone
+        try:
+            ray.get(original, timeout=10)
+        except ray.exceptions.ObjectLostError:  # OwnerDiedError
+            break
+        assert time.time() < deadline, "the original payload outlived its owner"
+        time.sleep(0.5)
+    copy = ray.get(owned, timeout=60)
+    assert copy.model == WeightsPayload.from_dirs(*model_dirs).model and len(copy.model_config["padding"]) == 2**21

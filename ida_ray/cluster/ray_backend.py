@@ -34,6 +34,30 @@ from ida_ray.tree import Tree
 
 log = logging.getLogger(__name__)
 
+
+@ray.remote(num_cpus=0)
+def _payload_copy(payload):
+    """The payload again, as a new object owned by whoever called this task."""
+    return payload
+
+
+async def owned_copy(ref, timeout_s: float = 600.0):
+    """The learner's weights payload as an object the caller (the coordinator) owns. The
+    learner worker that put it owns the original, and an object dies with its owner: after Ray
+    Train restarts that worker, a replica that Ray restarts could not be resynced until the
+    next round. The copy is made by a task beside the original (a task's result belongs to its
+    caller), so the bytes never pass through the coordinator; it holds a second copy of the
+    weights in the learner node's object store until the next swap. A copy that does not
+    finish within timeout_s is given up, and the original used."""
+    copy = _payload_copy.remote(ref)
+    ready, _ = await asyncio.to_thread(ray.wait, [copy], timeout=timeout_s, fetch_local=False)
+    if not ready:
+        log.warning("the weights payload was not copied within %.0fs; swapping the learner's own", timeout_s)
+        ray.cancel(copy, force=True)
+        return ref
+    return copy
+
+
 class RayBackend(Backend):
     def __init__(self, cfg: IDAConfig):
         self.cfg = cfg
@@ -175,10 +199,11 @@ class RayBackend(Backend):
         return await self.learner.train(iteration)
 
     async def swap(self, trained: TrainResult) -> dict[str, int]:
-        swapped = await self.engine.swap_weights(trained.weights, trained.weight_version)
-        self.latest_weights = (trained.weights, trained.weight_version)
+        weights = await owned_copy(trained.weights)
+        swapped = await self.engine.swap_weights(weights, trained.weight_version)
+        self.latest_weights = (weights, trained.weight_version)
         for e in self.expanders:  # their pools resync replicas that Ray restarts
-            e.remember_weights.remote([trained.weights], trained.weight_version)
+            e.remember_weights.remote([weights], trained.weight_version)
         return swapped
 
     async def figures(self) -> dict:
@@ -219,11 +244,12 @@ class RayBackend(Backend):
 
     async def _pool_faults(self) -> dict:
         """Replica faults the expanders' pools handled so far (batches re-sent after a replica
-        died, items failed for good, restarted replicas brought back to the latest weights),
-        summed over the expanders that answer; an expander restarted by Ray starts from 0."""
+        died, items failed for good, restarted replicas brought back to the latest weights,
+        batches a restarted replica refused for its old weights), summed over the expanders
+        that answer; an expander restarted by Ray starts from 0."""
         got = await asyncio.gather(*(e.health.remote() for e in self.expanders), return_exceptions=True)
         pools = [h["pool"] for h in got if isinstance(h, dict)]
-        return {k: sum(p.get(k, 0) for p in pools) for k in ("resent", "failed_items", "resyncs")}
+        return {k: sum(p.get(k, 0) for p in pools) for k in ("resent", "failed_items", "resyncs", "refused_stale")}
 
     async def health(self) -> dict:
         return {"replicas": await self.replica_health(),

@@ -227,21 +227,25 @@ class ReplicaPool(Engine):
 
     async def _probe(self, rep: _Replica) -> None:
         """Bring a replica back once it answers, with the latest weights; a replica that stays
-        unreachable for probe_give_up_s is left out for good."""
+        unreachable for probe_give_up_s is left out for good (one that answers but waits for
+        a payload is not: the give-up clock restarts each time it answers)."""
         delay, give_up = 0.5, time.monotonic() + self.probe_give_up_s
         while time.monotonic() < give_up:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.probe_max_interval_s)
             try:
                 version = (await rep.handle.ready.remote())["version"]
-                if version < self._target_version:
-                    if self._latest is None or self._latest[1] < self._target_version:
-                        # Behind, and this pool holds no payload that new yet (a restarted
-                        # expander's pool learns it from remember_weights): keep waiting.
-                        continue
+                give_up = time.monotonic() + self.probe_give_up_s
+                if self._latest is not None and version < self._latest[1]:
+                    # Also mid-swap (the payload is known, the target not yet raised): load it
+                    # now rather than come back on weights about to be refused.
                     ref, target = self._latest
                     version = await rep.handle.load_weights.remote(ref, target)
                     self.stats["resyncs"] += 1
+                if version < self._target_version:
+                    # Behind, and this pool holds no payload that new yet (a restarted
+                    # expander's pool learns it from remember_weights): keep waiting.
+                    continue
             except (RayActorError, RayTaskError, ObjectLostError) as exc:
                 # ObjectLostError: the latest payload died with its owner (a learner worker that
                 # Ray Train restarted); keep probing, the next swap or remember_weights gives a
