@@ -73,8 +73,7 @@ class ReplicaPool(Engine):
         self._latest: tuple[object, int] | None = None  # (payload ref, version) of the last swap
         self._target_version = 0
         self.stats = {"batches": 0, "items": 0, "resent": 0, "split": 0, "failed_items": 0, "resyncs": 0,
-                      "refused_stale": 0,
-                      "batch_sizes": []}
+                      "refused_stale": 0, "batch_sizes": []}
 
     # -- Engine interface ----------------------------------------------------------
     @property
@@ -268,7 +267,8 @@ class ReplicaPool(Engine):
         """Record the latest weights swapped by someone else (e.g. the coordinator's own pool),
         so this pool can bring a restarted replica up to date."""
         if version >= self._target_version:
-            self._latest, self._target_version = (payload_ref, version), version
+            self._latest = (payload_ref, version)
+            self.require_version(version)
 
     async def swap_weights(self, payload, version: int) -> dict[str, int]:
         """Load a WeightsPayload (or an ObjectRef to one) into every replica that is up, and
@@ -305,7 +305,7 @@ class ReplicaPool(Engine):
         wrong = {name: v for name, v in zip(loaded, reported) if v != version}
         if wrong:
             raise EngineFailure(f"swap_weights: replicas report {wrong}, expected version {version}")
-        self._target_version = max(self._target_version, version)
+        self.require_version(version)
         return dict(zip(loaded, reported))
 
     # -- status --------------------------------------------------------------------
