@@ -1,6 +1,6 @@
 """IDA on a multi-node Ray cluster simulated on this machine (`ray.cluster_utils.Cluster`: a
 head and three worker nodes, each its own raylet), in the shape of cluster.yaml: the head
-carries the coordinator, the replay buffer and the expander; two worker nodes declare a
+carries the coordinator, the learner's control actor, the replay buffer and the expander; two worker nodes declare a
 `replica_node` resource and one a `learner_node` resource, and the run's
 `resources.replica_resources` / `learner_resources` ask for them. Checked: every actor lands
 where its resources say; then one replica node is removed while iteration 1's trees expand,
@@ -17,6 +17,8 @@ import pytest
 import ray
 
 from ida_ray.actors.coordinator import COORDINATOR_NAME
+from ida_ray.actors.learner import LEARNER_CONTROL_NAME
+from ida_ray.actors.replay_buffer import REPLAY_BUFFER_NAME
 from ida_ray.config import AmplifyConfig, ClusterResources, IDAConfig, TrainConfig
 from ida_ray.entrypoints.train import train
 from ida_ray.models import ModelSpec
@@ -46,6 +48,7 @@ class RemoveNodeWhileExpanding(threading.Thread):
         super().__init__(daemon=True)
         self.cluster, self.node, self.at = cluster, node, at
         self.removed, self.coordinator_node, self.error = False, None, None
+        self.head_actor_nodes: dict[str, str] = {}  # the run's head-node actors, by name
         self.stop = threading.Event()
 
     def run(self):
@@ -59,6 +62,11 @@ class RemoveNodeWhileExpanding(threading.Thread):
                 except (ValueError, ray.exceptions.RayError):
                     continue
                 if progress["completed"] == self.at and progress["phase"] == "expanding trees":
+                    # Before the node goes: an actor of the run's control path left on it would die with it.
+                    for name in (LEARNER_CONTROL_NAME, REPLAY_BUFFER_NAME):
+                        actor = ray.get_actor(name)
+                        self.head_actor_nodes[name] = ray.get(actor.__ray_call__.remote(
+                            lambda _self: ray.get_runtime_context().get_node_id()), timeout=30)
                     self.cluster.remove_node(self.node)
                     self.removed = True
                     return
@@ -93,6 +101,7 @@ def test_actors_go_where_their_resources_are_and_a_lost_node_loses_no_tree(multi
     assert sorted(first["replica_nodes"].values()) == sorted(n.node_id for k, n in nodes.items() if k != "learner")
     assert first["learner_nodes"] == {"0": nodes["learner"].node_id}
     assert chaos.coordinator_node == head
+    assert chaos.head_actor_nodes == {LEARNER_CONTROL_NAME: head, REPLAY_BUFFER_NAME: head}
     # The run went on with the replica left, on the latest weights.
     assert [m["iteration"] for m in history] == [0, 1, 2]
     survivor = next(name for name, n in first["replica_nodes"].items() if n == nodes["replica_a"].node_id)

@@ -20,6 +20,7 @@ import time
 
 import ray
 
+from ida_ray.actors import HEAD_NODE
 from ida_ray.experts import HumanQueue, HumanTimeout, UnknownRequest
 from ida_ray.tasks.base import Task
 
@@ -60,7 +61,7 @@ def start_human_queue(timeout_s: float, name: str = HUMAN_QUEUE_NAME):
     No CPU reserved: it only waits. Not restarted if it dies: the requests it held are gone, and
     the trees waiting on them fail (ExpertFailure) rather than wait for answers that cannot come."""
     cls = ray.remote(num_cpus=0, max_concurrency=10_000)(HumanQueueActor)
-    handle = cls.options(name=name, get_if_exists=True).remote(timeout_s)
+    handle = cls.options(name=name, get_if_exists=True, resources={HEAD_NODE: 0.001}).remote(timeout_s)
     ray.get(handle.health.remote())
     return handle
 

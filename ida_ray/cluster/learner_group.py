@@ -22,6 +22,7 @@ from pathlib import Path
 
 import ray
 
+from ida_ray.actors import HEAD_NODE
 from ida_ray.actors.learner import LEARNER_CONTROL_NAME, LearnerControl
 from ida_ray.checkpoint import LearnerFailure
 from ida_ray.cluster.learner_worker import WorkerConfig, learner_loop
@@ -64,7 +65,8 @@ class Learner:
 
         namespace = ray.get_runtime_context().namespace
         n = self.cfg.learner_workers
-        self.control = LearnerControl.options(name=self.control_name).remote(n)
+        # On the head, beside the coordinator: the learner's commands must outlive any worker node.
+        self.control = LearnerControl.options(name=self.control_name, resources={HEAD_NODE: 0.001}).remote(n)
         config = WorkerConfig(
             ida_config=self.cfg.to_dict(), start_iteration=self.start_iteration, resume_from=self.resume_from,
             namespace=namespace, control_name=self.control_name, buffer_name=self.buffer_name,
