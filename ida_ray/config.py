@@ -235,7 +235,17 @@ class IDAConfig:
     seed: int = 0
     """Seeds the question draws, the models' initial weights and the learner's sampling."""
     run_dir: str = "runs/latest"
-    """Where the run writes metrics, checkpoints, trees and its resume state."""
+    """Where the run writes metrics, checkpoints, trees and its resume state (on the head node)."""
+    storage: str | None = None
+    """Where the run's durable files go besides run_dir, laid out as run_dir is: a path on a
+    mount every node shares, or a URI pyarrow's filesystems take (s3://bucket/runs/a,
+    gs://..., s3://bucket/a?endpoint_override=host:9000&scheme=http for MinIO). The learner's
+    checkpoints are written there directly from its workers' nodes; the run directory's other
+    files are copied there after every iteration; `--resume` on a head without run_dir reads
+    the run back from it (ida_ray/storage.py). null: run_dir only (one node, or a shared disk)."""
+    storage_timeout_s: float = 600.0
+    """A copy to or from storage that takes longer is given up (a push: retried after the
+    next iteration, with a warning; a pull or check: the run does not start)."""
     expert: Literal["coded", "human", "lm"] = "coded"
     """H of the amplification trees: the task's coded oracle, a person on the run's /human
     page (http://<pages_host>:<pages_port>/human, served by the driver), or a language model
@@ -321,6 +331,12 @@ class IDAConfig:
             p.append(f"max_staleness must be >= {1 if self.mode == 'async' else 0} in mode {self.mode} (or null), "
                      f"got {self.max_staleness}" + (": async examples are one version behind the learner"
                                                      if self.mode == "async" else ""))
+        if self.storage is not None:
+            from ida_ray.storage import scheme_problem
+
+            p += [x for x in [scheme_problem(self.storage)] if x]
+        if not self.storage_timeout_s > 0:
+            p.append(f"storage_timeout_s must be > 0, got {self.storage_timeout_s}")
         if not self.human_timeout_s > 0:
             p.append(f"human_timeout_s must be > 0, got {self.human_timeout_s}")
         if not 0 <= self.pages_port <= 65535:

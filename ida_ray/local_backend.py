@@ -21,6 +21,7 @@ from ida_ray.expansion import expand_job
 from ida_ray.loop import Backend, Progress
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainCommand, TrainResult
 from ida_ray.replay import ReplayStore
+from ida_ray.storage import RunStorage, bounded, local_checkpoint
 from ida_ray.tasks import get_task
 from ida_ray.training import build_objective, train_round
 
@@ -45,6 +46,7 @@ class LocalBackend(Backend):
         self.engine = TorchEngine(copy.deepcopy(self.objective.served_model), copy.deepcopy(self.objective.adversary),
                                   self.objective.tokenizer, max_new_tokens=cfg.amplify.max_new_tokens)
         self.store: ReplayStore | None = None
+        self.storage = RunStorage(cfg.storage) if cfg.storage else None
         self.expert = None  # H: the task's coded expert, unless a language model
         if cfg.expert == "lm":
             from ida_ray.lm_expert import build_lm_expert
@@ -59,8 +61,11 @@ class LocalBackend(Backend):
         t0 = time.time()
         self.store = ReplayStore(self.cfg.train.replay_capacity, self.run_dir, self.cfg.seed,
                                  completed_iterations=completed if checkpoint else None, records=self.cfg.records)
-        if checkpoint:
-            load_checkpoint(checkpoint, self.objective)
+        if checkpoint:  # a path, or a URI in cfg.storage
+            local, fetched = local_checkpoint(checkpoint, self.run_dir)
+            load_checkpoint(local, self.objective)
+            if fetched:
+                shutil.rmtree(local, ignore_errors=True)
             self._serve(self._weights(), completed)
         return {"engine": round(time.time() - t0, 2)}
 
@@ -92,11 +97,18 @@ class LocalBackend(Backend):
         stats = await asyncio.to_thread(train_round, self.objective, self.store.sample, command, seed=self.cfg.seed)
         t1 = time.time()
         path = save_checkpoint(self.checkpoints / checkpoint_name(iteration), self.objective, iteration)
+        ref = str(path)
+        if self.storage is not None:  # as the Ray learner does: the checkpoint lives in storage
+            name = f"local/{path.name}"
+            ref = await asyncio.to_thread(bounded, lambda: self.storage.put_checkpoint(path, name),
+                                          self.cfg.storage_timeout_s, f"copying {path} to {self.cfg.storage}")
+            for _, old in self.storage.checkpoint_names()[KEEP_CHECKPOINTS:]:
+                self.storage.delete_checkpoint(old)
         for old in sorted(self.checkpoints.glob("iteration_*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
         stats.checkpoint_seconds = round(time.time() - t1, 3)
         stats.round_seconds = round(time.time() - t0, 3)
-        return TrainResult(stats=stats, checkpoint_path=str(path), weights=self._weights(),
+        return TrainResult(stats=stats, checkpoint_path=ref, weights=self._weights(),
                            seconds=stats.round_seconds)
 
     async def swap(self, trained: TrainResult) -> dict[str, int]:

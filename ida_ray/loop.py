@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import shutil
@@ -61,9 +62,12 @@ from ida_ray.run_dir import (
     rng_state_to_json,
     write_json_atomic,
 )
+from ida_ray.storage import RunStorage, StorageError, bounded, local_checkpoint
 from ida_ray.tasks import get_task
 from ida_ray.tasks.base import Task
 from ida_ray.tree import Tree
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 
@@ -225,6 +229,9 @@ class IDARun:
         self.next_expansion: asyncio.Future[Expansion] | None = None  # mode async: the next iteration's trees
         self.next_rng_state = None  # mode async: the question RNG before the next iteration drew
         self.progress_info = {"phase": "created", "iteration": self.completed, "done": 0, "total": 0}
+        self.storage = RunStorage(cfg.storage) if cfg.storage else None
+        # Pushes before each record: its files copied so far, failed pushes, the last push's time.
+        self.storage_figures = {"storage_files_pushed": 0, "storage_push_failures": 0, "storage_push_seconds": 0.0}
 
     def set_phase(self, phase: str, total: int = 0) -> None:
         """What the run is doing now (`total`: the work items of the phase), for progress bars."""
@@ -313,6 +320,8 @@ class IDARun:
                  oldest_weight_version_trained=trained.stats.oldest_weight_version)
         m.update(await self.backend.figures())
         m["best_iteration"] = self.keep_if_best(it, accuracy, trained)
+        if self.storage is not None:
+            m.update(self.storage_figures)
         m["run_dir_mb"] = round(directory_bytes(self.run_dir) / 2**20, 2)
         m["disk_free_mb"] = round(shutil.disk_usage(self.run_dir).free / 2**20, 1)
         self.history.append(m)
@@ -326,6 +335,7 @@ class IDARun:
         append_metrics(self.run_dir, m)
         self.completed = it + 1
         self.save_state(trained)
+        await self.push_to_storage()
         if m.get("stop"):
             await self.cancel_next_expansion()
         self.set_phase("iteration done")
@@ -381,10 +391,13 @@ class IDARun:
         if best is not None and best["iteration"] < it and best_score(best["accuracy_by_size"]) > best_score(accuracy):
             return best["iteration"]
         if trained.checkpoint_path:
-            keep_best(self.run_dir, trained.checkpoint_path, {
+            local, fetched = local_checkpoint(trained.checkpoint_path, self.run_dir)  # from storage, if there
+            keep_best(self.run_dir, local, {
                 "iteration": it, "weight_version": trained.weight_version, "accuracy_by_size": accuracy,
                 "checkpoint": trained.checkpoint_path, "task": self.cfg.task, "task_kwargs": self.cfg.task_kwargs,
                 "prompt_format": self.cfg.model.prompt_format})
+            if fetched:  # best/ holds links to its files
+                shutil.rmtree(local, ignore_errors=True)
         return it
 
     def _done(self, n: int) -> None:
@@ -430,6 +443,23 @@ class IDARun:
             if spent and lm.on_budget == "stop":
                 m["stop"] = f"the expert's budget of {lm.max_calls_per_run} calls is spent (lm_expert.on_budget stop)"
         return m
+
+    async def push_to_storage(self) -> None:
+        """The run directory's new and changed files to cfg.storage, state.json last. A push
+        that fails or passes storage_timeout_s is a warning, not the run's end: the next
+        iteration's push copies whatever is still missing."""
+        if self.storage is None:
+            return
+        t0 = time.time()
+        try:
+            files = await asyncio.to_thread(bounded, lambda: self.storage.push_run_dir(self.run_dir),
+                                            self.cfg.storage_timeout_s, f"copying the run to {self.cfg.storage}")
+        except StorageError as exc:
+            self.storage_figures["storage_push_failures"] += 1
+            log.warning("%s; the next iteration's push retries", exc)
+            return
+        self.storage_figures["storage_files_pushed"] += files
+        self.storage_figures["storage_push_seconds"] = round(time.time() - t0, 3)
 
     def plot(self) -> None:
         from ida_ray.plots import plot_history

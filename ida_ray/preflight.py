@@ -155,6 +155,13 @@ def check_config(cfg: IDAConfig, *, address: str | None = None) -> IDAConfig:
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         problems.append(f"run_dir {run_dir} exists and is not a directory")
+    if cfg.storage is not None and not problems:
+        from ida_ray.storage import RunStorage, StorageError, bounded
+
+        try:
+            bounded(RunStorage(cfg.storage).check, cfg.storage_timeout_s, f"checking storage {cfg.storage}")
+        except StorageError as exc:
+            problems.append(str(exc))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg

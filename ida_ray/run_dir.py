@@ -75,8 +75,21 @@ def int_size_keys(m: dict) -> dict:
 
 def check_run_dir(cfg: IDAConfig, resume: bool) -> dict | None:
     """Before any resource is taken: refuse to overwrite a run, and refuse to resume one whose
-    model shape differs. Returns the state to resume from (None: a fresh run)."""
+    model shape differs. Returns the state to resume from (None: a fresh run). With
+    cfg.storage, a run directory without a run is filled from storage's copy when resuming
+    (a new head node), and a fresh run refuses storage that holds one."""
+    from ida_ray.storage import RunStorage, bounded
+
+    storage = RunStorage(cfg.storage) if cfg.storage else None
     state = read_state(cfg.run_dir)
+    if state is None and storage is not None and \
+            bounded(storage.holds_run, cfg.storage_timeout_s, f"reading storage {cfg.storage}"):
+        if not resume:
+            raise ConfigError(f"storage {cfg.storage} already holds a run; pass --resume to continue it, or choose "
+                              "another storage location")
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        bounded(lambda: storage.pull_run_dir(cfg.run_dir), cfg.storage_timeout_s, f"copying the run from {cfg.storage}")
+        state = read_state(cfg.run_dir)
     if state is None:
         return None
     if not resume:
@@ -92,23 +105,39 @@ def check_run_dir(cfg: IDAConfig, resume: bool) -> dict | None:
     if old.get("backend", cfg.backend) != cfg.backend:
         raise ConfigError(f"cannot resume {cfg.run_dir}: it ran on backend {old.get('backend')!r}, this "
                           f"configuration asks for {cfg.backend!r}")
-    return usable_state(cfg.run_dir, state)
+    return usable_state(cfg.run_dir, state, storage)
 
 
-def usable_state(run_dir: str | Path, state: dict) -> dict:
+def usable_state(run_dir: str | Path, state: dict, storage=None) -> dict:
     """`state`, or where its checkpoint is missing, truncated or corrupted, the state of the
     newest earlier checkpoint that is intact (its iterations after that one run again; the
     reason is in state["resume_note"]). ConfigError when none is."""
     from ida_ray.checkpoint import META_FILE, checkpoint_problem, latest_checkpoint
 
-    problem = checkpoint_problem(state["checkpoint"]) if Path(state["checkpoint"]).exists() else \
-        f"checkpoint {state['checkpoint']} is missing"
+    remote = storage is not None and not storage.local  # storage: an ida_ray.storage.RunStorage
+    if remote:  # from learner.json and file sizes; the sha256s are checked where it is loaded
+        problem = storage.checkpoint_problem(state["checkpoint"])
+    else:
+        problem = checkpoint_problem(state["checkpoint"]) if Path(state["checkpoint"]).exists() else \
+            f"checkpoint {state['checkpoint']} is missing"
     if problem is None:
         return state
     passed_over: list[str] = []
-    earlier = latest_checkpoint(Path(run_dir) / "checkpoints", max_iteration=state["completed_iterations"] - 2,
-                                log=passed_over.append)
-    iteration = json.loads((earlier / META_FILE).read_text())["iteration"] if earlier else None
+    before = state["completed_iterations"] - 2
+    if remote:
+        earlier, iteration = None, None
+        for it, name in storage.checkpoint_names():
+            ref = storage.checkpoint_ref(name)
+            if it <= before:
+                p = storage.checkpoint_problem(ref)
+                if p is None:
+                    earlier, iteration = ref, it
+                    break
+                passed_over.append(f"warning: {p}; passing over checkpoint {ref}")
+    else:
+        root = Path(storage.path("checkpoints")) if storage is not None else Path(run_dir) / "checkpoints"
+        earlier = latest_checkpoint(root, max_iteration=before, log=passed_over.append)
+        iteration = json.loads((earlier / META_FILE).read_text())["iteration"] if earlier else None
     rng = state.get("rng_states", {}).get(str(iteration)) if earlier else None
     if earlier is None or rng is None:
         raise ConfigError(f"cannot resume {run_dir}: {problem}, and no earlier checkpoint is intact"

@@ -56,8 +56,14 @@ class Learner:
         self.last_nodes: dict[int, str] = {}  # the Ray node of each rank, last round
 
     @property
-    def storage_path(self) -> Path:
-        return self.run_dir / "checkpoints"
+    def checkpoints_ref(self) -> str:
+        """Where Ray Train writes the checkpoints: <run_dir>/checkpoints, or <storage>/checkpoints
+        (a path or URI) with cfg.storage, written there from each worker's own node."""
+        if self.cfg.storage:
+            from ida_ray.storage import RunStorage
+
+            return RunStorage(self.cfg.storage).ref("checkpoints")
+        return str(self.run_dir / "checkpoints")
 
     def start(self) -> None:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -70,15 +76,21 @@ class Learner:
         config = WorkerConfig(
             ida_config=self.cfg.to_dict(), start_iteration=self.start_iteration, resume_from=self.resume_from,
             namespace=namespace, control_name=self.control_name, buffer_name=self.buffer_name,
-            storage_path=str(self.storage_path), run_name=self.name, torch_threads=self.torch_threads)
+            checkpoints_ref=self.checkpoints_ref, run_name=self.name, torch_threads=self.torch_threads)
         resources = {"CPU": self.cpus_per_worker, **self.cfg.resources.learner_resources}
         if self.cfg.use_gpu:
             resources["GPU"] = 1
+        if self.cfg.storage:
+            from ida_ray.storage import RunStorage
+
+            storage_path, storage_filesystem = RunStorage(self.cfg.storage).checkpoints()
+        else:
+            storage_path, storage_filesystem = self.checkpoints_ref, None
         self.trainer = TorchTrainer(
             learner_loop, train_loop_config=dataclasses.asdict(config),
             torch_config=TorchConfig(backend="nccl" if self.cfg.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=n, use_gpu=self.cfg.use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(name=self.name, storage_path=str(self.storage_path),
+            run_config=RunConfig(name=self.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                                  # keep two: resume may need the one before the newest
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=self.max_failures)))

@@ -25,6 +25,7 @@ import ray
 from ida_ray.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from ida_ray.config import IDAConfig
 from ida_ray.messages import RankResult
+from ida_ray.storage import fetch_dir, join_ref
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class WorkerConfig:
     namespace: str
     control_name: str
     buffer_name: str
-    storage_path: str
+    checkpoints_ref: str  # Ray Train's storage: a path, or a URI with cfg.storage
     run_name: str
     torch_threads: int | None = None
 
@@ -63,8 +64,10 @@ def learner_loop(config: dict) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             last = load_checkpoint(d, objective, device)["iteration"]
-    elif wc.resume_from:
-        last = load_checkpoint(wc.resume_from, objective, device)["iteration"]
+    elif wc.resume_from:  # a path, or a URI in the run's storage: copied to this node first
+        with tempfile.TemporaryDirectory() as tmp:
+            local = fetch_dir(wc.resume_from, Path(tmp) / "checkpoint")
+            last = load_checkpoint(local, objective, device)["iteration"]
 
     control = ray.get_actor(wc.control_name, namespace=wc.namespace)
     buffer = ray.get_actor(wc.buffer_name, namespace=wc.namespace)
@@ -90,7 +93,7 @@ def learner_loop(config: dict) -> None:
                             digest=param_digest(objective) if cfg.train.check_ranks_in_sync else None,
                             node_id=ray.get_runtime_context().get_node_id())
         if rank == 0:
-            result.checkpoint_path = str(Path(wc.storage_path) / wc.run_name / name)
+            result.checkpoint_path = join_ref(wc.checkpoints_ref, wc.run_name, name)
             payload_ref = ray.put(WeightsPayload.from_modules(objective.served_model, objective.adversary))
             result.payload_ref = [payload_ref]
         stats.round_seconds = round(time.time() - t0, 3)

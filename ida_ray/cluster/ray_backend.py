@@ -29,6 +29,7 @@ from ida_ray.errors import ConfigError
 from ida_ray.loop import Backend, Progress
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
 from ida_ray.run_dir import DASHBOARD_FILE, write_json_atomic
+from ida_ray.storage import local_checkpoint
 from ida_ray.tasks import get_task
 from ida_ray.tree import Tree
 
@@ -98,8 +99,9 @@ class RayBackend(Backend):
         self.learner.start()
         t1 = time.time()
         report(f"starting {cfg.replicas} {cfg.engine} replica(s)")
-        if checkpoint:
-            model_dir, adversary_dir = Path(checkpoint) / "model", Path(checkpoint) / "adversary"
+        if checkpoint:  # a path, or a URI in cfg.storage: copied here (the replicas get it packed)
+            local, _ = await asyncio.to_thread(local_checkpoint, checkpoint, self.run_dir)
+            model_dir, adversary_dir = local / "model", local / "adversary"
         else:
             model_dir, adversary_dir = create_model_dirs(self.run_dir / "initial", cfg.model, cfg.seed)
         # start_replicas blocks until every engine is up: run it off the actor's event loop.
