@@ -21,7 +21,9 @@ import math
 import random
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -99,11 +101,27 @@ class Objective(ABC):
     def prepare_round(self, examples: list[Example]) -> None:
         """Called with a round's model examples before its steps."""
 
+    def model_step(self, examples: list[Example]) -> float:
+        return self.model_step_on(self.model_batch(examples))
+
     @abstractmethod
-    def model_step(self, examples: list[Example]) -> float: ...
+    def model_batch(self, examples: list[Example]):
+        """A minibatch of model examples as the step takes it: tokenised, collated, on the
+        device. Pure data work, so `train_round` makes the next ones on a background thread
+        while the current step runs."""
+
+    @abstractmethod
+    def model_step_on(self, batch) -> float:
+        """One optimiser step on a `model_batch`; returns the loss."""
 
     def adversary_step(self, examples: list[Example]) -> float:
-        return self._step(self.scorer, self.adversary_opt, scorer_loss, self._batch(collate_adversary, examples))
+        return self.adversary_step_on(self.adversary_batch(examples))
+
+    def adversary_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return self._batch(collate_adversary, examples)
+
+    def adversary_step_on(self, batch: dict[str, torch.Tensor]) -> float:
+        return self._step(self.scorer, self.adversary_opt, scorer_loss, batch)
 
     def round_stats(self, model_steps: int) -> dict:
         """The objective's own figures of the round just taken (none for imitation)."""
@@ -201,8 +219,11 @@ class ImitationObjective(Objective):
         self._merged.load_state_dict(merged_state_dict(self.model))
         return self._merged
 
-    def model_step(self, examples: list[Example]) -> float:
-        return self._step(self.model_wrapped, self.model_opt, model_loss, self._batch(collate_lm, examples))
+    def model_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return self._batch(collate_lm, examples)
+
+    def model_step_on(self, batch: dict[str, torch.Tensor]) -> float:
+        return self._step(self.model_wrapped, self.model_opt, model_loss, batch)
 
     def save_model(self, directory: Path) -> None:
         from ida_ray.models import save_pretrained
@@ -292,10 +313,11 @@ def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, 
     objective.prepare_round(lm)
     t0 = time.time()
     have = have.tolist()
-    m_losses = [objective.model_step(lm[i * bs:(i + 1) * bs]) for i in range(command.model_steps if have[0] else 0)]
+    chunks = [lm[i * bs:(i + 1) * bs] for i in range(command.model_steps if have[0] else 0)]
+    m_losses = [objective.model_step_on(b) for b in prefetched(objective.model_batch, chunks)]
     t_model = time.time() - t0
-    a_losses = [objective.adversary_step(adv[i * bs:(i + 1) * bs])
-                for i in range(command.adversary_steps if have[1] else 0)]
+    chunks = [adv[i * bs:(i + 1) * bs] for i in range(command.adversary_steps if have[1] else 0)]
+    a_losses = [objective.adversary_step_on(b) for b in prefetched(objective.adversary_batch, chunks)]
     losses = torch.tensor([tail_mean(m_losses), tail_mean(a_losses)], dtype=torch.float64, device=objective.device)
     _all_reduce(losses, world_size)
     losses /= world_size
@@ -306,6 +328,23 @@ def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, 
                       adversary_loss=float(losses[1]), model_steps=len(m_losses), adversary_steps=len(a_losses),
                       model_train_seconds=round(t_model, 3), train_seconds=round(time.time() - t0, 3),
                       local_batch_size=bs, objective_stats=objective.round_stats(len(m_losses)))
+
+
+def prefetched(make: Callable, items: list, depth: int = 2):
+    """make(item) for each item, in order, made up to `depth` items ahead on one background
+    thread: the learner's tokenisation and collation run while the previous step computes
+    (torch releases the GIL in its kernels). One thread, in order, so results - and any RNG
+    that `make` draws from - are what a plain loop gives."""
+    if not items:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="ida-prefetch") as pool:
+        pending = deque(pool.submit(make, x) for x in items[:depth])
+        for x in items[depth:]:
+            ready = pending.popleft().result()
+            pending.append(pool.submit(make, x))
+            yield ready
+        while pending:
+            yield pending.popleft().result()
 
 
 def param_digest(objective: Objective) -> str:

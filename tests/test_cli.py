@@ -37,7 +37,7 @@ def test_help(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--task", "--iterations", "--replicas", "--expanders", "--learner-workers", "--engine",
-                 "--config", "--run-dir", "--resume", "--address"):
+                 "--config", "--run-dir", "--resume", "--address", "--storage"):
         assert flag in text
     assert cli.main([]) == cli.EXIT_BAD_INPUT  # no command: prints help
     assert "train" in capsys.readouterr().out
@@ -53,6 +53,8 @@ def test_help(capsys):
     (["train", "amplify.branch_choice=best"], "amplify.branch_choice must be one of ['adversary', 'uniform']"),
     (["train", "tau"], "is not key=value"),
     (["train", "iterations.x=1"], "'iterations' is not a section"),
+    (["train", "--storage", "ftp://host/runs/a"], "scheme 'ftp' is not one pyarrow's filesystems take"),
+    (["train", "--storage", "s3:///runs/a"], "names no bucket or host"),
 ])
 def test_bad_input_is_a_clear_error_before_ray(no_ray, capsys, argv, message):
     rc, text = run_cli(argv, capsys)

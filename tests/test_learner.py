@@ -74,6 +74,48 @@ def test_compact_spill_keeps_newest_and_drops_a_torn_line(tmp_path):
         ReplayStore(capacity=0, run_dir=tmp_path)
 
 
+# -- the learner's data path (no Ray) ------------------------------------------------------
+def test_batches_are_made_ahead_on_another_thread_in_order_and_train_as_a_plain_loop():
+    import threading
+    import time
+
+    import torch
+
+    from ida_ray.training import ImitationObjective, RoundStats, TrainCommand, prefetched, train_round
+
+    made, main = [], threading.get_ident()
+
+    def make(x):
+        made.append((x, threading.get_ident(), time.perf_counter()))
+        return x * 10
+
+    consumed = []
+    for y in prefetched(make, list(range(6)), depth=2):
+        consumed.append((y, time.perf_counter()))
+        time.sleep(0.05)  # "the step": the next batches are made meanwhile
+    assert [y for y, _ in consumed] == [0, 10, 20, 30, 40, 50]
+    assert {tid for _, tid, _ in made} != {main}
+    # Batch 2 was ready before batch 1 had been consumed for long: made during the step.
+    assert made[2][2] < consumed[1][1] + 0.04
+    assert list(prefetched(make, [])) == []
+
+    # A round with prefetching trains exactly as model_step over the same minibatches does.
+    cfg = IDAConfig(model=SPEC, train=TrainConfig(batch_size=8, lr=1e-2))
+    examples = _examples(0, 40)
+    lm = [e for e in examples if e.kind != "adversary"]
+    adv = [e for e in examples if e.kind == "adversary"]
+    sample = lambda n, kinds, seed: (lm if "adversary" not in kinds else adv)[:n]  # noqa: E731
+    a, b = ImitationObjective.build(cfg), ImitationObjective.build(cfg)
+    stats = train_round(a, sample, TrainCommand(0, 4, 2), seed=0)
+    assert isinstance(stats, RoundStats) and stats.model_steps == 4 and stats.adversary_steps == 2
+    plain = [b.model_step(lm[i * 8:(i + 1) * 8]) for i in range(4)]
+    plain_adversary = [b.adversary_step(adv[i * 8:(i + 1) * 8]) for i in range(2)]
+    assert stats.model_loss == pytest.approx(sum(plain) / 4, rel=1e-6)
+    assert stats.adversary_loss == pytest.approx(sum(plain_adversary) / 2, rel=1e-6)
+    for pa, pb in zip([*a.model.parameters(), *a.adversary.parameters()], [*b.model.parameters(), *b.adversary.parameters()]):
+        assert torch.equal(pa, pb)
+
+
 # -- DDP on Ray Train ----------------------------------------------------------------------
 # The `ray_cluster` fixture (tests/conftest.py). Ray Train workers cannot import this test
 # module: it ships its functions by value.

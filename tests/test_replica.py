@@ -138,6 +138,23 @@ def test_concurrent_calls_are_batched(replicas, swapped):
     assert pool.health()["batches"] < 64
 
 
+def test_recorded_calls_replay_raw_on_the_engine(replicas, swapped):
+    """The throughput benchmark's yardstick: the calls a replica served, recorded and handed
+    back to its engine at once (vLLM's prefix cache emptied first) - all of them run."""
+    h = replicas[1]
+    prompts = [COMPACT.answer_prompt(f"{i % 10},{i // 10}") for i in range(12)]
+    ray.get(h.record_calls.remote(True))
+    ray.get([h.generate.remote(prompts[:8]), h.logprob.remote(prompts[8:], ["1", "2", "3", "4"])])
+    calls = ray.get(h.record_calls.remote(False))
+    assert calls.generate == prompts[:8] and calls.logprob == list(zip(prompts[8:], ["1", "2", "3", "4"]))
+    ray.get(h.generate.remote(prompts[:2]))  # not recorded once stopped
+    assert ray.get(h.record_calls.remote(False)) is None
+    before = ray.get(h.health.remote())["batch_sizes"]["model"]["total"]
+    got = ray.get(h.run_raw.remote(calls))
+    assert got["model_calls"] == 12 and got["seconds"] > 0
+    assert ray.get(h.health.remote())["batch_sizes"]["model"]["total"] >= before + 12  # the engine ran them
+
+
 def test_swap_during_requests_never_mixes_versions(replicas, swapped, weights_v1):
     """Requests racing a swap each report the version that produced them, and their outputs
     are that version's; requests after the swap see only the new weights."""

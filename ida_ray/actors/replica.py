@@ -45,6 +45,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ida_ray.actors import node_id
@@ -62,6 +63,14 @@ from ida_ray.serving.weights import (
 )
 
 ENGINES = ("vllm", "torch")
+
+
+@dataclass
+class RecordedCalls:
+    """The model calls a replica served while recording: generate prompts, logprob pairs."""
+
+    generate: list[str] = field(default_factory=list)
+    logprob: list[tuple[str, str]] = field(default_factory=list)
 
 
 class ModelReplica:
@@ -96,6 +105,7 @@ class ModelReplica:
         self.calls: Counter = Counter()  # actor method calls by kind
         self.requests: Counter = Counter()  # prompts (items) by kind
         self.in_flight = 0
+        self.recorded: RecordedCalls | None = None  # model calls, while the throughput benchmark records them
         self.swaps = 0
         self.last_swap_s = None
         self.started_at = None
@@ -171,12 +181,36 @@ class ModelReplica:
     # has swapped in); a replica behind it raises StaleWeights instead of answering.
     async def generate(self, prompts: list[str], min_version: int = 0):
         prompts = list(prompts)
+        if self.recorded is not None:
+            self.recorded.generate += prompts
         return await self._serve("generate", len(prompts), lambda e: e.generate(prompts), min_version)
 
     async def logprob(self, prompts: list[str], completions: list[str], min_version: int = 0) -> list[float]:
         prompts, completions = list(prompts), list(completions)
         _same_length(prompts, completions)
+        if self.recorded is not None:
+            self.recorded.logprob += list(zip(prompts, completions))
         return await self._serve("logprob", len(prompts), lambda e: e.logprob(prompts, completions), min_version)
+
+    # -- the raw engine (the throughput benchmark's yardstick) -----------------------------
+    def record_calls(self, on: bool) -> RecordedCalls | None:
+        """Start (on) or stop recording the model calls this replica serves; stopping returns them."""
+        got, self.recorded = self.recorded, (RecordedCalls() if on else None)
+        return None if on else got
+
+    async def run_raw(self, calls: RecordedCalls) -> dict:
+        """`calls` handed to this replica's engine all at once - no trees, no pool, no actor
+        call per batch: what the engine does with the same model calls at its own pace.
+        Returns the wall seconds and this process's CPU seconds (the engine core's are the
+        caller's to read)."""
+        engine = await self._engine()
+        if self.engine_kind == "vllm":  # the calls were just served: no head start from their cached prefixes
+            await engine.llm.reset_prefix_cache()
+        prompts, completions = [p for p, _ in calls.logprob], [c for _, c in calls.logprob]
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        await asyncio.gather(engine.generate(list(calls.generate)), engine.logprob(prompts, completions))
+        return {"seconds": time.perf_counter() - t0, "replica_process_cpu_seconds": time.process_time() - cpu0,
+                "model_calls": len(calls.generate) + len(calls.logprob)}
 
     async def adversary(self, prompts: list[str], completions: list[str], min_version: int = 0) -> list[float]:
         prompts, completions = list(prompts), list(completions)

@@ -5,6 +5,7 @@
     ida-ray train --engine torch --iterations 3    the same on the in-process torch engine
     ida-ray train --config run.yaml --run-dir runs/big --address auto   on a running cluster
     ida-ray train --run-dir runs/big --resume      continue from the last checkpoint
+    ida-ray train --storage s3://bucket/runs/big --address auto     checkpoints and trees in S3
     ida-ray train --expert human --engine torch    you are the expert H: answer the trees'
                                                    requests at http://127.0.0.1:8266/human
     ida-ray train --objective honest               the two-headed honest objective (seed 001)
@@ -99,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-pages", dest="serve_pages", action="store_false", default=None,
                    help="do not serve the tree viewer while the run goes")
     t.add_argument("--run-dir", help="run directory (default: runs/latest)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint "
+                   "(with --storage and an empty --run-dir: from the copy in storage)")
+    t.add_argument("--storage", metavar="URI", help="where checkpoints, trees and state also go: a shared path or "
+                   "s3://, gs:// (any pyarrow filesystem URI); default: --run-dir only")
     t.add_argument("--questions-file", metavar="FILE", help="questions to amplify besides the run's own draws, "
                    "each once over the run: one per line, or JSONL (\"3,5\" or {\"question\": \"3,5\"}); a malformed "
                    "line is recorded as a failed tree (malformed_question)")
@@ -152,7 +156,7 @@ FLAG_KEYS = {"task": "task", "model": "model.path", "iterations": "iterations", 
              "learner_workers": "learner_workers", "backend": "backend", "engine": "engine", "gpu": "use_gpu",
              "objective": "objective", "seed": "seed", "amplify_trees": "amplify_trees_per_iteration",
              "expert": "expert", "human_timeout": "human_timeout_s", "pages_host": "pages_host",
-             "pages_port": "pages_port", "run_dir": "run_dir",
+             "pages_port": "pages_port", "run_dir": "run_dir", "storage": "storage",
              "serve_pages": "serve_pages"}
 
 

@@ -90,11 +90,16 @@ class HonestObjective(Objective):
         """The round's small trusted set: its answer examples that the simple labeller agrees with."""
         self.trusted = [e for e in examples if is_trusted(e, self.simple)]
 
-    def model_step(self, examples: list[Example]) -> float:
+    def model_batch(self, examples: list[Example]):
+        """(the examples' batch, a batch drawn from the trusted set or None)."""
         big = self._batch(collate_lm, examples)
         small = None
         if self.trusted:
             small = self._batch(collate_lm, self.rng.choices(self.trusted, k=self.honest_cfg.small_batch_size))
+        return big, small
+
+    def model_step_on(self, batch) -> float:
+        big, small = batch
         return self.trainer.step(lambda m: intended_nll(m, big), small).data_loss
 
     def round_stats(self, model_steps: int) -> dict:
