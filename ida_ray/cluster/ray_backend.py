@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -100,7 +101,7 @@ class RayBackend(Backend):
         t1 = time.time()
         report(f"starting {cfg.replicas} {cfg.engine} replica(s)")
         if checkpoint:  # a path, or a URI in cfg.storage: copied here (the replicas get it packed)
-            local, _ = await asyncio.to_thread(local_checkpoint, checkpoint, self.run_dir)
+            local, fetched = await asyncio.to_thread(local_checkpoint, checkpoint, self.run_dir)
             model_dir, adversary_dir = local / "model", local / "adversary"
         else:
             model_dir, adversary_dir = create_model_dirs(self.run_dir / "initial", cfg.model, cfg.seed)
@@ -116,6 +117,8 @@ class RayBackend(Backend):
             ref = ray.put(WeightsPayload.from_dirs(model_dir, adversary_dir))
             await self.engine.swap_weights(ref, completed)
             self.latest_weights = (ref, completed)
+            if fetched:  # served now, and in the object store for resyncs
+                shutil.rmtree(local, ignore_errors=True)
         report(f"starting {cfg.expanders} expander(s)")
         human_queue = None
         if cfg.expert == "human":  # the driver's queue actor (the one its /human page answers)
