@@ -131,6 +131,9 @@ class ClusterResources:
 
     replica_cpus: float = 1.0
     """Logical CPUs per model replica."""
+    replica_gpus: int = 1
+    """GPUs per model replica with use_gpu: vLLM's tensor-parallel size (above 1, vLLM starts
+    its workers as Ray actors in a placement group of that many GPUs)."""
     expander_cpus: float = 0.5
     """Logical CPUs per tree expander."""
     learner_cpus: float = 1.0
@@ -172,6 +175,8 @@ class ClusterResources:
         for name in ("replica_cpus", "expander_cpus", "learner_cpus"):
             if getattr(self, name) < 0:
                 p.append(f"resources.{name} must be a number >= 0, got {getattr(self, name)}")
+        if isinstance(self.replica_gpus, bool) or self.replica_gpus < 1:
+            p.append(f"resources.replica_gpus must be a whole number >= 1, got {self.replica_gpus}")
         if not self.start_timeout_s > 0:
             p.append(f"resources.start_timeout_s must be > 0, got {self.start_timeout_s}")
         if not self.restart_timeout_s > 0:

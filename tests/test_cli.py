@@ -55,6 +55,7 @@ def test_help(capsys):
     (["train", "iterations.x=1"], "'iterations' is not a section"),
     (["train", "--storage", "ftp://host/runs/a"], "scheme 'ftp' is not one pyarrow's filesystems take"),
     (["train", "--storage", "s3:///runs/a"], "names no bucket or host"),
+    (["train", "resources.replica_gpus=0"], "resources.replica_gpus must be a whole number >= 1"),
 ])
 def test_bad_input_is_a_clear_error_before_ray(no_ray, capsys, argv, message):
     rc, text = run_cli(argv, capsys)

@@ -110,7 +110,7 @@ class RayBackend(Backend):
             start_replicas, cfg.replicas, str(model_dir), str(adversary_dir), engine=cfg.engine,
             use_gpu=cfg.use_gpu, max_new_tokens=cfg.amplify.max_new_tokens, num_cpus=res.replica_cpus,
             kv_cache_gib=res.kv_cache_gib, dtype=cfg.model.dtype, resources=res.replica_resources,
-            max_restarts=res.restarts)
+            tensor_parallel_size=res.replica_gpus if cfg.use_gpu else 1, max_restarts=res.restarts)
         self.setup_seconds["replicas"] = round(time.time() - t1, 2)
         self.engine = ReplicaPool(self.replicas)
         if checkpoint:  # the checkpoint's weights are served; give them their version number
