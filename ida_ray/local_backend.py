@@ -46,7 +46,7 @@ class LocalBackend(Backend):
         self.engine = TorchEngine(copy.deepcopy(self.objective.served_model), copy.deepcopy(self.objective.adversary),
                                   self.objective.tokenizer, max_new_tokens=cfg.amplify.max_new_tokens)
         self.store: ReplayStore | None = None
-        self.storage = RunStorage(cfg.storage) if cfg.storage else None
+        self.storage = RunStorage(cfg.storage, cfg.storage_timeout_s) if cfg.storage else None
         self.expert = None  # H: the task's coded expert, unless a language model
         if cfg.expert == "lm":
             from ida_ray.lm_expert import build_lm_expert

@@ -229,7 +229,7 @@ class IDARun:
         self.next_expansion: asyncio.Future[Expansion] | None = None  # mode async: the next iteration's trees
         self.next_rng_state = None  # mode async: the question RNG before the next iteration drew
         self.progress_info = {"phase": "created", "iteration": self.completed, "done": 0, "total": 0}
-        self.storage = RunStorage(cfg.storage) if cfg.storage else None
+        self.storage = RunStorage(cfg.storage, cfg.storage_timeout_s) if cfg.storage else None
         # Pushes before each record: its files copied so far, failed pushes, the last push's time.
         self.storage_figures = {"storage_files_pushed": 0, "storage_push_failures": 0, "storage_push_seconds": 0.0}
 
@@ -319,7 +319,7 @@ class IDARun:
                  nodes_per_second=round(m["nodes"] / expansion.seconds, 2) if expansion.seconds else 0.0,
                  oldest_weight_version_trained=trained.stats.oldest_weight_version)
         m.update(await self.backend.figures())
-        m["best_iteration"] = self.keep_if_best(it, accuracy, trained)
+        m["best_iteration"] = await self.keep_if_best(it, accuracy, trained)
         if self.storage is not None:
             m.update(self.storage_figures)
         m["run_dir_mb"] = round(directory_bytes(self.run_dir) / 2**20, 2)
@@ -384,14 +384,21 @@ class IDARun:
         extra, rejected = user_jobs(self.task, cfg, self.user_questions, it, where, published)
         return jobs + extra, rejected
 
-    def keep_if_best(self, it: int, accuracy: dict[int, float], trained: TrainResult) -> int:
+    async def keep_if_best(self, it: int, accuracy: dict[int, float], trained: TrainResult) -> int | None:
         """Keep this iteration's checkpoint as the run's best/ if its held-out accuracy is the
-        best so far (ties: the newer); returns the best iteration."""
+        best so far (ties: the newer); returns the best iteration (None: none kept yet). A checkpoint in storage is
+        copied here first; a copy that fails leaves best/ as it was, with a warning."""
         best = read_best(self.run_dir)
         if best is not None and best["iteration"] < it and best_score(best["accuracy_by_size"]) > best_score(accuracy):
             return best["iteration"]
         if trained.checkpoint_path:
-            local, fetched = local_checkpoint(trained.checkpoint_path, self.run_dir)  # from storage, if there
+            try:
+                local, fetched = await asyncio.to_thread(
+                    bounded, lambda: local_checkpoint(trained.checkpoint_path, self.run_dir),
+                    self.cfg.storage_timeout_s, f"copying {trained.checkpoint_path} from storage")
+            except StorageError as exc:
+                log.warning("best/ not updated to iteration %d: %s", it, exc)
+                return best["iteration"] if best else None
             keep_best(self.run_dir, local, {
                 "iteration": it, "weight_version": trained.weight_version, "accuracy_by_size": accuracy,
                 "checkpoint": trained.checkpoint_path, "task": self.cfg.task, "task_kwargs": self.cfg.task_kwargs,

@@ -159,7 +159,8 @@ def check_config(cfg: IDAConfig, *, address: str | None = None) -> IDAConfig:
         from ida_ray.storage import RunStorage, StorageError, bounded
 
         try:
-            bounded(RunStorage(cfg.storage).check, cfg.storage_timeout_s, f"checking storage {cfg.storage}")
+            storage = RunStorage(cfg.storage, cfg.storage_timeout_s)
+            bounded(storage.check, cfg.storage_timeout_s, f"checking storage {cfg.storage}")
         except StorageError as exc:
             problems.append(str(exc))
     if problems:

@@ -80,16 +80,19 @@ def check_run_dir(cfg: IDAConfig, resume: bool) -> dict | None:
     (a new head node), and a fresh run refuses storage that holds one."""
     from ida_ray.storage import RunStorage, bounded
 
-    storage = RunStorage(cfg.storage) if cfg.storage else None
+    storage = RunStorage(cfg.storage, cfg.storage_timeout_s) if cfg.storage else None
     state = read_state(cfg.run_dir)
-    if state is None and storage is not None and \
-            bounded(storage.holds_run, cfg.storage_timeout_s, f"reading storage {cfg.storage}"):
-        if not resume:
-            raise ConfigError(f"storage {cfg.storage} already holds a run; pass --resume to continue it, or choose "
-                              "another storage location")
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        bounded(lambda: storage.pull_run_dir(cfg.run_dir), cfg.storage_timeout_s, f"copying the run from {cfg.storage}")
-        state = read_state(cfg.run_dir)
+    if storage is not None:
+        stored = bounded(storage.stored_state, cfg.storage_timeout_s, f"reading storage {cfg.storage}")
+        # Storage ahead of run_dir (a new head, or an old head's stale copy): storage's run wins.
+        if stored is not None and (state is None or stored["completed_iterations"] > state["completed_iterations"]):
+            if not resume:
+                raise ConfigError(f"storage {cfg.storage} already holds a run ({stored['completed_iterations']} "
+                                  "iterations done); pass --resume to continue it, or choose another storage location")
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            bounded(lambda: storage.pull_run_dir(cfg.run_dir), cfg.storage_timeout_s,
+                    f"copying the run from {cfg.storage}")
+            state = read_state(cfg.run_dir)
     if state is None:
         return None
     if not resume:
@@ -231,7 +234,9 @@ def find_model(path: str | Path, which: str = "best") -> ModelSource:
         state = read_state(path)
         if not state or not state.get("checkpoint"):
             raise ConfigError(f"run {path} has no completed iteration, so no model to use")
-        ckpt = Path(state["checkpoint"])
+        from ida_ray.storage import local_checkpoint
+
+        ckpt, _ = local_checkpoint(state["checkpoint"], path)  # a URI in the run's storage: copied here
         return ModelSource(ckpt / "model", _dir_or_none(ckpt / "adversary"), path,
                            state["completed_iterations"] - 1, config, "last")
     if (path / "model" / "config.json").exists():  # a learner checkpoint

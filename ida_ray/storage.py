@@ -28,8 +28,7 @@ import json
 import os
 import posixpath
 import shutil
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,6 +43,7 @@ SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 NOT_PUSHED_DIRS = ("checkpoints", "cache", "initial")  # cache: CACHE_DIR
 NOT_PUSHED_SUFFIXES = (".partial", ".tmp")
 PUSHED_LAST = "state.json"
+PROBE_FILE = ".ida-ray-probe"
 CHECKPOINT_META = "learner.json"  # as ida_ray.checkpoint.META_FILE (imported lazily there: it needs torch)
 
 
@@ -90,27 +90,39 @@ def filesystem(ref: str) -> tuple[pafs.FileSystem, str]:
 
 
 def bounded(fn, timeout_s: float, what: str):
-    """fn() in a thread, given up after timeout_s with a StorageError (a storage call that
-    hangs - an endpoint that accepts and never answers - must not hold the run)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="ida-storage")
-    try:
-        return pool.submit(fn).result(timeout=timeout_s)
-    except FuturesTimeout:
-        raise StorageError(f"{what}: no answer within {timeout_s:.0f}s (storage_timeout_s)") from None
-    finally:
-        pool.shutdown(wait=False)
+    """fn() on a daemon thread, given up after timeout_s with a StorageError: a storage call
+    that hangs (an endpoint that accepts and never answers) must not hold the run, nor keep
+    the process from exiting. An exception of fn's that is not a StorageError comes back as one."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="ida-storage", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise StorageError(f"{what}: no answer within {timeout_s:.0f}s (storage_timeout_s)")
+    if "error" in box:
+        error = box["error"]
+        if isinstance(error, StorageError | ConfigError):
+            raise error
+        raise StorageError(f"{what}: {type(error).__name__}: {error}") from error
+    return box.get("value")
 
 
 def fetch_dir(ref: str, into: str | Path) -> Path:
     """The directory `ref` names (a checkpoint), as a local directory: a local path as it is;
-    a remote one copied into `into` (through `into`.partial and a rename, so a copy that is
-    there is whole; one already there is reused)."""
+    a remote one copied afresh into `into` (through `into`.partial and a rename, so a copy
+    that is there is whole)."""
     fs, path = filesystem(ref)
     if isinstance(fs, pafs.LocalFileSystem):
         return Path(path)
     into = Path(into)
-    if into.is_dir():
-        return into
+    shutil.rmtree(into, ignore_errors=True)  # what a crash left: maybe another launch's checkpoint of that name
     partial = into.with_name(into.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
@@ -141,13 +153,21 @@ class RunStorage:
     """A run's storage location (see the module docstring): push and pull of the run
     directory's files, checkpoint references, and a check that it answers."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, timeout_s: float = 600.0):
         problem = scheme_problem(uri)
         if problem:
             raise ConfigError(problem)
-        self.uri = uri if is_uri(uri) else str(Path(uri).resolve())
-        self.fs, self.root = filesystem(self.uri)
-        self._pushed: dict[str, tuple[int, int]] = {}  # run-dir file -> (size, mtime_ns) last pushed
+        uri = uri if is_uri(uri) else str(Path(uri).resolve())
+        # Resolving an s3:// URI without a region asks the bucket's region over the network.
+        self.fs, self.root = bounded(lambda: filesystem(uri), timeout_s, f"opening storage {uri}")
+        # A local filesystem (a shared mount, file://) is named by its path: refs stay plain paths.
+        self.uri = self.root if isinstance(self.fs, pafs.LocalFileSystem) else uri
+        self.timeout_s = timeout_s
+        # run-dir file -> (size, mtime_ns) as last pushed; None: not read from storage yet (the
+        # first push lists storage, so files a previous process pushed are neither copied again
+        # nor left behind once gone here). mtime None: known by size only.
+        self._pushed: dict[str, tuple[int, int | None]] | None = None
+        self._push_lock = threading.Lock()
 
     @property
     def local(self) -> bool:
@@ -168,7 +188,7 @@ class RunStorage:
     def check(self) -> None:
         """Write, read back and delete a small file: a wrong endpoint, bucket or credential
         is a StorageError before the run takes any resource."""
-        probe = self.path(".ida-ray-probe")
+        probe = self.path(PROBE_FILE)
         try:
             self.fs.create_dir(self.root, recursive=True)
             with self.fs.open_output_stream(probe) as f:
@@ -185,9 +205,19 @@ class RunStorage:
 
     def push_run_dir(self, run_dir: str | Path) -> int:
         """Copy run_dir's files that changed since the last push (by size and mtime) to
-        storage, state.json last; files pushed before and gone since (gzipped or retired tree
-        records, a replaced best/) are deleted there. Returns how many files were copied."""
-        run_dir = Path(run_dir)
+        storage, state.json last; files in storage that are gone here (gzipped or retired
+        tree records, a replaced best/) are deleted there. One push at a time. Returns how many
+        files were copied."""
+        if not self._push_lock.acquire(blocking=False):  # one given up on is still copying
+            raise StorageError(f"the previous copy to storage {self.uri} is still running")
+        try:
+            return self._push(Path(run_dir))
+        finally:
+            self._push_lock.release()
+
+    def _push(self, run_dir: Path) -> int:
+        if self._pushed is None:
+            self._pushed = {rel: (size, None) for rel, size in self._stored_run_files().items()}
         files: dict[str, tuple[int, int]] = {}
         for root, dirs, names in os.walk(run_dir):
             rel_root = Path(root).relative_to(run_dir)
@@ -201,7 +231,16 @@ class RunStorage:
                 except FileNotFoundError:  # renamed away while we walked
                     continue
                 files[(rel_root / name).as_posix()] = (st.st_size, st.st_mtime_ns)
-        changed = sorted((f for f, sig in files.items() if self._pushed.get(f) != sig), key=lambda f: f == PUSHED_LAST)
+
+        def unchanged(rel: str) -> bool:
+            known = self._pushed.get(rel)
+            if known is None:
+                return False
+            if known[1] is None:  # pushed by an earlier process: trust the size, but not for JSON rewritten in place
+                return known[0] == files[rel][0] and not rel.endswith(".json")
+            return known == files[rel]
+
+        changed = sorted((f for f in files if not unchanged(f)), key=lambda f: f == PUSHED_LAST)
         for rel in changed:
             self._put(run_dir / rel, rel)
             self._pushed[rel] = files[rel]
@@ -214,6 +253,22 @@ class RunStorage:
                 raise StorageError(f"could not delete {rel} in storage {self.uri}: {exc}") from exc
             del self._pushed[rel]
         return len(changed)
+
+    def _stored_run_files(self) -> dict[str, int]:
+        """rel path -> size of the run files in storage (not its checkpoints)."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"could not list storage {self.uri}: {exc}") from exc
+        out = {}
+        for info in infos:
+            if info.type != pafs.FileType.File:
+                continue
+            rel = posixpath.relpath(info.path, self.root)
+            if rel.split("/", 1)[0] in NOT_PUSHED_DIRS or rel.endswith(NOT_PUSHED_SUFFIXES) or rel == PROBE_FILE:
+                continue
+            out[rel] = info.size
+        return out
 
     def _put(self, local: Path, rel: str) -> None:
         dest = self.path(rel)
@@ -231,32 +286,42 @@ class RunStorage:
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"could not copy {local} to storage {self.uri}: {exc}") from exc
 
-    def holds_run(self) -> bool:
-        return self.fs.get_file_info(self.path(PUSHED_LAST)).type == pafs.FileType.File
+    def stored_state(self) -> dict | None:
+        """Storage's state.json (None: storage holds no run)."""
+        try:
+            with self.fs.open_input_stream(self.path(PUSHED_LAST)) as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise StorageError(f"{self.ref(PUSHED_LAST)} is corrupt ({exc})") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"could not read {self.ref(PUSHED_LAST)}: {exc}") from exc
 
     def pull_run_dir(self, run_dir: str | Path) -> int:
-        """Copy storage's run files (not its checkpoints) into run_dir; returns how many."""
+        """Copy storage's run files (not its checkpoints) into run_dir, state.json last and
+        by a rename: a pull cut short leaves no state.json, so the next --resume pulls again.
+        Returns how many files were copied."""
         run_dir = Path(run_dir)
-        copied = 0
+        files = self._stored_run_files()
+        pushed = {}
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
-            for info in infos:
-                if info.type != pafs.FileType.File:
-                    continue
-                rel = posixpath.relpath(info.path, self.root)
-                if rel.split("/", 1)[0] in NOT_PUSHED_DIRS or rel.endswith(NOT_PUSHED_SUFFIXES) \
-                        or rel == ".ida-ray-probe":
-                    continue
+            for rel in sorted(files, key=lambda f: f == PUSHED_LAST):
                 target = run_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with self.fs.open_input_stream(info.path) as src, open(target, "wb") as out:
+                tmp = target.with_name(target.name + ".tmp")
+                with self.fs.open_input_stream(self.path(rel)) as src, open(tmp, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
+                os.replace(tmp, target)
                 st = target.stat()
-                self._pushed[rel] = (st.st_size, st.st_mtime_ns)  # storage has it as it is now
-                copied += 1
+                pushed[rel] = (st.st_size, st.st_mtime_ns)  # storage has it as it is now
+        except FileNotFoundError as exc:
+            raise StorageError(f"{exc.filename or exc} went from storage {self.uri} while it was copied") from exc
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"could not copy the run from storage {self.uri}: {exc}") from exc
-        return copied
+        with self._push_lock:
+            self._pushed = pushed
+        return len(files)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -275,11 +340,17 @@ class RunStorage:
         except Exception as exc:  # noqa: BLE001
             return f"{ref} cannot be read from storage ({exc})"
         for name, want in meta.get("files", {}).items():
-            info = fs.get_file_info(posixpath.join(path, name))
+            try:
+                info = fs.get_file_info(posixpath.join(path, name))
+                size = want["bytes"]
+            except (KeyError, TypeError) as exc:
+                return f"{ref}/{CHECKPOINT_META} is corrupt ({exc})"
+            except Exception as exc:  # noqa: BLE001
+                return f"{ref} cannot be read from storage ({exc})"
             if info.type != pafs.FileType.File:
                 return f"{ref}/{name} is missing from the checkpoint"
-            if info.size != want["bytes"]:
-                return f"{ref}/{name} is truncated or overwritten ({info.size} bytes, {want['bytes']} written)"
+            if info.size != size:
+                return f"{ref}/{name} is truncated or overwritten ({info.size} bytes, {size} written)"
         return None
 
     def checkpoint_ref(self, name: str) -> str:
@@ -310,6 +381,7 @@ class RunStorage:
         """Copy a checkpoint directory written locally to <storage>/checkpoints/name, its
         learner.json last (until it is there, the checkpoint is incomplete); returns its reference."""
         local = Path(local)
+        self.delete_checkpoint(name)  # a re-run iteration's: no old learner.json over new files
         files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == CHECKPOINT_META)
         for p in files:
             self._put(p, posixpath.join("checkpoints", name, p.relative_to(local).as_posix()))
@@ -320,3 +392,5 @@ class RunStorage:
             self.fs.delete_dir(self.path("checkpoints", name))
         except FileNotFoundError:
             pass
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"could not delete checkpoint {name} in storage {self.uri}: {exc}") from exc

@@ -91,13 +91,32 @@ def test_push_copies_what_changed_state_last_and_pull_restores_it(tmp_path, stor
 
     elsewhere = tmp_path / "new-head"
     fresh = RunStorage(storage_uri)
-    assert fresh.holds_run()
+    assert fresh.stored_state() == {"completed_iterations": 1}
     assert fresh.pull_run_dir(elsewhere) == 3
     got = sorted(p.relative_to(elsewhere).as_posix() for p in elsewhere.rglob("*") if p.is_file())
     assert got == ["metrics.jsonl", "replay/examples.jsonl", "state.json"]
     assert (elsewhere / "metrics.jsonl").read_text().count("\n") == 2
     # What was pulled counts as pushed: the new head's first push copies nothing again.
     assert fresh.push_run_dir(elsewhere) == 0
+
+    # A process that pushes to storage it did not pull from (a restarted coordinator) lists it
+    # first: files already there by size are not copied again (JSON rewritten in place is),
+    # and a file there that is gone here is deleted, so storage never keeps a stale copy.
+    with storage.fs.open_output_stream(storage.path("trees", "iteration_0009.jsonl")) as f:
+        f.write(b"stale")
+    restarted = RunStorage(storage_uri)
+    assert restarted.push_run_dir(run_dir) == 1  # state.json
+    assert sorted(restarted._stored_run_files()) == ["metrics.jsonl", "replay/examples.jsonl", "state.json"]
+    # One push at a time: a second while one is still copying is refused, not interleaved.
+    with restarted._push_lock:
+        with pytest.raises(StorageError, match="still running"):
+            restarted.push_run_dir(run_dir)
+
+
+def test_a_local_storage_uri_names_checkpoints_by_plain_path(tmp_path):
+    storage = RunStorage(f"file://{tmp_path}/shared")
+    assert storage.local and storage.uri == str(tmp_path / "shared")
+    assert storage.checkpoint_ref("ida/iteration_0001") == str(tmp_path / "shared" / "checkpoints" / "ida" / "iteration_0001")
 
 
 def test_a_checkpoint_in_s3_is_checked_by_its_manifest_listed_and_fetched(tmp_path, s3):

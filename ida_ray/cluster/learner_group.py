@@ -62,7 +62,7 @@ class Learner:
         if self.cfg.storage:
             from ida_ray.storage import RunStorage
 
-            return RunStorage(self.cfg.storage).ref("checkpoints")
+            return RunStorage(self.cfg.storage, self.cfg.storage_timeout_s).ref("checkpoints")
         return str(self.run_dir / "checkpoints")
 
     def start(self) -> None:
@@ -83,7 +83,8 @@ class Learner:
         if self.cfg.storage:
             from ida_ray.storage import RunStorage
 
-            storage_path, storage_filesystem = RunStorage(self.cfg.storage).checkpoints()
+            storage = RunStorage(self.cfg.storage, self.cfg.storage_timeout_s)
+            storage_path, storage_filesystem = storage.checkpoints()
         else:
             storage_path, storage_filesystem = self.checkpoints_ref, None
         self.trainer = TorchTrainer(
