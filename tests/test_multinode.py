@@ -6,8 +6,7 @@ carries the coordinator, the learner's control actor, the replay buffer and the 
 where its resources say; then one replica node is removed while iteration 1's trees expand,
 and the run goes on with the other replica and loses no tree.
 
-Not covered: worker nodes started by the autoscaler from zero (`AutoscalingCluster` fails as
-installed from the registry: it reads an example YAML the wheel does not ship, FACTS.md).
+Worker nodes started by the autoscaler from zero: tests/test_autoscaler.py.
 """
 from __future__ import annotations
 
