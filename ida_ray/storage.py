@@ -36,6 +36,8 @@ import pyarrow.fs as pafs
 
 from ida_ray.errors import ConfigError, IDAError
 
+# Every stream is opened with compression=None: pyarrow otherwise gzips on write and gunzips on
+# read by file extension, and the run's tree records are .jsonl.gz files already.
 # Filesystems pyarrow resolves from a URI scheme (no scheme: a local path).
 SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 # Not pushed: Ray Train writes checkpoints to storage itself; cache/ holds copies fetched from
@@ -191,9 +193,9 @@ class RunStorage:
         probe = self.path(PROBE_FILE)
         try:
             self.fs.create_dir(self.root, recursive=True)
-            with self.fs.open_output_stream(probe) as f:
+            with self.fs.open_output_stream(probe, compression=None) as f:
                 f.write(b"ida-ray")
-            with self.fs.open_input_stream(probe) as f:
+            with self.fs.open_input_stream(probe, compression=None) as f:
                 got = f.read()
             self.fs.delete_file(probe)
         except Exception as exc:  # noqa: BLE001
@@ -279,7 +281,7 @@ class RunStorage:
                 shutil.copyfile(local, tmp)
                 os.replace(tmp, dest)
             else:  # an object store's PUT is atomic
-                with open(local, "rb") as src, self.fs.open_output_stream(dest) as out:
+                with open(local, "rb") as src, self.fs.open_output_stream(dest, compression=None) as out:
                     shutil.copyfileobj(src, out, 1 << 20)
         except FileNotFoundError:  # gone since the walk (a tree file gzipped): the next push sees it
             return
@@ -289,7 +291,7 @@ class RunStorage:
     def stored_state(self) -> dict | None:
         """Storage's state.json (None: storage holds no run)."""
         try:
-            with self.fs.open_input_stream(self.path(PUSHED_LAST)) as f:
+            with self.fs.open_input_stream(self.path(PUSHED_LAST), compression=None) as f:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
@@ -310,7 +312,7 @@ class RunStorage:
                 target = run_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(target.name + ".tmp")
-                with self.fs.open_input_stream(self.path(rel)) as src, open(tmp, "wb") as out:
+                with self.fs.open_input_stream(self.path(rel), compression=None) as src, open(tmp, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
                 os.replace(tmp, target)
                 st = target.stat()
@@ -330,7 +332,7 @@ class RunStorage:
         sizes of its files (no download; the sha256s are checked where it is loaded)."""
         fs, path = filesystem(ref)
         try:
-            with fs.open_input_stream(posixpath.join(path, CHECKPOINT_META)) as f:
+            with fs.open_input_stream(posixpath.join(path, CHECKPOINT_META), compression=None) as f:
                 meta = json.loads(f.read())
             meta["iteration"]
         except FileNotFoundError:
@@ -370,7 +372,7 @@ class RunStorage:
             if info.base_name != CHECKPOINT_META or info.type != pafs.FileType.File:
                 continue
             try:
-                with self.fs.open_input_stream(info.path) as f:
+                with self.fs.open_input_stream(info.path, compression=None) as f:
                     it = json.loads(f.read())["iteration"]
             except Exception:  # noqa: BLE001 - a torn one is passed over
                 continue

@@ -6,6 +6,7 @@ registry); a run is resumed from storage alone onto an empty run directory, with
 backend and with the Ray backend (its Ray Train checkpoints written straight to S3)."""
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -62,6 +63,7 @@ def make_run_dir(root):
     (root / "checkpoints" / "ida" / "iteration_0000").mkdir(parents=True)
     (root / "cache").mkdir()
     (root / "trees" / "iteration_0000.jsonl").write_text('{"tree_id": "a"}\n')
+    (root / "trees" / "iteration_0007.jsonl.gz").write_bytes(gzip.compress(b'{"tree_id": "g"}\n'))
     (root / "replay" / "examples.jsonl").write_text('{"x": 1}\n')
     (root / "checkpoints" / "ida" / "iteration_0000" / "learner.json").write_text("{}")
     (root / "cache" / "copy").write_text("fetched")
@@ -79,9 +81,10 @@ def test_push_copies_what_changed_state_last_and_pull_restores_it(tmp_path, stor
     put = storage._put
     storage._put = lambda local, rel: (order.append(rel), put(local, rel))
 
-    assert storage.push_run_dir(run_dir) == 4
+    assert storage.push_run_dir(run_dir) == 5
     assert order[-1] == "state.json"  # the commit point: everything it counts is there first
-    assert sorted(order) == ["metrics.jsonl", "replay/examples.jsonl", "state.json", "trees/iteration_0000.jsonl"]
+    assert sorted(order) == ["metrics.jsonl", "replay/examples.jsonl", "state.json", "trees/iteration_0000.jsonl",
+                             "trees/iteration_0007.jsonl.gz"]
     # Nothing changed, nothing copied; a changed and a removed file are mirrored.
     assert storage.push_run_dir(run_dir) == 0
     (run_dir / "metrics.jsonl").write_text('{"iteration": 0}\n{"iteration": 1}\n')
@@ -92,9 +95,13 @@ def test_push_copies_what_changed_state_last_and_pull_restores_it(tmp_path, stor
     elsewhere = tmp_path / "new-head"
     fresh = RunStorage(storage_uri)
     assert fresh.stored_state() == {"completed_iterations": 1}
-    assert fresh.pull_run_dir(elsewhere) == 3
+    assert fresh.pull_run_dir(elsewhere) == 4
     got = sorted(p.relative_to(elsewhere).as_posix() for p in elsewhere.rglob("*") if p.is_file())
-    assert got == ["metrics.jsonl", "replay/examples.jsonl", "state.json"]
+    assert got == ["metrics.jsonl", "replay/examples.jsonl", "state.json", "trees/iteration_0007.jsonl.gz"]
+    # Bytes as they were: gzipped tree records are neither gzipped again nor unpacked on the way.
+    gz = "trees/iteration_0007.jsonl.gz"
+    assert (elsewhere / gz).read_bytes() == (run_dir / gz).read_bytes()
+    assert fresh._stored_run_files()[gz] == (run_dir / gz).stat().st_size
     assert (elsewhere / "metrics.jsonl").read_text().count("\n") == 2
     # What was pulled counts as pushed: the new head's first push copies nothing again.
     assert fresh.push_run_dir(elsewhere) == 0
@@ -106,7 +113,7 @@ def test_push_copies_what_changed_state_last_and_pull_restores_it(tmp_path, stor
         f.write(b"stale")
     restarted = RunStorage(storage_uri)
     assert restarted.push_run_dir(run_dir) == 1  # state.json
-    assert sorted(restarted._stored_run_files()) == ["metrics.jsonl", "replay/examples.jsonl", "state.json"]
+    assert sorted(restarted._stored_run_files()) == ["metrics.jsonl", "replay/examples.jsonl", "state.json", gz]
     # One push at a time: a second while one is still copying is refused, not interleaved.
     with restarted._push_lock:
         with pytest.raises(StorageError, match="still running"):
