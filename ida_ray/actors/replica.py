@@ -198,7 +198,7 @@ class ModelReplica:
         got, self.recorded = self.recorded, (RecordedCalls() if on else None)
         return None if on else got
 
-    async def run_raw(self, calls: RecordedCalls) -> dict:
+    async def run_raw(self, calls: RecordedCalls, return_outputs: bool = False) -> dict:
         """`calls` handed to this replica's engine all at once - no trees, no pool, no actor
         call per batch: what the engine does with the same model calls at its own pace.
         Returns the wall seconds and this process's CPU seconds (the engine core's are the
@@ -208,9 +208,13 @@ class ModelReplica:
             await engine.llm.reset_prefix_cache()
         prompts, completions = [p for p, _ in calls.logprob], [c for _, c in calls.logprob]
         t0, cpu0 = time.perf_counter(), time.process_time()
-        await asyncio.gather(engine.generate(list(calls.generate)), engine.logprob(prompts, completions))
-        return {"seconds": time.perf_counter() - t0, "replica_process_cpu_seconds": time.process_time() - cpu0,
-                "model_calls": len(calls.generate) + len(calls.logprob)}
+        generations, logprobs = await asyncio.gather(engine.generate(list(calls.generate)),
+                                                     engine.logprob(prompts, completions))
+        out = {"seconds": time.perf_counter() - t0, "replica_process_cpu_seconds": time.process_time() - cpu0,
+               "model_calls": len(generations) + len(logprobs)}
+        if return_outputs:
+            out.update(generations=generations, logprobs=logprobs)
+        return out
 
     async def adversary(self, prompts: list[str], completions: list[str], min_version: int = 0) -> list[float]:
         prompts, completions = list(prompts), list(completions)
