@@ -145,10 +145,10 @@ CACHE_DIR = "cache"  # under run_dir: checkpoints copied from storage, removed o
 def local_checkpoint(ref: str, run_dir: str | Path) -> tuple[Path, bool]:
     """(a local directory holding checkpoint `ref`, whether it is a copy the caller should
     remove once done): a local path as it is, a URI copied into <run_dir>/cache/<its name>."""
-    if not is_uri(ref) or isinstance(filesystem(ref)[0], pafs.LocalFileSystem):
-        return fetch_dir(ref, ""), False
-    name = posixpath.basename(urlsplit(ref).path.rstrip("/"))
-    return fetch_dir(ref, Path(run_dir) / CACHE_DIR / name), True
+    name = posixpath.basename(urlsplit(ref).path.rstrip("/")) if is_uri(ref) else Path(ref).name
+    into = Path(run_dir) / CACHE_DIR / name
+    local = fetch_dir(ref, into)  # resolves the URI once (an s3:// one may ask its region over the network)
+    return local, local == into
 
 
 class RunStorage:
