@@ -19,6 +19,7 @@ and absent, a questions file) is checked by `ida_ray.preflight` before anything 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -105,6 +106,16 @@ class TrainConfig:
     """Gradient-norm clip of every step."""
     replay_capacity: int = 20_000
     """Examples the replay buffer keeps (the newest; FIFO eviction)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """The model's learning rate over the run's model steps (iterations x steps_per_iteration):
+    "constant", or "cosine" (nanoGPT's: linear warm-up over `warmup_steps`, then a cosine from
+    `lr` down to `min_lr_fraction * lr` at the run's last step), so that a run settles at the
+    end instead of ending on a full-size step. The adversary's rate stays constant: it tracks
+    a model that keeps changing."""
+    warmup_steps: int = 0
+    """Model steps of linear warm-up from 0 to `lr` (lr_schedule cosine)."""
+    min_lr_fraction: float = 0.1
+    """The model's learning rate at the run's last step, as a fraction of `lr` (lr_schedule cosine)."""
     check_ranks_in_sync: bool = False
     """Debug: every learner rank hashes all its parameters after each round, and the round
     reports whether the ranks hold identical weights (`learner_ranks_in_sync`). A pass over
@@ -120,7 +131,19 @@ class TrainConfig:
             p.append("train.batch_size and train.replay_capacity must be >= 1")
         if self.steps_per_iteration < 0 or self.adversary_steps_per_iteration < 0:
             p.append("train.steps_per_iteration and train.adversary_steps_per_iteration must be >= 0")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_fraction <= 1:
+            p.append(f"train.warmup_steps must be >= 0 and train.min_lr_fraction in [0, 1], "
+                     f"got {self.warmup_steps} and {self.min_lr_fraction}")
         return p
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """The model's learning rate at model step `step` of `total_steps`, as a fraction of `lr`."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay = min(1.0, (step - self.warmup_steps) / max(1, total_steps - 1 - self.warmup_steps))
+        return self.min_lr_fraction + 0.5 * (1 - self.min_lr_fraction) * (1 + math.cos(math.pi * decay))
 
 
 @dataclass(kw_only=True)

@@ -19,11 +19,11 @@ from ida_ray.engine import TorchEngine, gather_limited
 from ida_ray.errors import ConfigError
 from ida_ray.expansion import expand_job
 from ida_ray.loop import Backend, Progress
-from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainCommand, TrainResult
+from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
 from ida_ray.replay import ReplayStore
 from ida_ray.storage import RunStorage, bounded, local_checkpoint
 from ida_ray.tasks import get_task
-from ida_ray.training import build_objective, train_round
+from ida_ray.training import build_objective, train_command, train_round
 
 KEEP_CHECKPOINTS = 2  # resume may need the one before the newest
 
@@ -91,8 +91,8 @@ class LocalBackend(Backend):
         return self.store.drop_stale(min_version)
 
     async def train(self, iteration: int) -> TrainResult:
-        t0, t = time.time(), self.cfg.train
-        command = TrainCommand(iteration, t.steps_per_iteration, t.adversary_steps_per_iteration)
+        t0 = time.time()
+        command = train_command(self.cfg, iteration)
         # Off the event loop: progress stays live while the model trains.
         stats = await asyncio.to_thread(train_round, self.objective, self.store.sample, command, seed=self.cfg.seed)
         t1 = time.time()

@@ -86,6 +86,10 @@ class TrainCommand:
     iteration: int
     model_steps: int
     adversary_steps: int
+    first_step: int = 0
+    """The run's model steps before this round: where the learning-rate schedule stands."""
+    total_steps: int = 0
+    """The run's model steps in all (the schedule's end; 0: the rate stays at train.lr)."""
 
 
 @dataclass

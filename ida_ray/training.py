@@ -101,6 +101,16 @@ class Objective(ABC):
     def prepare_round(self, examples: list[Example]) -> None:
         """Called with a round's model examples before its steps."""
 
+    @abstractmethod
+    def model_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimisers of the model (not the adversary): what the learning-rate schedule sets."""
+
+    def set_model_lr_factor(self, factor: float) -> None:
+        """Every model parameter group at `factor` times the rate it was built with."""
+        for opt in self.model_optimizers():
+            for group in opt.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+
     def model_step(self, examples: list[Example]) -> float:
         return self.model_step_on(self.model_batch(examples))
 
@@ -219,6 +229,9 @@ class ImitationObjective(Objective):
         self._merged.load_state_dict(merged_state_dict(self.model))
         return self._merged
 
+    def model_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.model_opt]
+
     def model_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return self._batch(collate_lm, examples)
 
@@ -295,6 +308,16 @@ def _all_reduce(t: torch.Tensor, world_size: int, op=None) -> torch.Tensor:
     return t
 
 
+def train_command(cfg: IDAConfig, iteration: int, model_steps: int | None = None,
+                  adversary_steps: int | None = None) -> TrainCommand:
+    """Iteration `iteration`'s round, with where it stands in the run's learning-rate schedule
+    (every earlier round took train.steps_per_iteration steps)."""
+    t = cfg.train
+    return TrainCommand(iteration=iteration, model_steps=t.steps_per_iteration if model_steps is None else model_steps,
+                        adversary_steps=t.adversary_steps_per_iteration if adversary_steps is None else adversary_steps,
+                        first_step=iteration * t.steps_per_iteration, total_steps=cfg.iterations * t.steps_per_iteration)
+
+
 def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, seed: int, rank: int = 0,
                 world_size: int = 1) -> RoundStats:
     """One iteration's training on this rank: sample, model steps, adversary steps. Every rank
@@ -314,7 +337,11 @@ def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, 
     t0 = time.time()
     have = have.tolist()
     chunks = [lm[i * bs:(i + 1) * bs] for i in range(command.model_steps if have[0] else 0)]
-    m_losses = [objective.model_step_on(b) for b in prefetched(objective.model_batch, chunks)]
+    m_losses = []
+    for i, batch in enumerate(prefetched(objective.model_batch, chunks)):
+        if command.total_steps:
+            objective.set_model_lr_factor(objective.cfg.lr_factor(command.first_step + i, command.total_steps))
+        m_losses.append(objective.model_step_on(batch))
     t_model = time.time() - t0
     chunks = [adv[i * bs:(i + 1) * bs] for i in range(command.adversary_steps if have[1] else 0)]
     a_losses = [objective.adversary_step_on(b) for b in prefetched(objective.adversary_batch, chunks)]

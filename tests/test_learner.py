@@ -116,6 +116,35 @@ def test_batches_are_made_ahead_on_another_thread_in_order_and_train_as_a_plain_
         assert torch.equal(pa, pb)
 
 
+def test_cosine_schedule_sets_the_model_rate_each_step_and_leaves_the_adversary_at_its_own():
+    """lr_schedule cosine: a round takes its steps at the rates of its place in the run (the
+    first round warms up, the last ends at min_lr_fraction * lr); the adversary's stays put."""
+    from ida_ray.training import ImitationObjective, train_command, train_round
+
+    train = TrainConfig(batch_size=8, lr=1e-2, steps_per_iteration=4, adversary_steps_per_iteration=1,
+                        lr_schedule="cosine", warmup_steps=2, min_lr_fraction=0.1)
+    cfg = IDAConfig(model=SPEC, train=train, iterations=3)
+    examples = _examples(0, 40)
+    sample = lambda n, kinds, seed: [e for e in examples if e.kind in kinds][:n]  # noqa: E731
+    objective = ImitationObjective.build(cfg)
+    seen = []
+    step_on = objective.model_step_on
+    objective.model_step_on = lambda batch: (seen.append(objective.model_opt.param_groups[0]["lr"]), step_on(batch))[1]
+    for it in range(3):
+        command = train_command(cfg, it)
+        assert (command.first_step, command.total_steps) == (4 * it, 12)
+        train_round(objective, sample, command, seed=0)
+    assert seen[:2] == pytest.approx([5e-3, 1e-2])            # warm-up: 1/2, 2/2 of lr
+    assert seen[-1] == pytest.approx(1e-3)                      # the run's last step: 0.1 * lr
+    assert all(a >= b for a, b in zip(seen[1:], seen[2:]))      # then only down
+    assert objective.adversary_opt.param_groups[0]["lr"] == 1e-3  # adversary_lr, untouched
+    # The constant schedule (the default) leaves lr where it was built.
+    plain = IDAConfig(model=SPEC, train=TrainConfig(batch_size=8, lr=1e-2))
+    constant = ImitationObjective.build(plain)
+    train_round(constant, sample, train_command(plain, 5, model_steps=2, adversary_steps=0), seed=0)
+    assert constant.model_opt.param_groups[0]["lr"] == 1e-2
+
+
 # -- DDP on Ray Train ----------------------------------------------------------------------
 # The `ray_cluster` fixture (tests/conftest.py). Ray Train workers cannot import this test
 # module: it ships its functions by value.

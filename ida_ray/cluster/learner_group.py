@@ -27,7 +27,8 @@ from ida_ray.actors.learner import LEARNER_CONTROL_NAME, LearnerControl
 from ida_ray.checkpoint import LearnerFailure
 from ida_ray.cluster.learner_worker import WorkerConfig, learner_loop
 from ida_ray.config import IDAConfig
-from ida_ray.messages import TrainCommand, TrainResult
+from ida_ray.messages import TrainResult
+from ida_ray.training import train_command
 
 
 class Learner:
@@ -113,11 +114,8 @@ class Learner:
         """Run one training round on every rank; raises LearnerFailure if the run failed."""
         if self.control is None:
             raise LearnerFailure("learner not started")
-        t = self.cfg.train
         t0 = time.time()
-        await self.control.submit.remote(TrainCommand(
-            iteration=iteration, model_steps=t.steps_per_iteration if steps is None else steps,
-            adversary_steps=t.adversary_steps_per_iteration if adversary_steps is None else adversary_steps))
+        await self.control.submit.remote(train_command(self.cfg, iteration, steps, adversary_steps))
         while (got := await self.control.results.remote(iteration, 5.0)).pending:
             if self._error is not None:
                 raise LearnerFailure(f"learner run failed: {self._error}")

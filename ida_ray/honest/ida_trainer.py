@@ -90,6 +90,9 @@ class HonestObjective(Objective):
         """The round's small trusted set: its answer examples that the simple labeller agrees with."""
         self.trusted = [e for e in examples if is_trusted(e, self.simple)]
 
+    def model_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.trainer.opt1, self.trainer.opt2]
+
     def model_batch(self, examples: list[Example]):
         """(the examples' batch, a batch drawn from the trusted set or None)."""
         big = self._batch(collate_lm, examples)

