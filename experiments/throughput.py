@@ -123,11 +123,11 @@ def measure_raw(replica, calls, tree_row: dict) -> dict:
     cpu0 = cpu_seconds([pid])
     got = ray.get(replica.run_raw.remote(calls))
     by_process = _cpu_delta(cpu0, cpu_seconds([pid]))
-    if got["model_calls"] != tree_row["model_calls"]:
-        raise RuntimeError(f"recorded {got['model_calls']} model calls, the trees made {tree_row['model_calls']}")
-    rate = got["model_calls"] / got["seconds"]
-    return {"model_calls": got["model_calls"], "generate_calls": len(calls.generate), "logprob_calls": len(calls.logprob),
-            "seconds": round(got["seconds"], 2), "model_calls_per_s": round(rate, 1),
+    if got.model_calls != tree_row["model_calls"]:
+        raise RuntimeError(f"recorded {got.model_calls} model calls, the trees made {tree_row['model_calls']}")
+    rate = got.model_calls / got.seconds
+    return {"model_calls": got.model_calls, "generate_calls": len(calls.generate), "logprob_calls": len(calls.logprob),
+            "seconds": round(got.seconds, 2), "model_calls_per_s": round(rate, 1),
             "cpu_seconds": round(sum(by_process.values()), 1), "cpu_seconds_by_process": by_process,
             "tree_path_cpu_seconds_by_process": tree_row["cpu_seconds_by_process"],
             "tree_path_model_calls_per_s": tree_row["model_calls_per_s"],

@@ -21,7 +21,7 @@ from ida_ray.expansion import expand_job
 from ida_ray.loop import Backend, Progress
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
 from ida_ray.replay import ReplayStore
-from ida_ray.storage import RunStorage, bounded, local_checkpoint
+from ida_ray.storage import RunStorage, bounded, checkpoint_on_disk
 from ida_ray.tasks import get_task
 from ida_ray.training import build_objective, train_command, train_round
 
@@ -62,10 +62,8 @@ class LocalBackend(Backend):
         self.store = ReplayStore(self.cfg.train.replay_capacity, self.run_dir, self.cfg.seed,
                                  completed_iterations=completed if checkpoint else None, records=self.cfg.records)
         if checkpoint:  # a path, or a URI in cfg.storage
-            local, fetched = local_checkpoint(checkpoint, self.run_dir)
-            load_checkpoint(local, self.objective)
-            if fetched:
-                shutil.rmtree(local, ignore_errors=True)
+            async with checkpoint_on_disk(checkpoint, self.run_dir, self.cfg.storage_timeout_s) as local:
+                load_checkpoint(local, self.objective)
             self._serve(self._weights(), completed)
         return {"engine": round(time.time() - t0, 2)}
 

@@ -62,7 +62,7 @@ from ida_ray.run_dir import (
     rng_state_to_json,
     write_json_atomic,
 )
-from ida_ray.storage import RunStorage, StorageError, bounded, local_checkpoint
+from ida_ray.storage import RunStorage, StorageError, bounded, checkpoint_on_disk
 from ida_ray.tasks import get_task
 from ida_ray.tasks.base import Task
 from ida_ray.tree import Tree
@@ -392,19 +392,15 @@ class IDARun:
         if best is not None and best["iteration"] < it and best_score(best["accuracy_by_size"]) > best_score(accuracy):
             return best["iteration"]
         if trained.checkpoint_path:
-            try:
-                local, fetched = await asyncio.to_thread(
-                    bounded, lambda: local_checkpoint(trained.checkpoint_path, self.run_dir),
-                    self.cfg.storage_timeout_s, f"copying {trained.checkpoint_path} from storage")
+            try:  # best/ holds links to the files of a fetched copy, which then goes
+                async with checkpoint_on_disk(trained.checkpoint_path, self.run_dir, self.cfg.storage_timeout_s) as local:
+                    keep_best(self.run_dir, local, {
+                        "iteration": it, "weight_version": trained.weight_version, "accuracy_by_size": accuracy,
+                        "checkpoint": trained.checkpoint_path, "task": self.cfg.task,
+                        "task_kwargs": self.cfg.task_kwargs, "prompt_format": self.cfg.model.prompt_format})
             except StorageError as exc:
                 log.warning("best/ not updated to iteration %d: %s", it, exc)
                 return best["iteration"] if best else None
-            keep_best(self.run_dir, local, {
-                "iteration": it, "weight_version": trained.weight_version, "accuracy_by_size": accuracy,
-                "checkpoint": trained.checkpoint_path, "task": self.cfg.task, "task_kwargs": self.cfg.task_kwargs,
-                "prompt_format": self.cfg.model.prompt_format})
-            if fetched:  # best/ holds links to its files
-                shutil.rmtree(local, ignore_errors=True)
         return it
 
     def _done(self, n: int) -> None:

@@ -24,11 +24,14 @@ Checkpoints are named everywhere by a reference: a local path, or a URI inside s
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import posixpath
 import shutil
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -149,6 +152,20 @@ def local_checkpoint(ref: str, run_dir: str | Path) -> tuple[Path, bool]:
     into = Path(run_dir) / CACHE_DIR / name
     local = fetch_dir(ref, into)  # resolves the URI once (an s3:// one may ask its region over the network)
     return local, local == into
+
+
+@contextlib.asynccontextmanager
+async def checkpoint_on_disk(ref: str, run_dir: str | Path, timeout_s: float) -> AsyncIterator[Path]:
+    """`async with checkpoint_on_disk(ref, run_dir, t) as local:` a local directory holding
+    checkpoint `ref` for the block: a local path as it is; a URI copied into run_dir/cache off
+    the event loop (a StorageError past timeout_s), and the copy removed when the block ends."""
+    local, fetched = await asyncio.to_thread(bounded, lambda: local_checkpoint(ref, run_dir), timeout_s,
+                                             f"copying {ref} from storage")
+    try:
+        yield local
+    finally:
+        if fetched:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 class RunStorage:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import ray
+from run_checks import nothing_lost
 
 from ida_ray.config import AmplifyConfig, ClusterResources, IDAConfig, TrainConfig
 from ida_ray.entrypoints.train import train
 from ida_ray.models import ModelSpec
-from ida_ray.replay import read_tree_records
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 AMPLIFY, DISTILL = 24, 16
@@ -94,6 +94,5 @@ def test_workers_started_by_the_autoscaler_from_zero_carry_the_run(autoscaling_c
     for m in history:
         assert set(m["replica_nodes"].values()) == replica_nodes
         assert set(m["learner_nodes"].values()) == learner_nodes
-        trees = read_tree_records(cfg.run_dir, m["iteration"])
-        assert len(trees) == m["trees"] == AMPLIFY + DISTILL and len({t["tree_id"] for t in trees}) == len(trees)
+        nothing_lost(cfg.run_dir, m, AMPLIFY + DISTILL)
     assert history[-1]["replica_versions"] == {"replica-0": 2}

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 import ray
+from run_checks import nothing_lost
 
 from ida_ray.actors.coordinator import COORDINATOR_NAME
 from ida_ray.actors.learner import LEARNER_CONTROL_NAME
@@ -21,7 +22,6 @@ from ida_ray.actors.replay_buffer import REPLAY_BUFFER_NAME
 from ida_ray.config import AmplifyConfig, ClusterResources, IDAConfig, TrainConfig
 from ida_ray.entrypoints.train import train
 from ida_ray.models import ModelSpec
-from ida_ray.replay import read_tree_records
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 AMPLIFY, DISTILL = 24, 16
@@ -107,6 +107,4 @@ def test_actors_go_where_their_resources_are_and_a_lost_node_loses_no_tree(multi
     assert last["replica_versions"] == {survivor: 3}
     # Nothing lost: one record per job, each tree once, none failed for the lost node.
     for m in history:
-        trees = read_tree_records(cfg.run_dir, m["iteration"])
-        assert len(trees) == m["trees"] == AMPLIFY + DISTILL and len({t["tree_id"] for t in trees}) == len(trees)
-        assert not [t for t in trees if t["error"] and t["error"]["kind"] in ("engine_failure", "expander_lost")]
+        nothing_lost(cfg.run_dir, m, AMPLIFY + DISTILL)

@@ -150,10 +150,10 @@ def test_recorded_calls_replay_raw_on_the_engine(replicas, swapped):
     ray.get(h.generate.remote(prompts[:2]))  # not recorded once stopped
     assert ray.get(h.record_calls.remote(False)) is None
     got = ray.get(h.run_raw.remote(calls, return_outputs=True))
-    assert got["model_calls"] == 12 and got["seconds"] > 0
+    assert got.model_calls == 12 and got.seconds > 0
     # The engine really ran them: the same greedy answers and log-probs as when they were served.
-    assert [g.text for g in got["generations"]] == [g.text for g in served]
-    assert got["logprobs"] == pytest.approx(scores, abs=1e-4)
+    assert [g.text for g in got.generations] == [g.text for g in served]
+    assert got.logprobs == pytest.approx(scores, abs=1e-4)
 
 
 def test_swap_during_requests_never_mixes_versions(replicas, swapped, weights_v1):

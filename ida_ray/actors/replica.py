@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ida_ray.actors import node_id
+from ida_ray.engine import Generation
 from ida_ray.errors import StaleWeights
 from ida_ray.serving.step_log import list_summary
 from ida_ray.serving.weights import (
@@ -71,6 +72,20 @@ class RecordedCalls:
 
     generate: list[str] = field(default_factory=list)
     logprob: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class RawRun:
+    """Recorded calls run on the engine at once (`ModelReplica.run_raw`)."""
+
+    seconds: float
+    replica_process_cpu_seconds: float
+    """This process's CPU time over the run (the engine core's, a process of its own, is the caller's to read)."""
+    model_calls: int
+    generations: list[Generation] | None = None
+    """With return_outputs: the generate calls' outputs, in order."""
+    logprobs: list[float] | None = None
+    """With return_outputs: the logprob calls' scores, in order."""
 
 
 class ModelReplica:
@@ -198,11 +213,9 @@ class ModelReplica:
         got, self.recorded = self.recorded, (RecordedCalls() if on else None)
         return None if on else got
 
-    async def run_raw(self, calls: RecordedCalls, return_outputs: bool = False) -> dict:
+    async def run_raw(self, calls: RecordedCalls, return_outputs: bool = False) -> RawRun:
         """`calls` handed to this replica's engine all at once - no trees, no pool, no actor
-        call per batch: what the engine does with the same model calls at its own pace.
-        Returns the wall seconds and this process's CPU seconds (the engine core's are the
-        caller's to read)."""
+        call per batch: what the engine does with the same model calls at its own pace."""
         engine = await self._engine()
         if self.engine_kind == "vllm":  # the calls were just served: no head start from their cached prefixes
             await engine.llm.reset_prefix_cache()
@@ -210,11 +223,9 @@ class ModelReplica:
         t0, cpu0 = time.perf_counter(), time.process_time()
         generations, logprobs = await asyncio.gather(engine.generate(list(calls.generate)),
                                                      engine.logprob(prompts, completions))
-        out = {"seconds": time.perf_counter() - t0, "replica_process_cpu_seconds": time.process_time() - cpu0,
-               "model_calls": len(generations) + len(logprobs)}
-        if return_outputs:
-            out.update(generations=generations, logprobs=logprobs)
-        return out
+        return RawRun(seconds=time.perf_counter() - t0, replica_process_cpu_seconds=time.process_time() - cpu0,
+                      model_calls=len(generations) + len(logprobs), generations=generations if return_outputs else None,
+                      logprobs=logprobs if return_outputs else None)
 
     async def adversary(self, prompts: list[str], completions: list[str], min_version: int = 0) -> list[float]:
         prompts, completions = list(prompts), list(completions)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ida_ray.errors import ConfigError
 from ida_ray.loop import Backend, Progress
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
 from ida_ray.run_dir import DASHBOARD_FILE, write_json_atomic
-from ida_ray.storage import local_checkpoint
+from ida_ray.storage import checkpoint_on_disk
 from ida_ray.tasks import get_task
 from ida_ray.tree import Tree
 
@@ -83,7 +82,6 @@ class RayBackend(Backend):
         from ida_ray.actors.replica import start_replicas
         from ida_ray.cluster.learner_group import Learner
         from ida_ray.models import create_model_dirs
-        from ida_ray.serving.engine_pool import ReplicaPool
         from ida_ray.serving.weights import WeightsPayload
 
         cfg, res = self.cfg, self.cfg.resources
@@ -100,25 +98,17 @@ class RayBackend(Backend):
         self.learner.start()
         t1 = time.time()
         report(f"starting {cfg.replicas} {cfg.engine} replica(s)")
-        if checkpoint:  # a path, or a URI in cfg.storage: copied here (the replicas get it packed)
-            local, fetched = await asyncio.to_thread(local_checkpoint, checkpoint, self.run_dir)
-            model_dir, adversary_dir = local / "model", local / "adversary"
+        if checkpoint:  # a path, or a URI in cfg.storage: copied here, and the copy removed once served
+            async with checkpoint_on_disk(checkpoint, self.run_dir, cfg.storage_timeout_s) as local:
+                await self.launch_replicas(local / "model", local / "adversary")
+                # The checkpoint's weights are served; give them their version number (and keep
+                # them in the object store for resyncs).
+                ref = ray.put(WeightsPayload.from_dirs(local / "model", local / "adversary"))
+                await self.engine.swap_weights(ref, completed)
+                self.latest_weights = (ref, completed)
         else:
-            model_dir, adversary_dir = create_model_dirs(self.run_dir / "initial", cfg.model, cfg.seed)
-        # start_replicas blocks until every engine is up: run it off the actor's event loop.
-        self.replicas = await asyncio.to_thread(
-            start_replicas, cfg.replicas, str(model_dir), str(adversary_dir), engine=cfg.engine,
-            use_gpu=cfg.use_gpu, max_new_tokens=cfg.amplify.max_new_tokens, num_cpus=res.replica_cpus,
-            kv_cache_gib=res.kv_cache_gib, dtype=cfg.model.dtype, resources=res.replica_resources,
-            tensor_parallel_size=res.replica_gpus if cfg.use_gpu else 1, max_restarts=res.restarts)
+            await self.launch_replicas(*create_model_dirs(self.run_dir / "initial", cfg.model, cfg.seed))
         self.setup_seconds["replicas"] = round(time.time() - t1, 2)
-        self.engine = ReplicaPool(self.replicas)
-        if checkpoint:  # the checkpoint's weights are served; give them their version number
-            ref = ray.put(WeightsPayload.from_dirs(model_dir, adversary_dir))
-            await self.engine.swap_weights(ref, completed)
-            self.latest_weights = (ref, completed)
-            if fetched:  # served now, and in the object store for resyncs
-                shutil.rmtree(local, ignore_errors=True)
         report(f"starting {cfg.expanders} expander(s)")
         human_queue = None
         if cfg.expert == "human":  # the driver's queue actor (the one its /human page answers)
@@ -149,6 +139,20 @@ class RayBackend(Backend):
                               f"{res.required_cpus(cfg) - cfg.expanders * res.expander_cpus:g} for the other "
                               f"actors)?") from None
         return dict(self.setup_seconds)
+
+    async def launch_replicas(self, model_dir: Path, adversary_dir: Path) -> None:
+        """M's replicas, serving these weights, and the pool over them."""
+        from ida_ray.actors.replica import start_replicas
+        from ida_ray.serving.engine_pool import ReplicaPool
+
+        cfg, res = self.cfg, self.cfg.resources
+        # start_replicas blocks until every engine is up: run it off the actor's event loop.
+        self.replicas = await asyncio.to_thread(
+            start_replicas, cfg.replicas, str(model_dir), str(adversary_dir), engine=cfg.engine,
+            use_gpu=cfg.use_gpu, max_new_tokens=cfg.amplify.max_new_tokens, num_cpus=res.replica_cpus,
+            kv_cache_gib=res.kv_cache_gib, dtype=cfg.model.dtype, resources=res.replica_resources,
+            tensor_parallel_size=res.replica_gpus if cfg.use_gpu else 1, max_restarts=res.restarts)
+        self.engine = ReplicaPool(self.replicas)
 
     async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[ExpandResult], DispatchStats]:
         """Chunks small enough that progress shows and a lost expander costs little."""
