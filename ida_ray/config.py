@@ -106,6 +106,10 @@ class TrainConfig:
     """Gradient-norm clip of every step."""
     replay_capacity: int = 20_000
     """Examples the replay buffer keeps (the newest; FIFO eviction)."""
+    group_by_length: bool = False
+    """Minibatches of examples of similar length (sorted within the round, the batches then
+    shuffled): less padding, so fewer positions per step; each batch is then of one kind more
+    often (answers, fan-outs, fan-ins), which is what this changes about the gradients."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """The model's learning rate over the run's model steps (iterations x steps_per_iteration):
     "constant", or "cosine" (nanoGPT's: linear warm-up over `warmup_steps`, then a cosine from

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,25 @@ def test_cosine_schedule_sets_the_model_rate_each_step_and_leaves_the_adversary_
     constant = ImitationObjective.build(plain)
     train_round(constant, sample, train_command(plain, 5, model_steps=2, adversary_steps=0), seed=0)
     assert constant.model_opt.param_groups[0]["lr"] == 1e-2
+
+
+def test_minibatches_grouped_by_length_pad_less_and_train_the_same_examples():
+    from ida_ray.losses import collate_lm
+    from ida_ray.models import build_model
+    from ida_ray.training import minibatches
+
+    _, tokenizer = build_model(SPEC, 0)
+    examples = [e for e in _examples(0, 40) if e.kind != "adversary"]
+    examples += [Example("fan_in", "I" + "1,2,3,4,5,6,7" * (i % 3) + "=", str(i), None, 0, f"f{i}") for i in range(16)]
+    random.Random(0).shuffle(examples)  # as the replay buffer samples them
+    plain = minibatches(examples, 8, 12, group_by_length=False, seed=1)
+    grouped = minibatches(examples, 8, 12, group_by_length=True, seed=1)
+    assert plain == [examples[i * 8:(i + 1) * 8] for i in range(12)]  # sampled order, as before
+    assert sorted(id(e) for b in grouped for e in b) == sorted(id(e) for b in plain for e in b)
+    assert all(len(b) == 8 for b in grouped) and grouped == minibatches(examples, 8, 12, True, seed=1)
+    assert grouped != minibatches(examples, 8, 12, True, seed=2)  # the batch order is shuffled by the seed
+    positions = lambda batches: sum(collate_lm(tokenizer, b)["input_ids"].numel() for b in batches)  # noqa: E731
+    assert positions(grouped) < 0.8 * positions(plain)
 
 
 # -- DDP on Ray Train ----------------------------------------------------------------------
