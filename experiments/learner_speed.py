@@ -131,10 +131,9 @@ def main(argv=None) -> dict:
             log(f"repeat {r}: {name} {runs[name][-1]}")
 
     torch.set_num_threads(1)
-    objective = ImitationObjective.build(base)
-    profile = {"one_thread_sampled_order": profile_steps(objective, minibatches(drawn[MODEL_KINDS], bs, min(60, args.steps), False, 0))}
-    objective = ImitationObjective.build(base)
-    profile["one_thread_grouped"] = profile_steps(objective, minibatches(drawn[MODEL_KINDS], bs, min(60, args.steps), True, 0))
+    profile, n = {}, min(60, args.steps)
+    for name, group in (("one_thread_sampled_order", False), ("one_thread_grouped", True)):
+        profile[name] = profile_steps(ImitationObjective.build(base), minibatches(drawn[MODEL_KINDS], bs, n, group, 0))
 
     steps = args.steps + args.adversary_steps
     arms = {}
