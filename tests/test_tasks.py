@@ -66,7 +66,7 @@ def test_all_tasks_registered_and_unknown_is_a_config_error():
         get_task("nope")
 
 
-@pytest.mark.parametrize("name, kwargs", [("perm", {"base_size": 1}), ("perm", {"n": 11}),
+@pytest.mark.parametrize("name, kwargs", [("perm", {"base_size": 1}), ("perm", {"n": 11}), ("sum", {"split": "thirds"}),
                                           ("assign", {"base_size": 0}), ("path", {"width": 5})])
 def test_bad_task_arguments_are_config_errors(name, kwargs):
     with pytest.raises(ConfigError):
@@ -102,6 +102,20 @@ def test_expert_tree_equals_solve_at_every_default_size(name, seed):
             assert all(legal(t) for t in texts), (question, step)
             if isinstance(step, Split):  # the expert's subquestions are smaller questions of the task
                 assert all(task.size(s) < task.size(question) for s in texts), (question, step)
+
+
+@PROPERTY
+@given(seed=SEEDS)
+def test_sum_uneven_split_cuts_off_base_size_digits_and_its_tree_is_the_truth(seed):
+    task, rng = get_task("sum", base_size=1, max_digit=3, split="uneven"), random.Random(seed)
+    for size in task.default_sizes:
+        q = task.generate(size, rng)
+        answer, steps = expert_steps(task, q)
+        assert answer == task.solve(q)
+        for question, step, _sub in steps:
+            if isinstance(step, Split):  # one digit, and the rest (in either order)
+                sizes = sorted((task.size(step.q1), task.size(step.q2)))
+                assert sizes == [1, task.size(question) - 1], (question, step)
 
 
 @pytest.mark.parametrize("name", NAMES)

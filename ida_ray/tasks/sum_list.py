@@ -1,7 +1,10 @@
 """Sum of a list of digits: "3,5,7,1" -> "16". Size = list length.
 
-The expert adds at most `base_size` digits itself; longer lists are split into halves and the
-two partial sums added (the fan-in adds two numbers, an easy step for a weak expert).
+The expert adds at most `base_size` digits itself; longer lists are split in two and the two
+partial sums added (the fan-in adds two numbers, an easy step for a weak expert). `split`:
+"halves" (the two subquestions about as hard), or "uneven" (the first `base_size` digits and
+the rest: one subquestion the model soon answers, one as hard as the question less a digit),
+the case where the adversary's choice of the branch to expand should matter.
 """
 from __future__ import annotations
 
@@ -19,12 +22,15 @@ _NUMBER = re.compile(r"^(0|[1-9][0-9]*)$")
 class SumList(Task):
     name = "sum"
 
-    def __init__(self, base_size: int = 2, max_digit: int = 9):
-        if base_size < 1 or not 1 <= max_digit <= 9:
-            from ida_ray.errors import ConfigError
+    def __init__(self, base_size: int = 2, max_digit: int = 9, split: str = "halves"):
+        from ida_ray.errors import ConfigError
 
+        if base_size < 1 or not 1 <= max_digit <= 9:
             raise ConfigError(f"sum: need base_size >= 1 and 1 <= max_digit <= 9, got {base_size}, {max_digit}")
+        if split not in ("halves", "uneven"):
+            raise ConfigError(f"sum: split must be 'halves' or 'uneven', got {split!r}")
         self.base_size = base_size
+        self.split = split
         self.max_digit = max_digit  # max_digit=1 makes it counting ones, an easier function to learn
         self.default_sizes = tuple(range(1, 4 * base_size + 1))
 
@@ -52,8 +58,8 @@ class SumList(Task):
 
     def _split(self, question: str) -> Split:
         digits = question.split(",")
-        half = (len(digits) + 1) // 2
-        return Split(",".join(digits[:half]), ",".join(digits[half:]))
+        cut = self.base_size if self.split == "uneven" else (len(digits) + 1) // 2
+        return Split(",".join(digits[:cut]), ",".join(digits[cut:]))
 
     def _combine(self, question, sub) -> Step:
         (_, a1), (_, a2) = sub
