@@ -14,7 +14,8 @@ examples; arms alternate, `--repeats` times each, medians count. Arms:
 
   before        today's default learner here: one torch thread (what Ray gives a 1-CPU
                 worker), minibatches in sampled order
-  grouped       train.group_by_length: minibatches of similar length (less padding)
+  packed        train.pack_sequences: several sequences to a row, each attending to itself
+                alone (the same loss and gradients, on fewer positions)
   two_threads   resources.learner_threads 2 (the replicas idle while a sync run trains)
   after         both
 
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from experiments import common
 
-ARMS = {"before": (1, False), "grouped": (1, True), "two_threads": (2, False), "after": (2, True)}
+ARMS = {"before": (1, False), "packed": (1, True), "two_threads": (2, False), "after": (2, True)}
 
 
 def read_examples(path: Path):
@@ -85,7 +86,7 @@ def main(argv=None) -> dict:
     from ida_ray.examples import MODEL_KINDS
     from ida_ray.losses import collate_lm, model_loss
     from ida_ray.messages import TrainCommand
-    from ida_ray.training import ImitationObjective, minibatches, train_round
+    from ida_ray.training import ImitationObjective, train_round
 
     log = common.timed_log("learner_speed")
     base = load_config("default")
@@ -113,8 +114,8 @@ def main(argv=None) -> dict:
         return round(sum(losses) / len(losses), 4)
 
     def run_arm(name: str) -> dict:
-        threads, group = ARMS[name]
-        cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, group_by_length=group))
+        threads, pack = ARMS[name]
+        cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, pack_sequences=pack))
         torch.set_num_threads(threads)
         objective = ImitationObjective.build(cfg)
         t0 = time.perf_counter()
@@ -132,14 +133,16 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)
     profile, n = {}, min(60, args.steps)
-    for name, group in (("one_thread_sampled_order", False), ("one_thread_grouped", True)):
-        profile[name] = profile_steps(ImitationObjective.build(base), minibatches(drawn[MODEL_KINDS], bs, n, group, 0))
+    profile_batches = [drawn[MODEL_KINDS][i * bs:(i + 1) * bs] for i in range(n)]
+    for name, pack in (("one_thread_padded", False), ("one_thread_packed", True)):
+        cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, pack_sequences=pack))
+        profile[name] = profile_steps(ImitationObjective.build(cfg), profile_batches)
 
     steps = args.steps + args.adversary_steps
     arms = {}
     for name, rows in runs.items():
         med = lambda key: statistics.median(row[key] for row in rows)  # noqa: E731
-        arms[name] = {"threads": ARMS[name][0], "group_by_length": ARMS[name][1],
+        arms[name] = {"threads": ARMS[name][0], "pack_sequences": ARMS[name][1],
                       "steps_per_second": round(steps / med("seconds"), 2),
                       "model_steps_per_second": round(args.steps / med("model_seconds"), 2),
                       "adversary_steps_per_second": round(args.adversary_steps / med("adversary_seconds"), 2),

@@ -106,10 +106,11 @@ class TrainConfig:
     """Gradient-norm clip of every step."""
     replay_capacity: int = 20_000
     """Examples the replay buffer keeps (the newest; FIFO eviction)."""
-    group_by_length: bool = False
-    """Minibatches of examples of similar length (sorted within the round, the batches then
-    shuffled): less padding, so fewer positions per step; each batch is then of one kind more
-    often (answers, fan-outs, fan-ins), which is what this changes about the gradients."""
+    pack_sequences: bool = False
+    """The model's minibatches packed: sequences end to end in rows as wide as the longest,
+    each attending to itself alone (`ida_ray.losses.collate_lm_packed`). The same loss and
+    gradients as padding every sequence to the longest, on fewer positions: IDA's mix of short
+    answers and long fan-ins pads a random minibatch to ~60% padding. Objective imitation."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """The model's learning rate over the run's model steps (iterations x steps_per_iteration):
     "constant", or "cosine" (nanoGPT's: linear warm-up over `warmup_steps`, then a cosine from
@@ -349,6 +350,8 @@ class IDAConfig:
             p.append(str(exc))
         if self.objective == "honest" and self.model.lora_rank:
             p.append("objective 'honest' trains its two-headed model whole: model.lora_rank must be 0")
+        if self.objective == "honest" and self.train.pack_sequences:
+            p.append("objective 'honest' takes padded minibatches: train.pack_sequences must be false")
         for name in ("iterations", "amplify_trees_per_iteration", "trees_in_flight", "replicas", "expanders",
                      "learner_workers", "eval_questions_per_size"):
             if getattr(self, name) < 1:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ida_ray.config import IDAConfig, TrainConfig
 from ida_ray.engine import adversary_scores
 from ida_ray.examples import MODEL_KINDS, Example
-from ida_ray.losses import collate_adversary, collate_lm, model_loss
+from ida_ray.losses import collate_adversary, collate_lm, collate_lm_packed, model_loss
 from ida_ray.messages import RoundStats, TrainCommand
 
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
@@ -233,7 +233,7 @@ class ImitationObjective(Objective):
         return [self.model_opt]
 
     def model_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        return self._batch(collate_lm, examples)
+        return self._batch(collate_lm_packed if self.cfg.pack_sequences else collate_lm, examples)
 
     def model_step_on(self, batch: dict[str, torch.Tensor]) -> float:
         return self._step(self.model_wrapped, self.model_opt, model_loss, batch)
@@ -336,15 +336,14 @@ def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, 
     objective.prepare_round(lm)
     t0 = time.time()
     have = have.tolist()
-    group = objective.cfg.group_by_length
-    chunks = minibatches(lm, bs, command.model_steps if have[0] else 0, group, base * 2)
+    chunks = [lm[i * bs:(i + 1) * bs] for i in range(command.model_steps if have[0] else 0)]
     m_losses = []
     for i, batch in enumerate(prefetched(objective.model_batch, chunks)):
         if command.total_steps:
             objective.set_model_lr_factor(objective.cfg.lr_factor(command.first_step + i, command.total_steps))
         m_losses.append(objective.model_step_on(batch))
     t_model = time.time() - t0
-    a_chunks = minibatches(adv, bs, command.adversary_steps if have[1] else 0, group, base * 2 + 1)
+    a_chunks = [adv[i * bs:(i + 1) * bs] for i in range(command.adversary_steps if have[1] else 0)]
     a_losses = [objective.adversary_step_on(b) for b in prefetched(objective.adversary_batch, a_chunks)]
     losses = torch.tensor([tail_mean(m_losses), tail_mean(a_losses)], dtype=torch.float64, device=objective.device)
     _all_reduce(losses, world_size)
@@ -356,20 +355,6 @@ def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, 
                       adversary_loss=float(losses[1]), model_steps=len(m_losses), adversary_steps=len(a_losses),
                       model_train_seconds=round(t_model, 3), train_seconds=round(time.time() - t0, 3),
                       local_batch_size=bs, objective_stats=objective.round_stats(len(m_losses)))
-
-
-def minibatches(examples: list[Example], batch_size: int, steps: int, group_by_length: bool,
-                seed: int) -> list[list[Example]]:
-    """The round's examples cut into `steps` minibatches of `batch_size`. group_by_length: the
-    examples sorted by length first and the minibatches then shuffled (seeded), so that each
-    pads to its own longest sequence, not to the round's (HF Trainer's group_by_length): a
-    batch drawn at random from IDA's mix of short answers and long fan-ins is ~60% padding."""
-    if group_by_length:
-        examples = sorted(examples, key=lambda e: len(e.prompt) + len(e.completion))
-    batches = [examples[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
-    if group_by_length:
-        random.Random(seed).shuffle(batches)
-    return batches
 
 
 def prefetched(make: Callable, items: list, depth: int = 2):

@@ -146,23 +146,44 @@ def test_cosine_schedule_sets_the_model_rate_each_step_and_leaves_the_adversary_
     assert constant.model_opt.param_groups[0]["lr"] == 1e-2
 
 
-def test_minibatches_grouped_by_length_pad_less_and_train_the_same_examples():
-    from ida_ray.losses import collate_lm
-    from ida_ray.models import build_model
-    from ida_ray.training import minibatches
+def test_packed_minibatches_give_the_padded_loss_and_gradients_on_fewer_positions():
+    """train.pack_sequences: several sequences to a row, each attending to itself alone - the
+    same loss and gradients as the padded batch (a sequence that saw its row-mates would not
+    give them), on fewer rows; and a round trains the same with either."""
 
-    _, tokenizer = build_model(SPEC, 0)
+    from ida_ray.losses import collate_lm, collate_lm_packed, model_loss
+    from ida_ray.models import build_model
+    from ida_ray.training import ImitationObjective, TrainCommand, train_round
+
+    model, tokenizer = build_model(SPEC, 0)
     examples = [e for e in _examples(0, 40) if e.kind != "adversary"]
-    examples += [Example("fan_in", "I" + "1,2,3,4,5,6,7" * (i % 3) + "=", str(i), None, 0, f"f{i}") for i in range(16)]
+    examples += [Example("fan_in", "I" + "1,2,3,4,5,6,7" * (1 + i % 3) + "=", str(i), None, 0, f"f{i}") for i in range(12)]
     random.Random(0).shuffle(examples)  # as the replay buffer samples them
-    plain = minibatches(examples, 8, 12, group_by_length=False, seed=1)
-    grouped = minibatches(examples, 8, 12, group_by_length=True, seed=1)
-    assert plain == [examples[i * 8:(i + 1) * 8] for i in range(12)]  # sampled order, as before
-    assert sorted(id(e) for b in grouped for e in b) == sorted(id(e) for b in plain for e in b)
-    assert all(len(b) == 8 for b in grouped) and grouped == minibatches(examples, 8, 12, True, seed=1)
-    assert grouped != minibatches(examples, 8, 12, True, seed=2)  # the batch order is shuffled by the seed
-    positions = lambda batches: sum(collate_lm(tokenizer, b)["input_ids"].numel() for b in batches)  # noqa: E731
-    assert positions(grouped) < 0.8 * positions(plain)
+    padded, packed = collate_lm(tokenizer, examples), collate_lm_packed(tokenizer, examples)
+    assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
+    assert packed["input_ids"].shape[0] < 0.5 * padded["input_ids"].shape[0]
+    assert int(packed["sequences"]) == len(examples) and (packed["labels"] != -100).sum() == (padded["labels"] != -100).sum()
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss = model_loss(model, batch)
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert max(float((a - b).abs().max()) for a, b in zip(grads[0][1], grads[1][1])) < 1e-5
+
+    def trained(pack: bool):
+        objective = ImitationObjective.build(IDAConfig(model=SPEC, train=TrainConfig(batch_size=16, lr=1e-2,
+                                                                                     pack_sequences=pack)))
+        sample = lambda n, kinds, seed: [e for e in examples if e.kind in kinds][:n]  # noqa: E731
+        stats = train_round(objective, sample, TrainCommand(0, 4, 0), seed=0)
+        return stats.model_loss, list(objective.model.parameters())
+
+    (loss_padded, w_padded), (loss_packed, w_packed) = trained(False), trained(True)
+    assert loss_padded == pytest.approx(loss_packed, rel=1e-4)
+    assert max(float((a - b).abs().max()) for a, b in zip(w_padded, w_packed)) < 1e-4
+    with pytest.raises(Exception, match="pack_sequences"):
+        IDAConfig(model=SPEC, objective="honest", train=TrainConfig(pack_sequences=True)).validate()
 
 
 # -- DDP on Ray Train ----------------------------------------------------------------------
