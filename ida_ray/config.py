@@ -107,10 +107,11 @@ class TrainConfig:
     replay_capacity: int = 20_000
     """Examples the replay buffer keeps (the newest; FIFO eviction)."""
     pack_sequences: bool = False
-    """The model's minibatches packed: sequences end to end in rows as wide as the longest,
-    each attending to itself alone (`ida_ray.losses.collate_lm_packed`). The same loss and
-    gradients as padding every sequence to the longest, on fewer positions: IDA's mix of short
-    answers and long fan-ins pads a random minibatch to ~60% padding. Objective imitation."""
+    """Minibatches of the model and the adversary packed: sequences end to end in rows as wide
+    as the longest, each attending to itself alone (`ida_ray.losses.pack_rows`). The same loss
+    and gradients as padding every sequence to the longest, on fewer positions: IDA's mix of
+    short answers and long fan-ins leaves a padded random minibatch ~60% padding. The
+    objective imitation (honest takes padded batches)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """The model's learning rate over the run's model steps (iterations x steps_per_iteration):
     "constant", or "cosine" (nanoGPT's: linear warm-up over `warmup_steps`, then a cosine from

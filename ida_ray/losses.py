@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ida_ray.engine import adversary_scores
 from ida_ray.examples import Example
 from ida_ray.tokenizer import bos_ids
 
@@ -33,38 +32,57 @@ def collate_lm(tokenizer, examples: list[Example]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate_lm_packed(tokenizer, examples: list[Example]) -> dict[str, torch.Tensor]:
-    """The examples' sequences packed end to end into rows as wide as the longest (first-fit
-    decreasing; none is split), position ids restarting at each sequence. Given position ids
-    and no attention mask, transformers builds a block-diagonal causal mask from them (each
-    sequence attends to itself alone), so the loss is the padded batch's, on about 60% fewer
-    positions for IDA's mix of short answers and long fan-ins."""
-    seqs = [encode(tokenizer, e.prompt, e.completion, eos=True) for e in examples]
-    width = max(len(s) for s, _ in seqs)
+def pack_rows(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Token sequences end to end in rows as wide as the longest (first-fit decreasing; none is
+    split), with position ids restarting at each sequence: (ids, position ids, each sequence's
+    (row, start)). Given position ids and no attention mask, transformers builds a
+    block-diagonal causal mask from them, so each sequence attends to itself alone and a
+    packed batch computes what the padded one does, on fewer positions (IDA's mix of short
+    answers and long fan-ins leaves a padded random minibatch ~60% padding)."""
+    width = max(len(s) for s in seqs)
     rows: list[list[int]] = []
     free: list[int] = []
-    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
-        n = len(seqs[i][0])
-        row = next((r for r, f in enumerate(free) if f >= n), None)
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        row = next((r for r, f in enumerate(free) if f >= len(seqs[i])), None)
         if row is None:
             rows.append([])
             free.append(width)
             row = len(rows) - 1
         rows[row].append(i)
-        free[row] -= n
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
+        free[row] -= len(seqs[i])
+    ids = torch.full((len(rows), width), pad_id)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
+    places: list[tuple[int, int]] = [(0, 0)] * len(seqs)
     for r, members in enumerate(rows):
         at = 0
         for i in members:
-            s, n_prompt = seqs[i]
-            ids[r, at:at + len(s)] = torch.tensor(s)
-            labels[r, at + n_prompt:at + len(s)] = torch.tensor(s[n_prompt:])
-            positions[r, at:at + len(s)] = torch.arange(len(s))
-            at += len(s)
+            n = len(seqs[i])
+            ids[r, at:at + n] = torch.tensor(seqs[i])
+            positions[r, at:at + n] = torch.arange(n)
+            places[i] = (r, at)
+            at += n
         positions[r, at:] = torch.arange(width - at)  # the row's tail: a sequence of its own, unlabelled
+    return ids, positions, places
+
+
+def collate_lm_packed(tokenizer, examples: list[Example]) -> dict[str, torch.Tensor]:
+    """collate_lm's batch packed (pack_rows): the same loss, on fewer positions."""
+    seqs = [encode(tokenizer, e.prompt, e.completion, eos=True) for e in examples]
+    ids, positions, places = pack_rows([s for s, _ in seqs], tokenizer.pad_token_id)
+    labels = torch.full(ids.shape, -100)
+    for (s, n_prompt), (r, at) in zip(seqs, places):
+        labels[r, at + n_prompt:at + len(s)] = torch.tensor(s[n_prompt:])
     return {"input_ids": ids, "position_ids": positions, "labels": labels, "sequences": torch.tensor(len(seqs))}
+
+
+def collate_adversary_packed(tokenizer, examples: list[Example]) -> dict[str, torch.Tensor]:
+    """collate_adversary's batch packed (pack_rows), with where each sequence's last token is."""
+    seqs = [encode(tokenizer, e.prompt, e.completion, eos=False)[0] for e in examples]
+    ids, positions, places = pack_rows(seqs, tokenizer.pad_token_id)
+    return {"input_ids": ids, "position_ids": positions,
+            "last_row": torch.tensor([r for r, _ in places]),
+            "last_col": torch.tensor([at + len(s) - 1 for s, (_, at) in zip(seqs, places)]),
+            "target": torch.tensor([e.target for e in examples], dtype=torch.float32)}
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -98,7 +116,4 @@ def collate_adversary(tokenizer, examples: list[Example]) -> dict[str, torch.Ten
     return {"input_ids": ids, "attention_mask": mask, "target": target}
 
 
-def adversary_loss(adversary, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """L_Adv = (Adv(q, M(q)) - log M(A | q))^2, averaged."""
-    scores = adversary_scores(adversary, batch["input_ids"], batch["attention_mask"])
-    return F.mse_loss(scores, batch["target"])
+

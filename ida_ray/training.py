@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ida_ray.config import IDAConfig, TrainConfig
 from ida_ray.engine import adversary_scores
 from ida_ray.examples import MODEL_KINDS, Example
-from ida_ray.losses import collate_adversary, collate_lm, collate_lm_packed, model_loss
+from ida_ray.losses import collate_adversary, collate_adversary_packed, collate_lm, collate_lm_packed, model_loss
 from ida_ray.messages import RoundStats, TrainCommand
 
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
@@ -54,13 +54,17 @@ class AdversaryScorer(torch.nn.Module):
         super().__init__()
         self.adversary = adversary
 
-    def forward(self, input_ids, attention_mask):
-        return adversary_scores(self.adversary, input_ids, attention_mask)
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "position_ids" in batch:  # collate_adversary_packed: read at each sequence's last token
+            hidden = self.adversary.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                          use_cache=False).last_hidden_state
+            return self.adversary.score(hidden[batch["last_row"], batch["last_col"]]).squeeze(-1).float()
+        return adversary_scores(self.adversary, batch["input_ids"], batch["attention_mask"])
 
 
 def scorer_loss(scorer, batch) -> torch.Tensor:
     """L_Adv = (Adv(q, M(q)) - log M(A | q))^2, averaged."""
-    return F.mse_loss(scorer(batch["input_ids"], batch["attention_mask"]), batch["target"])
+    return F.mse_loss(scorer(batch), batch["target"])
 
 
 @dataclass
@@ -128,7 +132,7 @@ class Objective(ABC):
         return self.adversary_step_on(self.adversary_batch(examples))
 
     def adversary_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        return self._batch(collate_adversary, examples)
+        return self._batch(collate_adversary_packed if self.cfg.pack_sequences else collate_adversary, examples)
 
     def adversary_step_on(self, batch: dict[str, torch.Tensor]) -> float:
         return self._step(self.scorer, self.adversary_opt, scorer_loss, batch)

@@ -150,8 +150,9 @@ def test_packed_minibatches_give_the_padded_loss_and_gradients_on_fewer_position
     """train.pack_sequences: several sequences to a row, each attending to itself alone - the
     same loss and gradients as the padded batch (a sequence that saw its row-mates would not
     give them), on fewer rows; and a round trains the same with either."""
+    import torch
 
-    from ida_ray.losses import collate_lm, collate_lm_packed, model_loss
+    from ida_ray.losses import collate_adversary, collate_adversary_packed, collate_lm, collate_lm_packed, model_loss
     from ida_ray.models import build_model
     from ida_ray.training import ImitationObjective, TrainCommand, train_round
 
@@ -172,15 +173,24 @@ def test_packed_minibatches_give_the_padded_loss_and_gradients_on_fewer_position
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     assert max(float((a - b).abs().max()) for a, b in zip(grads[0][1], grads[1][1])) < 1e-5
 
+    # The adversary's score, read at each packed sequence's last token, is the padded one's.
+    adversary_examples = [Example("adversary", e.prompt, e.completion, -float(i % 5), 0, e.tree_id)
+                          for i, e in enumerate(examples)]
+    objective = ImitationObjective.build(IDAConfig(model=SPEC))
+    scores = [objective.scorer(collate(objective.tokenizer, adversary_examples))
+              for collate in (collate_adversary, collate_adversary_packed)]
+    assert torch.allclose(scores[0], scores[1], atol=1e-5)
+
     def trained(pack: bool):
         objective = ImitationObjective.build(IDAConfig(model=SPEC, train=TrainConfig(batch_size=16, lr=1e-2,
                                                                                      pack_sequences=pack)))
-        sample = lambda n, kinds, seed: [e for e in examples if e.kind in kinds][:n]  # noqa: E731
-        stats = train_round(objective, sample, TrainCommand(0, 4, 0), seed=0)
-        return stats.model_loss, list(objective.model.parameters())
+        sample = lambda n, kinds, seed: [e for e in examples + adversary_examples if e.kind in kinds][:n]  # noqa: E731
+        stats = train_round(objective, sample, TrainCommand(0, 4, 2), seed=0)
+        weights = [*objective.model.parameters(), *objective.adversary.parameters()]
+        return stats.model_loss, stats.adversary_loss, weights
 
-    (loss_padded, w_padded), (loss_packed, w_packed) = trained(False), trained(True)
-    assert loss_padded == pytest.approx(loss_packed, rel=1e-4)
+    (m_padded, a_padded, w_padded), (m_packed, a_packed, w_packed) = trained(False), trained(True)
+    assert m_padded == pytest.approx(m_packed, rel=1e-4) and a_padded == pytest.approx(a_packed, rel=1e-4)
     assert max(float((a - b).abs().max()) for a, b in zip(w_padded, w_packed)) < 1e-4
     with pytest.raises(Exception, match="pack_sequences"):
         IDAConfig(model=SPEC, objective="honest", train=TrainConfig(pack_sequences=True)).validate()
