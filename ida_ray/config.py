@@ -110,14 +110,15 @@ class TrainConfig:
     """Minibatches of the model and the adversary packed: sequences end to end in rows as wide
     as the longest, each attending to itself alone (`ida_ray.losses.pack_rows`). The same loss
     and gradients as padding every sequence to the longest, on fewer positions: IDA's mix of
-    short answers and long fan-ins leaves a padded random minibatch ~60% padding. The
-    objective imitation (honest takes padded batches)."""
+    short answers and long fan-ins leaves a padded random minibatch ~60% padding. Objective
+    honest packs the adversary's only: its two-headed passes take padded batches."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """The model's learning rate over the run's model steps (iterations x steps_per_iteration):
     "constant", or "cosine" (nanoGPT's: linear warm-up over `warmup_steps`, then a cosine from
     `lr` down to `min_lr_fraction * lr` at the run's last step), so that a run settles at the
     end instead of ending on a full-size step. The adversary's rate stays constant: it tracks
-    a model that keeps changing."""
+    a model that keeps changing. The schedule spans `iterations`: a run resumed with more
+    iterations than it started with stretches what is left of it."""
     warmup_steps: int = 0
     """Model steps of linear warm-up from 0 to `lr` (lr_schedule cosine)."""
     min_lr_fraction: float = 0.1
@@ -351,8 +352,6 @@ class IDAConfig:
             p.append(str(exc))
         if self.objective == "honest" and self.model.lora_rank:
             p.append("objective 'honest' trains its two-headed model whole: model.lora_rank must be 0")
-        if self.objective == "honest" and self.train.pack_sequences:
-            p.append("objective 'honest' takes padded minibatches: train.pack_sequences must be false")
         for name in ("iterations", "amplify_trees_per_iteration", "trees_in_flight", "replicas", "expanders",
                      "learner_workers", "eval_questions_per_size"):
             if getattr(self, name) < 1:
