@@ -145,7 +145,7 @@ def test_every_preset_loads_and_round_trips():
     for name in presets():
         cfg = load_config(name)
         assert type(cfg).from_dict(cfg.to_dict()) == cfg, name
-    assert config_values("default")["iterations"] == 12
+    assert config_values("default")["iterations"] == 16
 
 
 def test_default_is_local_cpu_vllm_sum():
