@@ -39,24 +39,14 @@ def train_command(seed: int, overrides: list[str]) -> list[str]:
             "--no-progress", *overrides]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The run's iteration records, the last record of each iteration winning (as resume reads them)."""
-    rows: dict[int, dict] = {}
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                m = json.loads(line)
-                rows[m["iteration"]] = m
-    return [rows[k] for k in sorted(rows)]
-
-
 def run_seed(seed: int, overrides: list[str], iterations: int, fresh: bool, log) -> dict:
+    from ida_ray.run_dir import read_history
+
     run_dir = run_dir_of(seed)
     done_file = run_dir / "default_run_minutes.json"  # what this script timed, beside the run
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    if not (done_file.exists() and len(read_metrics(run_dir)) >= iterations):
+    if not (done_file.exists() and len(read_history(run_dir, iterations)) == iterations):
         if run_dir.exists():  # an interrupted seed: start it over, so that its minutes are one run's
             shutil.rmtree(run_dir)
         command = train_command(seed, overrides)
@@ -68,11 +58,11 @@ def run_seed(seed: int, overrides: list[str], iterations: int, fresh: bool, log)
             raise SystemExit(f"seed {seed}: ida-ray train exited with {done.returncode}")
         done_file.write_text(json.dumps({"minutes": round((time.time() - t0) / 60, 2), "command": " ".join(command)}))
     timed = json.loads(done_file.read_text())
-    history = read_metrics(run_dir)
-    largest = str(max(int(k) for k in history[0]["accuracy_by_size"]))
+    history = read_history(run_dir, iterations)
+    largest = max(history[0]["accuracy_by_size"])
     curve = [m["accuracy_by_size"][largest] for m in history]
     best_at = max(range(len(curve)), key=lambda i: (curve[i], i))
-    return {"seed": seed, "command": timed["command"], "minutes": timed["minutes"], "largest_size": int(largest),
+    return {"seed": seed, "command": timed["command"], "minutes": timed["minutes"], "largest_size": largest,
             "best_accuracy_largest": curve[best_at], "best_iteration": best_at, "final_accuracy_largest": curve[-1],
             "final_accuracy_by_size": history[-1]["accuracy_by_size"],
             "accuracy_largest": curve,

@@ -113,11 +113,15 @@ def main(argv=None) -> dict:
                       for i in range(0, len(heldout), bs)]
         return round(sum(losses) / len(losses), 4)
 
+    def objective_for(pack: bool) -> ImitationObjective:
+        """Fresh default-run weights, with or without packed minibatches."""
+        return ImitationObjective.build(dataclasses.replace(base, train=dataclasses.replace(base.train,
+                                                                                            pack_sequences=pack)))
+
     def run_arm(name: str) -> dict:
         threads, pack = ARMS[name]
-        cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, pack_sequences=pack))
         torch.set_num_threads(threads)
-        objective = ImitationObjective.build(cfg)
+        objective = objective_for(pack)
         t0 = time.perf_counter()
         stats = train_round(objective, sample, TrainCommand(0, args.steps, args.adversary_steps), seed=0)
         seconds = time.perf_counter() - t0
@@ -135,8 +139,7 @@ def main(argv=None) -> dict:
     profile, n = {}, min(60, args.steps)
     profile_batches = [drawn[MODEL_KINDS][i * bs:(i + 1) * bs] for i in range(n)]
     for name, pack in (("one_thread_padded", False), ("one_thread_packed", True)):
-        cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, pack_sequences=pack))
-        profile[name] = profile_steps(ImitationObjective.build(cfg), profile_batches)
+        profile[name] = profile_steps(objective_for(pack), profile_batches)
 
     steps = args.steps + args.adversary_steps
     arms = {}
