@@ -220,6 +220,43 @@ def check_configs(ap: argparse.ArgumentParser, build, fresh: bool = False) -> li
 
 
 # ---------------------------------------------------------------------------------------
+# Runs of the system a user runs.
+# ---------------------------------------------------------------------------------------
+TIMED_FILE = "ida_ray_train_minutes.json"
+"""What run_ida_train timed, written beside the run's own files when the command exits."""
+
+
+def run_ida_train(run_dir: Path, arguments: list[str], iterations: int, fresh: bool, log) -> tuple[list[dict], dict]:
+    """One `ida-ray train --run-dir <run_dir> --no-progress <arguments>` process, timed from its
+    start to its exit as a user would time it; returns (its metrics history, {"minutes",
+    "command"}). A run directory that already holds all `iterations` and the timing is read, not
+    rerun (an interrupted experiment goes on where it stopped); a partial one is started over,
+    so that the minutes are one run's. `fresh` starts over in any case."""
+    import shutil
+
+    from ida_ray.run_dir import read_history
+
+    run_dir = Path(run_dir)
+    timed_file = run_dir / TIMED_FILE
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if not (timed_file.exists() and len(read_history(run_dir, iterations)) == iterations):
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        shown = run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir
+        command = ["ida-ray", "train", "--run-dir", str(shown), "--no-progress", *arguments]
+        log(" ".join(command))
+        t0 = time.time()
+        exe = str(Path(sys.executable).with_name("ida-ray"))
+        done = subprocess.run([exe, *command[1:]], cwd=ROOT, stdout=sys.stdout, stderr=sys.stderr)
+        if done.returncode != 0:
+            raise SystemExit(f"{shlex.join(command)} exited with {done.returncode}")
+        timed_file.write_text(json.dumps({"minutes": round((time.time() - t0) / 60, 2),
+                                          "command": shlex.join(command)}))
+    return read_history(run_dir, iterations), json.loads(timed_file.read_text())
+
+
+# ---------------------------------------------------------------------------------------
 # Logs and worker processes.
 # ---------------------------------------------------------------------------------------
 def timed_log(name: str | None = None, log_dir: str | Path | None = None, t0: float | None = None):

@@ -16,11 +16,6 @@ the end of the run, and the final model within 2 points of the best the run reac
 """
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from experiments import common
@@ -33,32 +28,8 @@ def run_dir_of(seed: int) -> Path:
     return common.ROOT / "runs" / "default_run" / f"seed_{seed}"
 
 
-def train_command(seed: int, overrides: list[str]) -> list[str]:
-    """The user's command: `ida-ray train`, with the seed and its own run directory."""
-    return ["ida-ray", "train", "--seed", str(seed), "--run-dir", str(run_dir_of(seed).relative_to(common.ROOT)),
-            "--no-progress", *overrides]
-
-
 def run_seed(seed: int, overrides: list[str], iterations: int, fresh: bool, log) -> dict:
-    from ida_ray.run_dir import read_history
-
-    run_dir = run_dir_of(seed)
-    done_file = run_dir / "default_run_minutes.json"  # what this script timed, beside the run
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if not (done_file.exists() and len(read_history(run_dir, iterations)) == iterations):
-        if run_dir.exists():  # an interrupted seed: start it over, so that its minutes are one run's
-            shutil.rmtree(run_dir)
-        command = train_command(seed, overrides)
-        log(f"seed {seed}: {' '.join(command)}")
-        t0 = time.time()
-        exe = str(Path(sys.executable).with_name("ida-ray"))
-        done = subprocess.run([exe, *command[1:]], cwd=common.ROOT, stdout=sys.stdout, stderr=sys.stderr)
-        if done.returncode != 0:
-            raise SystemExit(f"seed {seed}: ida-ray train exited with {done.returncode}")
-        done_file.write_text(json.dumps({"minutes": round((time.time() - t0) / 60, 2), "command": " ".join(command)}))
-    timed = json.loads(done_file.read_text())
-    history = read_history(run_dir, iterations)
+    history, timed = common.run_ida_train(run_dir_of(seed), ["--seed", str(seed), *overrides], iterations, fresh, log)
     largest = max(history[0]["accuracy_by_size"])
     curve = [m["accuracy_by_size"][largest] for m in history]
     best_at = max(range(len(curve)), key=lambda i: (curve[i], i))
