@@ -45,6 +45,32 @@ def calls_to_threshold(cumulative_calls: list[float], scores: list[float], thres
     return None
 
 
+def longer_branch_share(run_dir: Path, iterations: int) -> tuple[float, int]:
+    """How often the recursion went into the longer of two unequal subquestions, over every
+    amplification tree of the run after iteration 0 (where H' is unsure everywhere and expands
+    both): (share, splits counted). What the branch choice does, read from the tree records."""
+    from ida_ray.replay import read_tree_records
+
+    counted = longer = 0
+
+    def walk(node: dict | None) -> None:
+        nonlocal counted, longer
+        for round_ in (node or {}).get("rounds") or []:
+            subquestions, chosen = round_["subquestions"], round_.get("chosen") or []
+            lengths = [len(q.split(",")) for q in subquestions]
+            if len(lengths) == 2 and len(chosen) == 1 and lengths[0] != lengths[1]:
+                counted += 1
+                longer += lengths[chosen[0]] > lengths[1 - chosen[0]]
+            for child in round_.get("children") or []:
+                walk(child)
+
+    for it in range(1, iterations):
+        for record in read_tree_records(run_dir, it):
+            if record["mode"] == "amplify":
+                walk(record["root"])
+    return (round(longer / counted, 3) if counted else None), counted
+
+
 def run_dir_of(arm: str, seed: int) -> Path:
     return common.ROOT / "runs" / "adversary_ablation" / f"{arm}-{seed}"
 
@@ -57,11 +83,14 @@ def run_arm(arm: str, seed: int, threshold: float, overrides: list[str], iterati
     per_iteration = [m["expert_calls_per_tree"] * m["amplify_trees"] for m in history]
     cumulative = [sum(per_iteration[: i + 1]) for i in range(len(per_iteration))]
     needed = calls_to_threshold(cumulative, scores, threshold)
+    share, splits = longer_branch_share(run_dir_of(arm, seed), iterations)
     return {"arm": arm, "seed": seed, "command": timed["command"], "minutes": timed["minutes"],
             "largest_size": largest, "reached": needed is not None,
             "expert_calls_to_threshold": round(needed, 1) if needed is not None else None,
             "expert_calls_lower_bound": round(cumulative[-1], 1) if needed is None else None,
-            "accuracy_largest": scores, "final_accuracy_by_size": history[-1]["accuracy_by_size"],
+            "accuracy_largest": scores,
+            "longer_branch_share": share, "unequal_splits_counted": splits,
+            "final_accuracy_by_size": history[-1]["accuracy_by_size"],
             "cumulative_expert_calls": [round(c, 1) for c in cumulative],
             "expert_calls_per_tree": [round(m["expert_calls_per_tree"], 3) for m in history],
             "expert_calls_per_tree_by_size": [m.get("expert_calls_per_tree_by_size") for m in history]}
@@ -129,6 +158,9 @@ def main(argv=None) -> dict:
     plot(result, common.png_beside(args.out))
     for seed, e in result["per_seed"].items():
         log(f"seed {seed}: {e}")
+    for r in runs:
+        log(f"{r['arm']}-{r['seed']}: recursed into the longer branch {r['longer_branch_share']} of "
+            f"{r['unequal_splits_counted']} unequal splits")
     log(f"expert calls uniform/adversary: {result['expert_calls_ratio_uniform_over_adversary']} "
         f"(range {result['ratio_min']}..{result['ratio_max']}); goal met: {result['goal']['met']}")
     return result
