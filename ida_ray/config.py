@@ -29,6 +29,7 @@ from typing import Literal
 
 import yaml
 
+from ida_ray.curriculum import CurriculumConfig
 from ida_ray.errors import ConfigError
 from ida_ray.honest.config import HonestConfig
 from ida_ray.lm_expert import LMExpertConfig
@@ -250,6 +251,9 @@ class IDAConfig:
     """Model-only (distillation) trees per iteration."""
     train_sizes: tuple[int, ...] | None = None
     """Question sizes drawn for training and evaluation; null: the task's default sizes."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Training questions from the smallest sizes first, the next size added once the model
+    passes `curriculum.threshold` on the largest so far (ida_ray/curriculum.py; off by default)."""
     eval_questions_per_size: int = 100
     """Held-out questions per size, answered by the model alone after each iteration."""
     trees_in_flight: int = 256
@@ -377,6 +381,7 @@ class IDAConfig:
         if not 0 <= self.pages_port <= 65535:
             p.append(f"pages_port must be in 0..65535, got {self.pages_port}")
         p += self.model.problems() + self.amplify.problems() + self.train.problems() + self.resources.problems()
+        p += self.curriculum.problems()
         p += logger_problems(self.logger) + self.tracking.problems() + self.records.problems()
         if self.expert == "lm":
             p += self.lm_expert.problems()

@@ -7,8 +7,9 @@
 
 One iteration, over a small `Backend` interface:
 
-  1. questions   the training distribution, plus (after the first iteration) a share picked
-                 by the adversary, plus this iteration's slice of the questions file
+  1. questions   the training distribution (over the curriculum's sizes, when it has one),
+                 plus (after the first iteration) a share picked by the adversary, plus this
+                 iteration's slice of the questions file
   2. expand      amplification trees with H' and distillation trees with the model alone
   3. record      every tree's examples into the replay buffer, its record to run_dir/trees/
   4. train       the model and the adversary, one round; a checkpoint
@@ -42,6 +43,7 @@ from pathlib import Path
 
 from ida_ray.amplify import adversarial_question
 from ida_ray.config import IDAConfig
+from ida_ray.curriculum import curriculum_sizes
 from ida_ray.engine import Engine, gather_limited
 from ida_ray.errors import DiskFull
 from ida_ray.evaluation import evaluate, heldout_questions
@@ -140,10 +142,12 @@ class Backend(ABC):
 # Step 1: the iteration's questions.
 # ---------------------------------------------------------------------------------------
 async def draw_questions(task: Task, engine: Engine, cfg: IDAConfig, n: int, rng: random.Random,
-                         adversarial: bool, fmt: PromptFormat = COMPACT) -> list[tuple[str, str]]:
-    """n (question, source) pairs: the training distribution plus, when `adversarial`, a
-    share chosen by the adversary (k candidates, Gumbel-max on predicted weakness)."""
-    sizes = cfg.sizes(task)
+                         adversarial: bool, fmt: PromptFormat = COMPACT,
+                         sizes: tuple[int, ...] | None = None) -> list[tuple[str, str]]:
+    """n (question, source) pairs: the training distribution over `sizes` (default: the run's
+    training sizes) plus, when `adversarial`, a share chosen by the adversary (k candidates of
+    those sizes, Gumbel-max on predicted weakness)."""
+    sizes = sizes or cfg.sizes(task)
     n_adv = int(round(n * cfg.amplify.adversarial_fraction)) if adversarial else 0
     plain = [(task.generate(rng.choice(sizes), rng), "train") for _ in range(n - n_adv)]
     seeds = [rng.randrange(2**31) for _ in range(n_adv)]
@@ -215,6 +219,7 @@ class IDARun:
         self.task = get_task(cfg.task, **cfg.task_kwargs)
         self.fmt = cfg.model.make_format()
         self.sizes = cfg.sizes(self.task)
+        self.sizes_drawn: dict[int, tuple[int, ...]] = {}  # iteration -> its training sizes (the curriculum's)
         self.rng = random.Random(cfg.seed)
         self.completed = 0
         self.history: list[dict] = []
@@ -317,7 +322,8 @@ class IDARun:
         m = self.metrics(it, results, trees, trained, swapped, accuracy, buffer_size, dispatch, phases)
         m.update(mode=self.cfg.mode, examples_dropped_stale=dropped, expansion_seconds=expansion.seconds,
                  nodes_per_second=round(m["nodes"] / expansion.seconds, 2) if expansion.seconds else 0.0,
-                 oldest_weight_version_trained=trained.stats.oldest_weight_version)
+                 oldest_weight_version_trained=trained.stats.oldest_weight_version,
+                 train_sizes=list(self.sizes_drawn.pop(it, self.sizes)))
         m.update(await self.backend.figures())
         m["best_iteration"] = await self.keep_if_best(it, accuracy, trained)
         if self.storage is not None:
@@ -367,10 +373,14 @@ class IDARun:
     async def plan(self, it: int) -> tuple[list[ExpandJob], list[ExpandResult]]:
         """The iteration's jobs, and the failure records of malformed questions-file entries."""
         cfg = self.cfg
+        # The curriculum's sizes from the iterations evaluated so far (mode async: this plan is
+        # made while the iteration before it trains, so it judges by the one before that).
+        sizes = curriculum_sizes(self.sizes, [m["accuracy_by_size"] for m in self.history], cfg.curriculum)
+        self.sizes_drawn[it] = sizes
         questions = await draw_questions(self.task, self.backend.engine, cfg, cfg.amplify_trees_per_iteration,
-                                         self.rng, adversarial=it > 0, fmt=self.fmt)
+                                         self.rng, adversarial=it > 0, fmt=self.fmt, sizes=sizes)
         seeds = [self.rng.randrange(2**31) for _ in questions]
-        distill_qs = [self.task.generate(self.rng.choice(self.sizes), self.rng)
+        distill_qs = [self.task.generate(self.rng.choice(sizes), self.rng)
                       for _ in range(cfg.distill_trees_per_iteration)]
         # Round k publishes weights version k + 1, so `completed` is the version now served (in
         # mode async the next iteration's jobs are made while the round that follows it trains).
