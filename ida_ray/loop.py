@@ -531,8 +531,11 @@ def format_honest(h: dict) -> str:
 
 
 def iteration_line(m: dict) -> str:
-    """One iteration as the console shows it."""
-    return (f"iter {m['iteration']}: acc {format_accuracy(m['accuracy_by_size'])} | expert calls/tree "
+    """One iteration as the console shows it (while a curriculum holds back sizes, the ones drawn)."""
+    drawn = m.get("train_sizes")
+    return (f"iter {m['iteration']}: acc {format_accuracy(m['accuracy_by_size'])}"
+            + (f" (drew sizes {drawn[0]}-{drawn[-1]})" if drawn and len(drawn) < len(m['accuracy_by_size']) else "")
+            + " | expert calls/tree "
             f"{m['expert_calls_per_tree']:.2f} | loss {m['model_loss']:.3f} adv {m['adversary_loss']:.3f} | "
             f"{m['seconds']:.0f}s ({', '.join(f'{k} {v:.0f}' for k, v in m['phase_seconds'].items())})"
             + (f"\n  {format_honest(m['honest'])}" if m.get("honest") else "")
