@@ -5,8 +5,8 @@ difficulty when accuracy passed 0.85). Held-out evaluation always covers every s
 
     sizes = curriculum_sizes((1, 2, 3, 4), [m["accuracy_by_size"] for m in history], cfg.curriculum)
 
-The sizes follow from the run's history alone, so a resumed run draws what the straight run
-would have drawn. At most one size is added per iteration: a size is trained on for at least
+The sizes follow from the run's history alone, so a resumed run (same config) draws what the
+straight run would have drawn. At most one size is added per iteration: a size is trained on for at least
 one iteration before the next one is judged.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def curriculum_sizes(sizes: Sequence[int], accuracy_history: Sequence[Mapping[in
     """The sizes to draw training questions from after the iterations whose held-out accuracy by
     size is `accuracy_history` (oldest first): all of `sizes` without a threshold, else the
     smallest `first_sizes` plus one for every iteration that passed the largest of them."""
-    ordered = tuple(sorted(sizes))
+    ordered = tuple(sorted(set(sizes)))
     if cfg.threshold is None:
         return ordered
     n = min(cfg.first_sizes, len(ordered))

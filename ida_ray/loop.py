@@ -323,7 +323,8 @@ class IDARun:
         m.update(mode=self.cfg.mode, examples_dropped_stale=dropped, expansion_seconds=expansion.seconds,
                  nodes_per_second=round(m["nodes"] / expansion.seconds, 2) if expansion.seconds else 0.0,
                  oldest_weight_version_trained=trained.stats.oldest_weight_version,
-                 train_sizes=list(self.sizes_drawn.pop(it, self.sizes)))
+                 sizes_drawn=list(self.sizes_drawn.pop(it, self.sizes)))
+        m["largest_size_drawn"] = m["sizes_drawn"][-1]  # a number, for the trackers
         m.update(await self.backend.figures())
         m["best_iteration"] = await self.keep_if_best(it, accuracy, trained)
         if self.storage is not None:
@@ -373,9 +374,11 @@ class IDARun:
     async def plan(self, it: int) -> tuple[list[ExpandJob], list[ExpandResult]]:
         """The iteration's jobs, and the failure records of malformed questions-file entries."""
         cfg = self.cfg
-        # The curriculum's sizes from the iterations evaluated so far (mode async: this plan is
-        # made while the iteration before it trains, so it judges by the one before that).
-        sizes = curriculum_sizes(self.sizes, [m["accuracy_by_size"] for m in self.history], cfg.curriculum)
+        # The curriculum judges the iterations before `it` that a straight run has evaluated when
+        # it plans `it`: all of them in mode sync; in mode async the plan is made while `it - 1`
+        # trains, so not that one. By number, so a resumed run draws what the straight run did.
+        judged = self.history[:it] if cfg.mode == "sync" else self.history[:max(0, it - 1)]
+        sizes = curriculum_sizes(self.sizes, [m["accuracy_by_size"] for m in judged], cfg.curriculum)
         self.sizes_drawn[it] = sizes
         questions = await draw_questions(self.task, self.backend.engine, cfg, cfg.amplify_trees_per_iteration,
                                          self.rng, adversarial=it > 0, fmt=self.fmt, sizes=sizes)
@@ -532,7 +535,7 @@ def format_honest(h: dict) -> str:
 
 def iteration_line(m: dict) -> str:
     """One iteration as the console shows it (while a curriculum holds back sizes, the ones drawn)."""
-    drawn = m.get("train_sizes")
+    drawn = m.get("sizes_drawn")
     return (f"iter {m['iteration']}: acc {format_accuracy(m['accuracy_by_size'])}"
             + (f" (drew sizes {drawn[0]}-{drawn[-1]})" if drawn and len(drawn) < len(m['accuracy_by_size']) else "")
             + " | expert calls/tree "
