@@ -1,11 +1,12 @@
 """IDA in natural language, over seeds: the English task `coins` on the tiny Qwen2 the run builds.
 
-    python -m experiments.natural_language [--seeds 0 1 2] [--fresh] [--set KEY=VALUE ...]
-                                           [--out docs/results/natural_language.json]
+    python -m experiments.natural_language [--seeds 0 1 2] [--run-root runs/natural_language] [--fresh]
+                                           [--out docs/results/natural_language.json] [KEY=VALUE ...]
 
-Each seed is the preset configs/natural_language.yaml run by `ida-ray train`'s own loop
-(ida_ray.entrypoints.train.train: a local Ray cluster, vLLM-CPU replicas, the Ray Train
-learner), in runs/natural_language/seed_<s>. M starts untrained; the coded English expert
+Each seed is one `ida-ray train --config natural_language --seed S --run-dir <run-root>/seed_S
+--no-progress KEY=VALUE...` process (configs/natural_language.yaml: a local Ray cluster, vLLM-CPU
+replicas, the Ray Train learner), timed from start to exit; a seed whose run directory already
+holds the finished run is read, not rerun. M starts untrained; the coded English expert
 follows one event of a story itself (base size 1), and the questions reach 4 events: M must
 answer them from IDA's trees alone (no ground-truth label reaches training).
 
@@ -16,7 +17,7 @@ a stopped run keeps the seeds it finished. The goal: worst seed >= 0.9 at the la
 """
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 from experiments import common
 
@@ -87,34 +88,48 @@ def plot(result: dict, path) -> None:
 def main(argv=None) -> dict:
     ap = common.parser(__doc__, "natural_language")
     common.add_seeds(ap, default=(0, 1, 2))
+    ap.add_argument("--run-root", type=Path, default=common.ROOT / "runs" / "natural_language",
+                    help="each seed runs in <run-root>/seed_<s> (default: %(default)s)")
     common.add_fresh(ap)
-    common.add_overrides(ap)
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="passed to every seed's ida-ray train")
     args = ap.parse_args(argv)
 
-    from ida_ray.entrypoints.train import train
     from ida_ray.tasks import get_task
 
-    overrides = common.parse_overrides(ap, args.overrides)
-    cfgs = common.check_configs(ap, lambda: [seed_config(s, overrides) for s in args.seeds], args.fresh)
+    overrides = dict(common.parse_overrides(ap, args.overrides))
+    cfg = seed_config(args.seeds[0], overrides)
+    largest = max(cfg.sizes(get_task(cfg.task, **cfg.task_kwargs)))
+    log = common.timed_log("natural_language")
     runs, result = [], {}
-    for cfg in cfgs:
-        t0 = time.time()
-        history = train(cfg, progress=False, log=common.timed_log(f"seed {cfg.seed}", t0=t0))
-        largest = max(cfg.sizes(get_task(cfg.task, **cfg.task_kwargs)))
-        runs.append({"seed": cfg.seed, "wall_seconds": round(time.time() - t0, 1),
+    for seed in args.seeds:
+        run_dir = args.run_root.resolve() / f"seed_{seed}"
+        history, timed = common.run_ida_train(run_dir, ["--config", PRESET, "--seed", str(seed), *args.overrides],
+                                              cfg.iterations, args.fresh, log)
+        runs.append({"seed": seed, "command": timed["command"], "minutes": timed["minutes"],
                      "iterations": [{"iteration": m["iteration"],
                                      "accuracy_by_size": {str(k): v for k, v in m["accuracy_by_size"].items()},
                                      "expert_calls_per_tree": m["expert_calls_per_tree"],
                                      "answered_by": m["answered_by"], "errors": m.get("errors", {}),
-                                     "model_loss": m["model_loss"], "seconds": m["seconds"]} for m in history]})
-        result = summarise(cfg, runs, largest)
+                                     "model_loss": m["model_loss"], "seconds": m["seconds"],
+                                     "sizes_drawn": m.get("sizes_drawn")} for m in history]})
+        # The config the runs used, with the model M the first seed's run built for itself.
+        result = summarise(load_run_config(run_dir), runs, largest)
         out = common.write_result(result, args.out, "natural_language", argv)
         plot(result, common.png_beside(out))
         last = result["iterations"][-1]
-        print(f"after {len(runs)} seed(s): final accuracy by size {last['accuracy_by_size']} "
-              f"(range {last['accuracy_by_size_range']}); expert calls/tree {last['expert_calls_per_tree']:.2f}; "
-              f"goal ({result['goal']}) {'met' if result['goal_met'] else 'not met'}", flush=True)
+        log(f"after {len(runs)} seed(s): final accuracy by size {last['accuracy_by_size']} "
+            f"(range {last['accuracy_by_size_range']}); expert calls/tree {last['expert_calls_per_tree']:.2f}; "
+            f"goal ({result['goal']}) {'met' if result['goal_met'] else 'not met'}")
     return result
+
+
+def load_run_config(run_dir: Path):
+    """The IDAConfig a finished run recorded (config.json), model path included."""
+    import json
+
+    from ida_ray.config import IDAConfig
+
+    return IDAConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
 
 
 if __name__ == "__main__":
