@@ -76,14 +76,15 @@ def run_dir_of(arm: str, seed: int) -> Path:
 
 
 def run_arm(arm: str, seed: int, threshold: float, overrides: list[str], iterations: int, fresh: bool, log) -> dict:
+    run_dir = run_dir_of(arm, seed)
     arguments = ["--config", PRESET, "--seed", str(seed), f"amplify.branch_choice={arm}", *overrides]
-    history, timed = common.run_ida_train(run_dir_of(arm, seed), arguments, iterations, fresh, log)
+    history, timed = common.run_ida_train(run_dir, arguments, iterations, fresh, log)
     largest = max(history[0]["accuracy_by_size"])
     scores = [m["accuracy_by_size"][largest] for m in history]
     per_iteration = [m["expert_calls_per_tree"] * m["amplify_trees"] for m in history]
     cumulative = [sum(per_iteration[: i + 1]) for i in range(len(per_iteration))]
     needed = calls_to_threshold(cumulative, scores, threshold)
-    share, splits = longer_branch_share(run_dir_of(arm, seed), iterations)
+    share, splits = longer_branch_share(run_dir, iterations)
     return {"arm": arm, "seed": seed, "command": timed["command"], "minutes": timed["minutes"],
             "largest_size": largest, "reached": needed is not None,
             "expert_calls_to_threshold": round(needed, 1) if needed is not None else None,

@@ -142,12 +142,10 @@ class Backend(ABC):
 # Step 1: the iteration's questions.
 # ---------------------------------------------------------------------------------------
 async def draw_questions(task: Task, engine: Engine, cfg: IDAConfig, n: int, rng: random.Random,
-                         adversarial: bool, fmt: PromptFormat = COMPACT,
-                         sizes: tuple[int, ...] | None = None) -> list[tuple[str, str]]:
-    """n (question, source) pairs: the training distribution over `sizes` (default: the run's
-    training sizes) plus, when `adversarial`, a share chosen by the adversary (k candidates of
-    those sizes, Gumbel-max on predicted weakness)."""
-    sizes = sizes or cfg.sizes(task)
+                         adversarial: bool, sizes: tuple[int, ...], fmt: PromptFormat = COMPACT) -> list[tuple[str, str]]:
+    """n (question, source) pairs: the training distribution over `sizes` plus, when
+    `adversarial`, a share chosen by the adversary (k candidates of those sizes, Gumbel-max on
+    predicted weakness)."""
     n_adv = int(round(n * cfg.amplify.adversarial_fraction)) if adversarial else 0
     plain = [(task.generate(rng.choice(sizes), rng), "train") for _ in range(n - n_adv)]
     seeds = [rng.randrange(2**31) for _ in range(n_adv)]
@@ -219,7 +217,6 @@ class IDARun:
         self.task = get_task(cfg.task, **cfg.task_kwargs)
         self.fmt = cfg.model.make_format()
         self.sizes = cfg.sizes(self.task)
-        self.sizes_drawn: dict[int, tuple[int, ...]] = {}  # iteration -> its training sizes (the curriculum's)
         self.rng = random.Random(cfg.seed)
         self.completed = 0
         self.history: list[dict] = []
@@ -323,7 +320,7 @@ class IDARun:
         m.update(mode=self.cfg.mode, examples_dropped_stale=dropped, expansion_seconds=expansion.seconds,
                  nodes_per_second=round(m["nodes"] / expansion.seconds, 2) if expansion.seconds else 0.0,
                  oldest_weight_version_trained=trained.stats.oldest_weight_version,
-                 sizes_drawn=list(self.sizes_drawn.pop(it, self.sizes)))
+                 sizes_drawn=list(self.sizes_to_draw(it)))
         m["largest_size_drawn"] = m["sizes_drawn"][-1]  # a number, for the trackers
         m.update(await self.backend.figures())
         m["best_iteration"] = await self.keep_if_best(it, accuracy, trained)
@@ -371,17 +368,20 @@ class IDARun:
             await asyncio.gather(self.next_expansion, return_exceptions=True)
             self.next_expansion = None
 
+    def sizes_to_draw(self, it: int) -> tuple[int, ...]:
+        """Iteration `it`'s training sizes: the curriculum's, judged on the iterations before `it`
+        that a straight run has evaluated when it plans `it` - all of them in mode sync; in mode
+        async the plan is made while `it - 1` trains, so not that one. By number, so a resumed
+        run draws what the straight run did, and the metrics read the same sizes the plan drew."""
+        judged = self.history[:it] if self.cfg.mode == "sync" else self.history[:max(0, it - 1)]
+        return curriculum_sizes(self.sizes, [m["accuracy_by_size"] for m in judged], self.cfg.curriculum)
+
     async def plan(self, it: int) -> tuple[list[ExpandJob], list[ExpandResult]]:
         """The iteration's jobs, and the failure records of malformed questions-file entries."""
         cfg = self.cfg
-        # The curriculum judges the iterations before `it` that a straight run has evaluated when
-        # it plans `it`: all of them in mode sync; in mode async the plan is made while `it - 1`
-        # trains, so not that one. By number, so a resumed run draws what the straight run did.
-        judged = self.history[:it] if cfg.mode == "sync" else self.history[:max(0, it - 1)]
-        sizes = curriculum_sizes(self.sizes, [m["accuracy_by_size"] for m in judged], cfg.curriculum)
-        self.sizes_drawn[it] = sizes
+        sizes = self.sizes_to_draw(it)
         questions = await draw_questions(self.task, self.backend.engine, cfg, cfg.amplify_trees_per_iteration,
-                                         self.rng, adversarial=it > 0, fmt=self.fmt, sizes=sizes)
+                                         self.rng, adversarial=it > 0, sizes=sizes, fmt=self.fmt)
         seeds = [self.rng.randrange(2**31) for _ in questions]
         distill_qs = [self.task.generate(self.rng.choice(sizes), self.rng)
                       for _ in range(cfg.distill_trees_per_iteration)]
