@@ -72,6 +72,11 @@ class AmplifyConfig:
     """Share of an iteration's amplification questions picked by the adversary."""
     adversarial_candidates: int = 8
     """Candidates the adversary scores for each adversarial question."""
+    answer_labels: Literal["tree", "ground_truth"] = "tree"
+    """Where M's answer examples take their answers: "tree" (IDA: the trees' own answers) or
+    "ground_truth" (the task's `solve` at every node of the same trees: the supervised
+    baseline run through the same system, with the same questions, trees, expert steps and
+    gradient steps as IDA, so the two differ only in the answer labels)."""
 
     def problems(self) -> list[str]:
         p = []

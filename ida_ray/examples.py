@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ida_ray.errors import MalformedQuestion
 from ida_ray.tree import EXPERT, HPRIME, StepRecord, Tree
 
 MODEL_KINDS = ("answer", "fan_out", "fan_in")
@@ -57,4 +58,23 @@ def tree_examples(tree: Tree) -> list[Example]:
             if rec.who == EXPERT and tree.mode == "amplify":
                 out.append(Example(rec.role, rec.prompt, rec.output, None, rec.weight_version or 0, tree.tree_id))
             out += _adversary_example(rec, tree.tree_id)
+    return out
+
+
+def ground_truth_examples(tree: Tree, task, fmt) -> list[Example]:
+    """The supervised baseline's examples of one tree (amplify.answer_labels: ground_truth):
+    an answer example at every node whose question the task can solve, labelled with the
+    task's true answer, in place of IDA's answer examples; the expert's fan-out and fan-in
+    steps and the adversary's examples are IDA's own. The questions are the same trees' (a
+    distillation tree's subquestions are the model's own), so the two arms differ only in the
+    answer labels. `fmt`: the run's prompt format, which writes the prompt and the answer."""
+    out = [ex for ex in tree_examples(tree) if ex.kind != "answer"]
+    for node in tree.nodes():
+        try:
+            truth = task.solve(node.question)
+        except MalformedQuestion:  # a subquestion the model made up badly has no true answer
+            continue
+        version = (node.answer_step.weight_version if node.answer_step else 0) or 0
+        out.append(Example("answer", fmt.answer_prompt(node.question), fmt.format_answer(truth), None, version,
+                           tree.tree_id))
     return out

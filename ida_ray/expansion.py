@@ -8,7 +8,7 @@ import uuid
 from ida_ray.amplify import amplify_tree, distill_tree
 from ida_ray.config import AmplifyConfig
 from ida_ray.engine import Engine
-from ida_ray.examples import tree_examples
+from ida_ray.examples import ground_truth_examples, tree_examples
 from ida_ray.messages import ExpandJob, ExpandResult
 from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.tasks.base import Task
@@ -19,12 +19,15 @@ async def expand_job(task: Task, engine: Engine, job: ExpandJob, cfg: AmplifyCon
                      fmt: PromptFormat = COMPACT) -> ExpandResult:
     """The job's tree and its examples. `expert`: H of amplification trees (None: the task's
     coded expert); distillation trees are the model's alone and never ask H. `fmt`: how the
-    model's prompts and replies are written."""
+    model's prompts and replies are written. The examples are IDA's, or with
+    `cfg.answer_labels` "ground_truth" the supervised baseline's (ida_ray.examples)."""
     if job.mode == "amplify":
         tree = await amplify_tree(task, engine, job.question, cfg, job.rng(), job.iteration, hprime=job.hprime,
                                   source=job.source, expert=expert, fmt=fmt)
     else:
         tree = await distill_tree(task, engine, job.question, cfg, job.iteration, source=job.source, fmt=fmt)
+    if cfg.answer_labels == "ground_truth":
+        return ExpandResult(job.job_id, tree, ground_truth_examples(tree, task, fmt))
     return ExpandResult(job.job_id, tree, tree_examples(tree))
 
 

@@ -225,3 +225,51 @@ def test_many_trees_in_flight_interleave_model_calls():
                                                    random.Random(i)) for i in range(32)))
     trees = run(many())
     assert all(t.ok for t in trees) and eng.max_batch >= 16
+
+
+def test_ground_truth_labels_replace_the_trees_answers_and_nothing_else():
+    # A model that adds one to every sum it combines, certain of it: its distillation tree
+    # answers 32 for a list that sums to 31. IDA's labels are that tree's; the supervised arm
+    # (amplify.answer_labels: ground_truth) labels the same nodes with the true sums.
+    from ida_ray.expansion import expand_job
+    from ida_ray.messages import ExpandJob
+    from ida_ray.steps import Answer
+
+    oracle = oracle_policy(TASK, logprob=-0.01)
+
+    def off_by_one(prompt):
+        out, lp = oracle(prompt)
+        if prompt[0] == "I":  # fan-in: "=<sum>", one too many
+            step = COMPACT.read_step(out)
+            return COMPACT.format_step(Answer(str(int(step.text) + 1))), lp
+        return out, lp
+
+    q = "3,1,4,1,5,9,2,6"
+    job = ExpandJob("d0", q, "distill", iteration=1)
+    ida = run(expand_job(TASK, ScriptedEngine(off_by_one), job, AmplifyConfig()))
+    supervised = run(expand_job(TASK, ScriptedEngine(off_by_one), job,
+                                AmplifyConfig(answer_labels="ground_truth")))
+    assert ida.tree.answer == supervised.tree.answer == "32"  # the same tree, wrong at the root
+    ida_answers = {e.prompt: e.completion for e in ida.examples if e.kind == "answer"}
+    truth = {e.prompt: e.completion for e in supervised.examples if e.kind == "answer"}
+    assert ida_answers == {COMPACT.answer_prompt(q): "32"}
+    assert truth == {COMPACT.answer_prompt(n.question): TASK.solve(n.question) for n in supervised.tree.nodes()}
+    assert truth == {COMPACT.answer_prompt(q): "31"}  # the model answered both halves: one node
+    # Everything but the answer labels is IDA's: the adversary's examples are the same.
+    def others(result):  # tree ids are fresh per expansion
+        return [(e.kind, e.prompt, e.completion, e.target) for e in result.examples if e.kind != "answer"]
+
+    assert others(ida) == others(supervised) and others(ida)
+
+
+def test_ground_truth_labels_skip_a_subquestion_the_task_cannot_solve():
+    from ida_ray.examples import ground_truth_examples
+    from ida_ray.tree import Node
+
+    tree = Tree(tree_id="t", task="sum", question="1,2", size=2, mode="distill", iteration=0,
+                root=Node(question="1,2", depth=0))
+    tree.root.rounds = []
+    bad = Tree(tree_id="u", task="sum", question="1,x", size=2, mode="distill", iteration=0,
+               root=Node(question="1,x", depth=0))
+    assert [e.completion for e in ground_truth_examples(tree, TASK, COMPACT)] == ["3"]
+    assert ground_truth_examples(bad, TASK, COMPACT) == []

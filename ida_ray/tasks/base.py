@@ -41,7 +41,8 @@ class Task(ABC):
 
     @abstractmethod
     def solve(self, question: str) -> str:
-        """Ground truth. Used for evaluation and tests only, never for training labels."""
+        """Ground truth. Used for evaluation and tests, and for training labels only in the
+        supervised baseline (amplify.answer_labels: ground_truth), never in IDA."""
 
     def is_correct(self, question: str, answer: str | None) -> bool:
         """How an answer is graded (evaluation and the viewer, never training): exact equality
