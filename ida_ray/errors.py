@@ -87,3 +87,10 @@ class DiskFull(IDAError):
     could not finish; completed iterations and checkpoints stay, and --resume continues."""
 
     kind = "disk_full"
+
+
+class StagingError(IDAError):
+    """An iteration's staged trees do not match its jobs: a job's results were lost on the way
+    to the replay buffer, or bookkeeping counted one twice."""
+
+    kind = "staging_error"

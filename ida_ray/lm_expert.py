@@ -476,7 +476,8 @@ def build_lm_expert(task: Task, cfg: LMExpertConfig, run_dir: str | os.PathLike,
 
 
 def expert_figures(trees, cfg: LMExpertConfig) -> dict:
-    """An iteration's expert cost, summed over its amplification trees' `expert_usage`."""
+    """An iteration's expert cost, summed over its amplification trees' `expert_usage` (trees
+    or their TreeSummary)."""
     amp = [t for t in trees if t.mode == "amplify"]
     total = {k: sum(t.expert_usage.get(k, 0) for t in amp) for k in
              ("requests", "cache_hits", "parse_retries", "prompt_tokens", "completion_tokens")}

@@ -19,7 +19,7 @@ from ida_ray.engine import TorchEngine, gather_limited
 from ida_ray.errors import ConfigError
 from ida_ray.expansion import expand_job
 from ida_ray.loop import Backend, Progress
-from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
+from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult, TreeSummary
 from ida_ray.replay import ReplayStore
 from ida_ray.storage import RunStorage, bounded, checkpoint_on_disk
 from ida_ray.tasks import get_task
@@ -67,23 +67,25 @@ class LocalBackend(Backend):
             self._serve(self._weights(), completed)
         return {"engine": round(time.time() - t0, 2)}
 
-    async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[ExpandResult], DispatchStats]:
+    async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[TreeSummary], DispatchStats]:
         async def one(job: ExpandJob) -> ExpandResult:
             result = await expand_job(self.task, self.engine, job, self.cfg.amplify, self.expert, self.fmt)
             on_done(1)
             return result
 
         results = await gather_limited([one(j) for j in jobs], self.cfg.trees_in_flight)
-        return results, DispatchStats(submitted=len(jobs), chunks=1)
+        self.store.stage(results)
+        return [r.summary() for r in results], DispatchStats(submitted=len(jobs), chunks=1)
+
+    async def stage(self, results: list[ExpandResult]) -> None:
+        self.store.stage(results)
 
     async def set_expert_budget(self, calls: int | None) -> None:
         if self.expert is not None:
             self.expert.budget.set(calls)
 
-    async def record(self, iteration: int, results: list[ExpandResult]) -> int:
-        self.store.add([e for r in results for e in r.examples])
-        self.store.add_trees(iteration, [r.tree for r in results])
-        return len(self.store.buffer)
+    async def record(self, iteration: int, job_ids: list[str]) -> int:
+        return self.store.commit(iteration, job_ids)
 
     async def drop_stale(self, min_version: int) -> int:
         return self.store.drop_stale(min_version)

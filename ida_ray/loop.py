@@ -11,7 +11,9 @@ One iteration, over a small `Backend` interface:
                  plus (after the first iteration) a share picked by the adversary, plus this
                  iteration's slice of the questions file
   2. expand      amplification trees with H' and distillation trees with the model alone
-  3. record      every tree's examples into the replay buffer, its record to run_dir/trees/
+  3. record      commit the iteration's trees: the examples that the expanders staged in the
+                 replay buffer become trainable, the trees' records go to run_dir/trees/
+                 (the loop itself holds only each tree's summary: its counts)
   4. train       the model and the adversary, one round; a checkpoint
   5. swap        the new weights into whatever serves the model
   6. evaluate    the model alone on held-out questions of every size
@@ -48,7 +50,7 @@ from ida_ray.engine import Engine, gather_limited
 from ida_ray.errors import DiskFull
 from ida_ray.evaluation import evaluate, heldout_questions
 from ida_ray.expansion import failure_result
-from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
+from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult, TreeSummary
 from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.questions import UserQuestion, for_iteration
 from ida_ray.run_dir import (
@@ -67,7 +69,6 @@ from ida_ray.run_dir import (
 from ida_ray.storage import RunStorage, StorageError, bounded, checkpoint_on_disk
 from ida_ray.tasks import get_task
 from ida_ray.tasks.base import Task
-from ida_ray.tree import Tree
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,16 @@ Progress = Callable[[int], None]
 
 @dataclass
 class Expansion:
-    """An iteration's expanded trees (steps 1-2), with what drawing and expanding took."""
+    """An iteration's expanded trees (steps 1-2), staged in the replay buffer, with what drawing
+    and expanding took."""
 
-    results: list[ExpandResult]
+    trees: list[TreeSummary]
     dispatch: DispatchStats
     questions_seconds: float
     seconds: float
 
 
-def expert_requests_of(trees: list[Tree]) -> int:
+def expert_requests_of(trees: list[TreeSummary]) -> int:
     return sum(t.expert_usage.get("requests", 0) for t in trees if t.mode == "amplify")
 
 
@@ -101,14 +103,20 @@ class Backend(ABC):
         figures (seconds per part)."""
 
     @abstractmethod
-    async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[ExpandResult], DispatchStats]:
-        """One result per job, in job order (a failed tree carries its error)."""
+    async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[TreeSummary], DispatchStats]:
+        """Expand the jobs and stage each tree with its examples in the replay buffer
+        (ReplayStore.stage); returns one summary per job, in job order (a failed tree's
+        carries its error's kind)."""
 
     @abstractmethod
-    async def record(self, iteration: int, results: list[ExpandResult]) -> int:
-        """Add the results' examples to the replay buffer (in job order, so seeded sampling
-        draws the same examples on every run of a configuration) and write the trees;
-        returns the buffer's size."""
+    async def stage(self, results: list[ExpandResult]) -> None:
+        """Stage results the loop made itself (the failure records of rejected questions)."""
+
+    @abstractmethod
+    async def record(self, iteration: int, job_ids: list[str]) -> int:
+        """Commit the iteration's staged trees, exactly these jobs, in this order (so seeded
+        sampling draws the same examples on every run of a configuration): their examples
+        into the replay buffer, their records to run_dir/trees/; returns the buffer's size."""
 
     @abstractmethod
     async def drop_stale(self, min_version: int) -> int:
@@ -131,7 +139,7 @@ class Backend(ABC):
         """The backend's own figures for the iteration's metrics record."""
         return {}
 
-    def publish(self, metrics: dict, trees: list[Tree], phases: dict[str, float]) -> None:
+    def publish(self, metrics: dict, trees: list[TreeSummary], phases: dict[str, float]) -> None:
         """Send the iteration's figures to live monitoring (the Ray dashboard)."""
 
     @abstractmethod
@@ -175,28 +183,26 @@ def user_jobs(task: Task, cfg: IDAConfig, entries: list[UserQuestion], it: int,
 # ---------------------------------------------------------------------------------------
 # Step 7: the iteration's figures.
 # ---------------------------------------------------------------------------------------
-def tree_metrics(trees: list[Tree]) -> dict:
+def tree_metrics(trees: list[TreeSummary]) -> dict:
     """Expert calls per tree, who answered each node, errors by kind, for one batch of trees."""
     amp = [t for t in trees if t.mode == "amplify"]
     who: Counter = Counter()
     errors: Counter = Counter()
     for t in trees:
-        if t.error:
-            errors[t.error["kind"]] += 1
-        for node in t.nodes():
-            if node.answered_by:
-                who[node.answered_by] += 1
+        if t.error_kind:
+            errors[t.error_kind] += 1
+        who.update(t.answered_by)
     by_size: dict[int, list[int]] = {}
     for t in amp:
         by_size.setdefault(t.size, []).append(t.expert_calls)
     return {
         "trees": len(trees),
         "amplify_trees": len(amp),
-        "trees_failed": sum(1 for t in trees if t.error),
+        "trees_failed": sum(1 for t in trees if t.error_kind),
         "expert_calls_per_tree": sum(t.expert_calls for t in amp) / max(1, len(amp)),
         "expert_calls_per_tree_by_size": {s: sum(v) / len(v) for s, v in sorted(by_size.items())},
         "model_calls_per_tree": sum(t.model_calls for t in trees) / max(1, len(trees)),
-        "nodes": sum(len(t.nodes()) for t in trees),
+        "nodes": sum(t.nodes for t in trees),
         "answered_by": dict(who),
         "errors": dict(errors),
     }
@@ -278,14 +284,13 @@ class IDARun:
         else:  # mode async: started while the last round trained
             self.set_phase("expanding trees (started during the last round)")
             expansion, self.next_expansion = await self.next_expansion, None
-        results, dispatch = expansion.results, expansion.dispatch
+        trees, dispatch = expansion.trees, expansion.dispatch
         lap("expand")  # mode async: only what was left of the expansion when the last round ended
         phases["questions"] = expansion.questions_seconds
         if not drawn_ahead:
             phases["expand"] = round(phases["expand"] - expansion.questions_seconds, 3)
 
-        buffer_size = await self.backend.record(it, results)                           # 3. record
-        trees = [r.tree for r in results]
+        buffer_size = await self.backend.record(it, [t.job_id for t in trees])          # 3. record
         # Round `it` trains weights version `it`: examples more than max_staleness behind go.
         dropped = 0 if self.cfg.max_staleness is None else \
             await self.backend.drop_stale(it - self.cfg.max_staleness)
@@ -316,7 +321,7 @@ class IDARun:
         lap("eval")
 
         self.set_phase("recording")                                                       # 7. metrics
-        m = self.metrics(it, results, trees, trained, swapped, accuracy, buffer_size, dispatch, phases)
+        m = self.metrics(it, trees, trained, swapped, accuracy, buffer_size, dispatch, phases)
         m.update(mode=self.cfg.mode, examples_dropped_stale=dropped, expansion_seconds=expansion.seconds,
                  nodes_per_second=round(m["nodes"] / expansion.seconds, 2) if expansion.seconds else 0.0,
                  oldest_weight_version_trained=trained.stats.oldest_weight_version,
@@ -354,9 +359,11 @@ class IDARun:
         if not ahead:
             self.set_phase("expanding trees", len(jobs))
         await self.backend.set_expert_budget(expert_allowance)
-        results, dispatch = await self.backend.expand(jobs, (lambda n: None) if ahead else self._done)
+        trees, dispatch = await self.backend.expand(jobs, (lambda n: None) if ahead else self._done)
+        await self.backend.stage(rejected)
         dispatch.rejected = len(rejected)
-        return Expansion(results + rejected, dispatch, round(t1 - t0, 3), round(time.time() - t1, 3))
+        return Expansion(trees + [r.summary() for r in rejected], dispatch, round(t1 - t0, 3),
+                         round(time.time() - t1, 3))
 
     async def close(self) -> None:
         await self.cancel_next_expansion()
@@ -434,13 +441,13 @@ class IDARun:
     def expert_requests(self) -> int:
         return sum(m.get("expert_requests", 0) for m in self.history)
 
-    def metrics(self, it: int, results: list[ExpandResult], trees: list[Tree], trained: TrainResult,
+    def metrics(self, it: int, trees: list[TreeSummary], trained: TrainResult,
                 swapped: dict[str, int], accuracy: dict[int, float], buffer_size: int, dispatch: DispatchStats,
                 phases: dict[str, float]) -> dict:
         s = trained.stats
         m = tree_metrics(trees)
         m.update(
-            iteration=it, weight_version=trained.weight_version, examples=sum(len(r.examples) for r in results),
+            iteration=it, weight_version=trained.weight_version, examples=sum(t.examples for t in trees),
             buffer=buffer_size, model_loss=s.model_loss, adversary_loss=s.adversary_loss,
             model_steps=s.model_steps, adversary_steps=s.adversary_steps, learner_ranks_in_sync=trained.ranks_in_sync,
             accuracy_by_size=accuracy, swapped=swapped, replica_versions=swapped, jobs=asdict(dispatch),

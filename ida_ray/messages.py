@@ -4,6 +4,7 @@ pickles them across actors as they are."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -60,6 +61,39 @@ class ExpandResult:
     job_id: str
     tree: Tree
     examples: list[Example]
+
+    def summary(self) -> TreeSummary:
+        t = self.tree
+        return TreeSummary(
+            job_id=self.job_id, tree_id=t.tree_id, iteration=t.iteration, mode=t.mode, source=t.source, size=t.size,
+            error_kind=t.error["kind"] if t.error else None, expert_calls=t.expert_calls, model_calls=t.model_calls,
+            nodes=len(t.nodes()), answered_by=dict(Counter(n.answered_by for n in t.nodes() if n.answered_by)),
+            expert_usage=dict(t.expert_usage), examples=len(self.examples))
+
+
+@dataclass(frozen=True)
+class TreeSummary:
+    """What the loop needs of an expanded tree: its counts, not its nodes or examples. The
+    expander hands the tree and its examples to the replay buffer (ReplayStore.stage), and the
+    loop, which only counts, gets this: the coordinator is off the data path."""
+
+    job_id: str
+    tree_id: str
+    iteration: int
+    mode: Mode
+    source: Source
+    size: int
+    error_kind: str | None
+    """The tree's error record's kind; None: the tree completed."""
+    expert_calls: int
+    model_calls: int
+    nodes: int
+    answered_by: dict[str, int]
+    """Nodes answered by each of expert, hprime and model."""
+    expert_usage: dict[str, int]
+    """An LM expert's requests, cache hits, parse retries and tokens (Tree.expert_usage)."""
+    examples: int
+    """Training examples the tree gave."""
 
 
 @dataclass

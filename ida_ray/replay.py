@@ -15,7 +15,9 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from ida_ray.errors import StagingError
 from ida_ray.examples import Example
+from ida_ray.messages import ExpandResult
 from ida_ray.tree import Tree
 
 _TREE_FILE = re.compile(r"^iteration_(\d+)\.jsonl(\.gz)?$")
@@ -211,6 +213,9 @@ class ReplayStore:
         self.buffer = ReplayBuffer(capacity, spill_path=path, seed=seed)
         self.trees_written = 0
         self.dropped_stale = 0
+        # Expanded results by iteration and job id, held until the loop commits the iteration.
+        self.staged: dict[int, dict[str, ExpandResult]] = {}
+        self.restaged = 0
 
     def _drop_tree_files(self, drop) -> None:
         for f in trees_dir(self.run_dir).iterdir():
@@ -220,6 +225,39 @@ class ReplayStore:
 
     def add(self, examples: list[Example]) -> int:
         self.buffer.add(examples)
+        return len(self.buffer)
+
+    def stage(self, results: list[ExpandResult]) -> int:
+        """Hold expanded results (trees with their examples) until their iteration is committed:
+        expanders send them here themselves, and the loop sees only their summaries. A job
+        staged again replaces its earlier copy: a chunk re-sent after its expander staged it and
+        died counts once, as the copy whose summary the loop got. Returns how many were new."""
+        new = 0
+        for r in results:
+            held = self.staged.setdefault(r.tree.iteration, {})
+            if r.job_id in held:
+                self.restaged += 1
+            else:
+                new += 1
+            held[r.job_id] = r
+        return new
+
+    def commit(self, iteration: int, job_ids: list[str]) -> int:
+        """The iteration's staged results, in the order of `job_ids` (so seeded sampling is
+        reproducible), into the buffer and the tree records; returns the buffer's size. Every
+        listed job must be staged (each exactly once, by stage); a staged job not listed is a
+        bookkeeping error too. Either raises StagingError and commits nothing."""
+        held = self.staged.get(iteration, {})
+        missing = [j for j in job_ids if j not in held]
+        unlisted = sorted(set(held) - set(job_ids))
+        if missing or unlisted or len(set(job_ids)) != len(job_ids):
+            raise StagingError(f"iteration {iteration}: {len(missing)} listed jobs not staged ({missing[:5]}), "
+                               f"{len(unlisted)} staged jobs not listed ({unlisted[:5]}), "
+                               f"{len(job_ids) - len(set(job_ids))} listed twice")
+        results = [held[j] for j in job_ids]
+        del self.staged[iteration]
+        self.add([e for r in results for e in r.examples])
+        self.add_trees(iteration, [r.tree for r in results])
         return len(self.buffer)
 
     def add_trees(self, iteration: int, trees: list[Tree]) -> int:
@@ -271,4 +309,6 @@ class ReplayStore:
             "trees_written": self.trees_written,
             "dropped_on_resume": self.dropped_on_resume,
             "dropped_stale": self.dropped_stale,
+            "staged": {it: len(held) for it, held in self.staged.items()},
+            "restaged": self.restaged,
         }

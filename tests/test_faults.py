@@ -102,13 +102,15 @@ class _Method:
 
 
 class FakeExpander:
-    """Answers like a TreeExpander, or fails as told: "die" (actor lost) or "raise" (a task
-    error with an IDAError cause); `die_times` deaths, then it answers again (restarted)."""
+    """Answers like a TreeExpander, staging its results in `store` (a real ReplayStore), or
+    fails as told: "die" (actor lost), "die_after_staging" (lost after staging the chunk) or
+    "raise" (a task error with an IDAError cause); `die_times` deaths, then it answers again
+    (restarted)."""
 
-    def __init__(self, mode="ok", die_times=10**9, restarting_probes=0):
-        self.mode, self.die_times, self.calls = mode, die_times, []
+    def __init__(self, mode="ok", die_times=10**9, restarting_probes=0, store=None):
+        self.mode, self.die_times, self.calls, self.store = mode, die_times, [], store
         self.restarting_probes = restarting_probes  # probes answered "restarting" after a death
-        self.expand = _Method(self._expand)
+        self.expand_and_stage = _Method(self._expand_and_stage)
         self.remember_weights = _Method(self._remember)
         self.health = _Method(self._health)
         self.told = 0
@@ -124,7 +126,7 @@ class FakeExpander:
     async def _remember(self, ref, version):
         self.told += 1
 
-    async def _expand(self, jobs):
+    async def _expand_and_stage(self, jobs):
         self.calls.append([j.job_id for j in jobs])
         await asyncio.sleep(0.01)
         if self.mode == "die" and self.die_times > 0:
@@ -132,8 +134,26 @@ class FakeExpander:
             raise ActorDiedError()
         if self.mode == "raise":
             raise RayTaskError("expand", "traceback", ParseError("bad output"))
-        return [ExpandResult(j.job_id, failure_result(SUM, j, {"kind": "none"}).tree,
-                             [Example("answer", f"A{j.question}=", "1")]) for j in jobs]
+        results = [ExpandResult(j.job_id, _done_tree(j), [Example("answer", f"A{j.question}=", "1", tree_id=j.job_id)])
+                   for j in jobs]
+        self.store.stage(results)
+        if self.mode == "die_after_staging" and self.die_times > 0:
+            self.die_times -= 1
+            raise ActorDiedError()
+        return [r.summary() for r in results]
+
+
+def _done_tree(job):
+    tree = failure_result(SUM, job, {"kind": "none"}).tree
+    tree.error = tree.root.error = None
+    return tree
+
+
+@pytest.fixture
+def store(tmp_path):
+    from ida_ray.replay import ReplayStore
+
+    return ReplayStore(capacity=1000, run_dir=tmp_path)
 
 
 def _jobs(n, prefix="a"):
@@ -141,42 +161,70 @@ def _jobs(n, prefix="a"):
             for i in range(n)]
 
 
-def test_dispatch_reissues_a_dead_expanders_chunks_exactly_once():
-    dead, live = FakeExpander("die", die_times=1), FakeExpander()
+def test_dispatch_reissues_a_dead_expanders_chunks_exactly_once(store):
+    dead, live = FakeExpander("die", die_times=1, store=store), FakeExpander(store=store)
     jobs = _jobs(20)
-    results, stats = asyncio.run(dispatch_jobs([dead, live], jobs, SUM, chunk_size=4, on_reissue=lambda h: h._remember(0, 0)))
-    assert [r.job_id for r in results] == [j.job_id for j in jobs]
-    assert all(r.examples for r in results)  # every job expanded, none replaced by a failure
+    trees, failed, stats = asyncio.run(dispatch_jobs([dead, live], jobs, SUM, chunk_size=4,
+                                                     on_reissue=lambda h: h._remember(0, 0)))
+    assert [t.job_id for t in trees] == [j.job_id for j in jobs] and not failed
+    assert all(t.examples == 1 and t.error_kind is None for t in trees)  # none replaced by a failure
     # dead took chunks 0, 2, 4 first and died once; the chunk it died on went to live.
     assert stats.reissued_chunks == 1 and stats.reissued_jobs == 4 and stats.lost_jobs == 0
     expanded = [i for e in (dead, live) for call in e.calls for i in call]
     assert len(expanded) == 20 + 4 and live.told == 1
+    assert store.commit(1, [j.job_id for j in jobs]) == 20
 
 
-def test_dispatch_waits_for_a_lone_expander_to_restart():
+def test_a_chunk_staged_twice_is_committed_once_in_job_order(store):
+    """An expander that staged its chunk and died before answering: the chunk is re-sent and
+    staged again; the buffer keeps one copy of each job, and the commit takes the jobs in job
+    order whatever order the chunks arrived in."""
+    from ida_ray.errors import StagingError
+    from ida_ray.replay import read_tree_records
+
+    flaky, live = FakeExpander("die_after_staging", die_times=1, store=store), FakeExpander(store=store)
+    jobs = _jobs(12)
+    trees, failed, stats = asyncio.run(dispatch_jobs([flaky, live], jobs, SUM, chunk_size=4))
+    assert stats.reissued_chunks == 1 and store.restaged == 4 and not failed
+    ids = [t.job_id for t in trees]
+    with pytest.raises(StagingError, match="1 staged jobs not listed"):
+        store.commit(1, ids[:-1])
+    with pytest.raises(StagingError, match="1 listed jobs not staged"):
+        store.commit(1, ids + ["a99"])
+    assert store.commit(1, ids) == 12
+    assert [e.tree_id for e in store.buffer.all()] == ids
+    assert [r["tree_id"] for r in read_tree_records(store.run_dir, 1)] == [t.tree_id for t in trees]
+    assert store.stats()["staged"] == {}
+    with pytest.raises(StagingError):  # committed once: nothing is left to commit again
+        store.commit(1, ids)
+
+
+def test_dispatch_waits_for_a_lone_expander_to_restart(store):
     """With one expander (the default), a re-send waits for Ray to restart it: calls to a
     restarting actor fail at once, so the dispatcher probes with back-off first."""
-    lone = FakeExpander("die", die_times=1, restarting_probes=3)
-    results, stats = asyncio.run(dispatch_jobs([lone], _jobs(3), SUM, chunk_size=4))
-    assert all(r.examples for r in results) and stats.reissued_chunks == 1 and lone.restarting_probes == 0
+    lone = FakeExpander("die", die_times=1, restarting_probes=3, store=store)
+    trees, failed, stats = asyncio.run(dispatch_jobs([lone], _jobs(3), SUM, chunk_size=4))
+    assert all(t.examples for t in trees) and not failed
+    assert stats.reissued_chunks == 1 and lone.restarting_probes == 0
 
 
-def test_dispatch_gives_up_with_a_record_per_job_and_never_hangs():
+def test_dispatch_gives_up_with_a_record_per_job_and_never_hangs(store):
     jobs = _jobs(6)
     t0 = time.time()
-    results, stats = asyncio.run(dispatch_jobs([FakeExpander("die"), FakeExpander("die")], jobs, SUM, chunk_size=4))
+    trees, failed, stats = asyncio.run(dispatch_jobs([FakeExpander("die"), FakeExpander("die")], jobs, SUM,
+                                                     chunk_size=4))
     assert time.time() - t0 < 5
-    assert [r.job_id for r in results] == [j.job_id for j in jobs]
-    trees = [r.tree for r in results]
-    assert {t.error["kind"] for t in trees} == {"expander_lost"} and not any(r.examples for r in results)
-    assert [t.question for t in trees] == [j.question for j in jobs] and trees[0].size == 2
+    assert [t.job_id for t in trees] == [r.job_id for r in failed] == [j.job_id for j in jobs]
+    assert {t.error_kind for t in trees} == {"expander_lost"} and not any(t.examples for t in trees)
+    assert [r.tree.question for r in failed] == [j.question for j in jobs] and failed[0].tree.size == 2
     # Both dead for good: each chunk tries once and finds no expander to re-send to.
     assert stats.lost_jobs == 6 and stats.failed_chunks == 2 and stats.reissued_chunks == 0
     # An error raised inside an expander is not retried: it would fail the same way.
-    results, stats = asyncio.run(dispatch_jobs([FakeExpander("raise"), FakeExpander()], _jobs(3), SUM, chunk_size=4))
-    assert {r.tree.error["kind"] for r in results} == {"parse_error"} and stats.reissued_chunks == 0
+    trees, failed, stats = asyncio.run(dispatch_jobs([FakeExpander("raise"), FakeExpander(store=store)], _jobs(3),
+                                                     SUM, chunk_size=4))
+    assert {t.error_kind for t in trees} == {"parse_error"} and len(failed) == 3 and stats.reissued_chunks == 0
     with pytest.raises(ValueError, match="unique"):
-        asyncio.run(dispatch_jobs([FakeExpander()], _jobs(2) + _jobs(1), SUM, chunk_size=4))
+        asyncio.run(dispatch_jobs([FakeExpander(store=store)], _jobs(2) + _jobs(1), SUM, chunk_size=4))
 
 
 # -- bad configuration and CLI input: a clear message, exit 2, no Ray ------------------------
@@ -374,17 +422,22 @@ def test_a_replica_killed_mid_expansion_loses_no_tree(cluster, model_dirs):
 
 
 @pytest.mark.ray
-def test_an_expander_killed_mid_expansion_has_its_trees_reissued(cluster, model_dirs):
-    """Two expanders share a replica; one is killed with chunks in flight (Ray restarts it).
-    Its chunks are re-issued, every job yields exactly one tree, and every answer is right.
-    With every expander gone for good, each job gets a failed record, promptly."""
+def test_an_expander_killed_mid_expansion_has_its_trees_reissued(cluster, model_dirs, tmp_path):
+    """Two expanders share a replica and stage their trees in a replay buffer actor; one is
+    killed with chunks in flight (Ray restarts it). Its chunks are re-issued, the buffer commits
+    exactly one tree per job, and every answer is right. With every expander gone for good,
+    each job gets a failed record, promptly."""
     from ida_ray.actors.expander import start_expanders
+    from ida_ray.actors.replay_buffer import start_replay_buffer
     from ida_ray.actors.replica import start_replicas
+    from ida_ray.replay import read_tree_records
+    from ida_ray.tree import Tree
 
     (replica,) = start_replicas(1, *model_dirs, engine="torch", max_new_tokens=6, name_prefix="tf-rep2",
                                 max_restarts=0, num_cpus=1)
+    buffer = start_replay_buffer(1000, tmp_path, name="tf-buffer")
     expanders = start_expanders(2, [replica], name_prefix="tf-exp2", num_cpus=0.5, amplify=AMPLIFY,
-                                trees_in_flight=8)
+                                trees_in_flight=8, replay_buffer=buffer, stage_timeout_s=60)
     try:
         qs = _questions(32, seed=2)
         jobs = [ExpandJob(f"e{i}", q, "amplify", iteration=0, seed=i) for i, q in enumerate(qs)]
@@ -396,9 +449,11 @@ def test_an_expander_killed_mid_expansion_has_its_trees_reissued(cluster, model_
             ray.kill(expanders[0], no_restart=False)
             return await dispatch
 
-        results, stats = asyncio.run(asyncio.wait_for(run(), 300))
-        trees = [r.tree for r in results]
-        assert [r.job_id for r in results] == [j.job_id for j in jobs]
+        summaries, failed, stats = asyncio.run(asyncio.wait_for(run(), 300))
+        assert [t.job_id for t in summaries] == [j.job_id for j in jobs] and not failed
+        assert ray.get(buffer.commit.remote(0, [t.job_id for t in summaries]), timeout=60) > 0
+        trees = [Tree.from_dict(r) for r in read_tree_records(tmp_path, 0)]
+        assert [t.tree_id for t in trees] == [t.tree_id for t in summaries]
         assert len({t.tree_id for t in trees}) == len(jobs)
         assert [t.answer for t in trees] == [SUM.solve(q) for q in qs] and not any(t.error for t in trees)
         assert stats.reissued_chunks >= 1 and stats.lost_jobs == 0
@@ -413,13 +468,15 @@ def test_an_expander_killed_mid_expansion_has_its_trees_reissued(cluster, model_
         for e in expanders:
             ray.kill(e, no_restart=True)
         t0 = time.time()
-        results, stats = asyncio.run(dispatch_jobs(expanders, jobs[:5], SUM, chunk_size=4))
+        summaries, failed, stats = asyncio.run(dispatch_jobs(expanders, jobs[:5], SUM, chunk_size=4))
         assert time.time() - t0 < 60
-        assert [r.tree.error["kind"] for r in results] == ["expander_lost"] * 5 and stats.lost_jobs == 5
+        assert [t.error_kind for t in summaries] == ["expander_lost"] * 5 and stats.lost_jobs == 5
+        assert [r.tree.error["kind"] for r in failed] == ["expander_lost"] * 5
     finally:
         for e in expanders:
             ray.kill(e, no_restart=True)
         ray.kill(replica, no_restart=True)
+        ray.kill(buffer, no_restart=True)
 
 
 def test_the_swapped_payload_outlives_the_learner_worker_that_made_it(cluster, model_dirs):

@@ -4,7 +4,9 @@
     results = ray.get(expander.expand.remote([ExpandJob("a", "3,5,7", "amplify", iteration=0, seed=1)]))
 
 Jobs are `ida_ray.messages.ExpandJob`s; each result an `ExpandResult` (the tree and its
-examples), in job order. Trees from every concurrent `expand` call share one bound,
+examples), in job order. In a run, `expand_and_stage` sends the results to the replay buffer
+actor itself (ReplayStore.stage) and returns only each tree's `TreeSummary`: trees and examples
+go from the expander to the buffer, and the coordinator sees counts. Trees from every concurrent `expand` call share one bound,
 `trees_in_flight`; all their model calls go through the pool, which batches them across trees
 (`ida_ray.expansion.expand_job` does the tree).
 
@@ -28,7 +30,7 @@ from ida_ray.config import AmplifyConfig
 from ida_ray.expansion import expand_job
 from ida_ray.experts import HumanExpert
 from ida_ray.lm_expert import LMExpertConfig
-from ida_ray.messages import ExpandJob, ExpandResult, InvalidJob
+from ida_ray.messages import ExpandJob, ExpandResult, InvalidJob, TreeSummary
 from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.serving.engine_pool import ReplicaPool
 from ida_ray.tasks import get_task
@@ -48,16 +50,20 @@ class TreeExpander:
                  amplify: AmplifyConfig | dict | None = None, trees_in_flight: int = 256,
                  pool_options: dict | None = None, human_queue=None, fmt: PromptFormat = COMPACT,
                  lm_expert: LMExpertConfig | None = None, run_dir: str | None = None,
-                 expert_replicas: list | None = None):
+                 expert_replicas: list | None = None, replay_buffer=None, stage_timeout_s: float = 600.0):
         """H of amplification trees: the task's coded expert by default; a person when
         human_queue (the run's HumanQueueActor handle) is given; a language model with
         lm_expert (over HTTP, or over expert_replicas, the expert's own replica actors; its
-        reply cache under run_dir). fmt: how the model's prompts and replies are written."""
+        reply cache under run_dir). fmt: how the model's prompts and replies are written.
+        replay_buffer: the run's ReplayBufferActor, where expand_and_stage sends its results
+        (waiting at most stage_timeout_s)."""
         if trees_in_flight < 1:
             raise ValueError("trees_in_flight must be >= 1")
         self.task = get_task(task, **(task_kwargs or {}))
         self.cfg = amplify if isinstance(amplify, AmplifyConfig) else AmplifyConfig(**(amplify or {}))
         self.trees_in_flight = trees_in_flight
+        self.replay_buffer = replay_buffer
+        self.stage_timeout_s = stage_timeout_s
         self.fmt = fmt
         self.pool = ReplicaPool(replicas, **(pool_options or {}))
         self.expert = None  # amplify_tree's default: the task's coded expert
@@ -106,6 +112,20 @@ class TreeExpander:
             return list(await asyncio.gather(*(self._one(j) for j in jobs)))
         finally:
             self.busy_s += time.time() - t0
+
+    async def expand_and_stage(self, jobs: list[ExpandJob]) -> list[TreeSummary]:
+        """Expand the jobs, stage their trees and examples in the replay buffer, and return the
+        trees' summaries, in job order. A buffer that does not take them within stage_timeout_s
+        is an error raised to the dispatcher, which records the chunk's jobs as failed."""
+        if self.replay_buffer is None:
+            raise RuntimeError("this expander was started without the run's replay buffer: use expand")
+        results = await self.expand(jobs)
+        try:
+            await asyncio.wait_for(self.replay_buffer.stage.remote(results), self.stage_timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"the replay buffer did not take {len(results)} trees within "
+                               f"{self.stage_timeout_s:g}s") from None
+        return [r.summary() for r in results]
 
     async def swap_weights(self, payload, version: int) -> dict[str, int]:
         """Swap weights through this expander's pool (the coordinator may also swap directly)."""

@@ -19,7 +19,7 @@ from collections import Counter as _Counter
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from ida_ray.tree import Tree
+from ida_ray.messages import TreeSummary
 
 EXPERT_CALL_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 5.5, 8.5, 12.5, 16.5, 24.5, 32.5, 64.5]
 
@@ -57,20 +57,22 @@ class IDAMetrics:
     def _keep(self, series: str, key, value) -> None:
         self.snapshot.setdefault(series, {})[str(key)] = value
 
-    def record_trees(self, trees: list[Tree], expand_seconds: float) -> None:
+    def record_trees(self, trees: list[TreeSummary], expand_seconds: float) -> None:
         by_mode = _Counter((t.mode, t.source) for t in trees)
         for (mode, source), n in by_mode.items():
             self.trees_completed.inc(n, self._tags(mode=mode, source=source))
             self._keep("trees_completed", f"{mode}/{source}",
                        self.snapshot.get("trees_completed", {}).get(f"{mode}/{source}", 0) + n)
-        for kind, n in _Counter(t.error["kind"] for t in trees if t.error).items():
+        for kind, n in _Counter(t.error_kind for t in trees if t.error_kind).items():
             self.trees_failed.inc(n, self._tags(kind=kind))
             self._keep("trees_failed", kind, self.snapshot.get("trees_failed", {}).get(kind, 0) + n)
-        who = _Counter(node.answered_by for t in trees for node in t.nodes() if node.answered_by)
+        who = _Counter()
+        for t in trees:
+            who.update(t.answered_by)
         for name, n in who.items():
             self.answered.inc(n, self._tags(who=name))
             self._keep("nodes_answered", name, self.snapshot.get("nodes_answered", {}).get(name, 0) + n)
-        nodes = sum(len(t.nodes()) for t in trees)
+        nodes = sum(t.nodes for t in trees)
         rate = nodes / expand_seconds if expand_seconds > 0 else 0.0
         self.nodes_per_second.set(rate, self._tags())
         self._keep("nodes_per_second", "", rate)

@@ -27,11 +27,10 @@ from ida_ray.cluster.job_dispatch import dispatch_jobs, expander_reachable
 from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
 from ida_ray.loop import Backend, Progress
-from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult
+from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult, TreeSummary
 from ida_ray.run_dir import DASHBOARD_FILE, write_json_atomic
 from ida_ray.storage import checkpoint_on_disk
 from ida_ray.tasks import get_task
-from ida_ray.tree import Tree
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,8 @@ class RayBackend(Backend):
                                          task_kwargs=cfg.task_kwargs, amplify=cfg.amplify, fmt=cfg.model.make_format(),
                                          trees_in_flight=max(1, math.ceil(cfg.trees_in_flight / cfg.expanders)),
                                          human_queue=human_queue, lm_expert=lm, run_dir=str(self.run_dir),
-                                         expert_replicas=self.expert_replicas or None)
+                                         expert_replicas=self.expert_replicas or None, replay_buffer=self.buffer,
+                                         stage_timeout_s=res.round_timeout_s)
         try:
             await asyncio.wait_for(asyncio.gather(*(e.health.remote() for e in self.expanders)), res.start_timeout_s)
         except TimeoutError:
@@ -154,17 +154,25 @@ class RayBackend(Backend):
             tensor_parallel_size=res.replica_gpus if cfg.use_gpu else 1, max_restarts=res.restarts)
         self.engine = ReplicaPool(self.replicas)
 
-    async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[ExpandResult], DispatchStats]:
-        """Chunks small enough that progress shows and a lost expander costs little."""
+    async def expand(self, jobs: list[ExpandJob], on_done: Progress) -> tuple[list[TreeSummary], DispatchStats]:
+        """Chunks small enough that progress shows and a lost expander costs little. The
+        expanders stage trees and examples in the replay buffer; this sees their summaries."""
         chunk = max(4, math.ceil(len(jobs) / (len(self.expanders) * 8)))
         self.max_queue_depth = {}
         await asyncio.gather(*(self._tell_weights(e) for e in self.expanders), return_exceptions=True)
         watcher = asyncio.ensure_future(self._watch_replicas())
         try:
-            return await dispatch_jobs(self.expanders, jobs, self.task, chunk_size=chunk, on_chunk_done=on_done,
-                                       on_reissue=self._tell_state, restart_timeout_s=self.cfg.resources.restart_timeout_s)
+            trees, failed, stats = await dispatch_jobs(
+                self.expanders, jobs, self.task, chunk_size=chunk, on_chunk_done=on_done, on_reissue=self._tell_state,
+                restart_timeout_s=self.cfg.resources.restart_timeout_s)
         finally:
             watcher.cancel()
+        await self.stage(failed)
+        return trees, stats
+
+    async def stage(self, results: list[ExpandResult]) -> None:
+        if results:
+            await asyncio.wait_for(self.buffer.stage.remote(results), self.cfg.resources.round_timeout_s)
 
     async def set_expert_budget(self, calls: int | None) -> None:
         """Each expander's share of the iteration's expert calls. An expander that Ray is
@@ -196,10 +204,8 @@ class RayBackend(Backend):
         await self._tell_weights(expander)
         await expander.set_expert_budget.remote(self.expert_share)
 
-    async def record(self, iteration: int, results: list[ExpandResult]) -> int:
-        await asyncio.gather(self.buffer.add.remote([e for r in results for e in r.examples]),
-                             self.buffer.add_trees.remote(iteration, [r.tree for r in results]))
-        return (await self.buffer.stats.remote())["size"]
+    async def record(self, iteration: int, job_ids: list[str]) -> int:
+        return await asyncio.wait_for(self.buffer.commit.remote(iteration, job_ids), self.cfg.resources.round_timeout_s)
 
     async def drop_stale(self, min_version: int) -> int:
         return await self.buffer.drop_stale.remote(min_version)
@@ -224,7 +230,7 @@ class RayBackend(Backend):
                 "replica_max_queue_depth": dict(self.max_queue_depth), "replica_faults": await self._pool_faults(),
                 "learner_start_seconds": self.learner.start_seconds}
 
-    def publish(self, m: dict, trees: list[Tree], phases: dict[str, float]) -> None:
+    def publish(self, m: dict, trees: list[TreeSummary], phases: dict[str, float]) -> None:
         self.metrics.record_trees(trees, m["expansion_seconds"])
         self.metrics.record_losses(m["model_loss"], m["adversary_loss"])
         self.metrics.record_accuracy(m["accuracy_by_size"])
