@@ -107,3 +107,28 @@ def test_the_local_backend_refuses_however_it_is_made(tmp_path):
 
     with pytest.raises(ConfigError, match="backend 'local' is one process"):
         LocalBackend(tiny(tmp_path, replicas=2))
+
+
+def test_the_supervised_arm_trains_on_true_answers_of_the_same_trees(tmp_path):
+    """amplify.answer_labels=ground_truth through the loop: every answer example in the replay
+    buffer is the task's true answer, on the same trees as IDA's run of the same configuration,
+    and at nodes IDA has no label for (the untrained model's distillation trees fail to parse,
+    so IDA takes no answer from them; their questions still have true answers)."""
+    from ida_ray.prompts import COMPACT
+    from ida_ray.replay import spill_path
+    from ida_ray.tasks import get_task
+
+    task = get_task("sum", **load_config("default").task_kwargs)
+    runs = {}
+    for labels in ("tree", "ground_truth"):
+        run_dir = tmp_path / labels
+        history = train(tiny(run_dir, iterations=1, serve_pages=False, **{"amplify.answer_labels": labels}),
+                        progress=False, log=lambda s: None)
+        answers = [json.loads(line) for line in spill_path(run_dir).read_text().splitlines()]
+        answers = [(COMPACT.question_of_answer_prompt(e["prompt"]), e["completion"]) for e in answers
+                   if e["kind"] == "answer"]
+        runs[labels] = (history[0], answers)
+    (ida, ida_answers), (sup, sup_answers) = runs["tree"], runs["ground_truth"]
+    assert (ida["trees"], ida["expert_calls_per_tree"]) == (sup["trees"], sup["expert_calls_per_tree"])
+    assert sup_answers and all(COMPACT.format_answer(task.solve(q)) == a for q, a in sup_answers)
+    assert set(ida_answers) < set(sup_answers)  # IDA's labels here are the expert's, all true
