@@ -63,6 +63,7 @@ def run_one(task: str, arm: str, seed: int, overrides: list[str], fresh: bool, l
     return {"task": task, "arm": arm, "seed": seed, "command": timed["command"], "minutes": timed["minutes"],
             "largest_size": largest, "gradient_steps": cfg.iterations * cfg.train.steps_per_iteration,
             "batch_size": cfg.train.batch_size, "final_accuracy_largest": curve[-1], "best_accuracy_largest": max(curve),
+            "first_iteration_at_0_9": next((i for i, a in enumerate(curve) if a >= GOAL_SUPERVISED), None),
             "final_accuracy_by_size": history[-1]["accuracy_by_size"], "accuracy_largest": curve,
             "expert_calls_per_tree": calls}
 
@@ -95,6 +96,8 @@ def summarise_task(task: str, runs: list[dict]) -> dict:
         "expert_calls_first": spread(first)["mean"] if ida else None,
         "expert_calls_last": spread(last)["mean"] if ida else None,
         "expert_calls_fall_per_seed": falls,
+        # The 2018 paper's measure: how much later than with labels IDA gets there (None: never).
+        "first_iteration_at_0_9": {arm: [r["first_iteration_at_0_9"] for r in by_arm[arm]] for arm in ARMS},
         "command": (ida or sup)[0]["command"],
         "commands": {arm: by_arm[arm][0]["command"] for arm in ARMS if by_arm[arm]},
         "goal": {
