@@ -76,7 +76,8 @@ class AmplifyConfig:
     """Where M's answer examples take their answers: "tree" (IDA: the trees' own answers) or
     "ground_truth" (the task's `solve` at every node of the same trees: the supervised
     baseline run through the same system, with the same questions, trees, expert steps and
-    gradient steps as IDA, so the two differ only in the answer labels)."""
+    gradient steps as IDA; it labels every node, also those IDA takes no answer from, see
+    ida_ray.examples.ground_truth_examples)."""
 
     def problems(self) -> list[str]:
         p = []
@@ -200,6 +201,10 @@ class ClusterResources:
     restart_timeout_s: float = 300.0
     """How long a call waits for an expander that Ray is restarting before it is passed over
     (its jobs go to the next expander, or get failed records)."""
+    stage_timeout_s: float = 300.0
+    """How long an expander, or the loop's commit, waits for the replay buffer to take an
+    iteration's trees; past it the run fails with the cause (the buffer is on the head node:
+    a buffer that stalls this long is not coming back)."""
 
     def required_cpus(self, cfg: IDAConfig) -> float:
         expert_replicas = cfg.lm_expert.replicas if cfg.expert == "lm" and cfg.lm_expert.backend == "cluster" else 0
@@ -217,8 +222,9 @@ class ClusterResources:
             p.append(f"resources.start_timeout_s must be > 0, got {self.start_timeout_s}")
         if not self.restart_timeout_s > 0:
             p.append(f"resources.restart_timeout_s must be > 0, got {self.restart_timeout_s}")
-        if not self.round_timeout_s > 0:
-            p.append(f"resources.round_timeout_s must be > 0, got {self.round_timeout_s}")
+        for name in ("round_timeout_s", "stage_timeout_s"):
+            if not getattr(self, name) > 0:
+                p.append(f"resources.{name} must be > 0, got {getattr(self, name)}")
         if self.kv_cache_gib < 1:
             p.append(f"resources.kv_cache_gib must be >= 1, got {self.kv_cache_gib}")
         for name in ("replica_resources", "expander_resources", "learner_resources"):

@@ -10,10 +10,13 @@ Adversary examples regress Adv(prompt, M's greedy output) onto log M(target | pr
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 from ida_ray.errors import MalformedQuestion
 from ida_ray.tree import EXPERT, HPRIME, StepRecord, Tree
+
+log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("answer", "fan_out", "fan_in")
 
@@ -66,13 +69,20 @@ def ground_truth_examples(tree: Tree, task, fmt) -> list[Example]:
     an answer example at every node whose question the task can solve, labelled with the
     task's true answer, in place of IDA's answer examples; the expert's fan-out and fan-in
     steps and the adversary's examples are IDA's own. The questions are the same trees' (a
-    distillation tree's subquestions are the model's own), so the two arms differ only in the
-    answer labels. `fmt`: the run's prompt format, which writes the prompt and the answer."""
+    distillation tree's subquestions are the model's own). Every node is labelled, including
+    those IDA takes no answer from (where H' passed on the model's own answer, failed nodes,
+    distillation trees below distill_min_confidence): the baseline is supervised learning on
+    the same questions, not IDA with its labels swapped. `fmt`: the run's prompt format, which
+    writes the prompt and the answer."""
     out = [ex for ex in tree_examples(tree) if ex.kind != "answer"]
     for node in tree.nodes():
         try:
             truth = task.solve(node.question)
         except MalformedQuestion:  # a subquestion the model made up badly has no true answer
+            continue
+        except Exception as exc:  # noqa: BLE001 - a user task's solve: one node's label, not the chunk
+            log.warning("%s.solve raised %s on %r: no label for that node", type(task).__name__,
+                        type(exc).__name__, node.question[:200])
             continue
         version = (node.answer_step.weight_version if node.answer_step else 0) or 0
         out.append(Example("answer", fmt.answer_prompt(node.question), fmt.format_answer(truth), None, version,

@@ -84,8 +84,8 @@ class LocalBackend(Backend):
         if self.expert is not None:
             self.expert.budget.set(calls)
 
-    async def record(self, iteration: int, job_ids: list[str]) -> int:
-        return self.store.commit(iteration, job_ids)
+    async def record(self, iteration: int, trees: list[tuple[str, str]]) -> int:
+        return self.store.commit(iteration, trees)
 
     async def drop_stale(self, min_version: int) -> int:
         return self.store.drop_stale(min_version)

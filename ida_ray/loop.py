@@ -113,10 +113,11 @@ class Backend(ABC):
         """Stage results the loop made itself (the failure records of rejected questions)."""
 
     @abstractmethod
-    async def record(self, iteration: int, job_ids: list[str]) -> int:
-        """Commit the iteration's staged trees, exactly these jobs, in this order (so seeded
-        sampling draws the same examples on every run of a configuration): their examples
-        into the replay buffer, their records to run_dir/trees/; returns the buffer's size."""
+    async def record(self, iteration: int, trees: list[tuple[str, str]]) -> int:
+        """Commit the iteration's staged trees, exactly these (job id, tree id) pairs, in this
+        order (so seeded sampling draws the same examples on every run of a configuration):
+        their examples into the replay buffer, their records to run_dir/trees/; returns the
+        buffer's size."""
 
     @abstractmethod
     async def drop_stale(self, min_version: int) -> int:
@@ -290,7 +291,7 @@ class IDARun:
         if not drawn_ahead:
             phases["expand"] = round(phases["expand"] - expansion.questions_seconds, 3)
 
-        buffer_size = await self.backend.record(it, [t.job_id for t in trees])          # 3. record
+        buffer_size = await self.backend.record(it, [(t.job_id, t.tree_id) for t in trees])  # 3. record
         # Round `it` trains weights version `it`: examples more than max_staleness behind go.
         dropped = 0 if self.cfg.max_staleness is None else \
             await self.backend.drop_stale(it - self.cfg.max_staleness)

@@ -213,9 +213,12 @@ class ReplayStore:
         self.buffer = ReplayBuffer(capacity, spill_path=path, seed=seed)
         self.trees_written = 0
         self.dropped_stale = 0
-        # Expanded results by iteration and job id, held until the loop commits the iteration.
-        self.staged: dict[int, dict[str, ExpandResult]] = {}
+        # Expanded results by iteration, job id and tree id, held until the loop commits the
+        # iteration (stage, commit).
+        self.staged: dict[int, dict[str, dict[str, ExpandResult]]] = {}
+        self.committed: set[int] = set()
         self.restaged = 0
+        self.late = 0
 
     def _drop_tree_files(self, drop) -> None:
         for f in trees_dir(self.run_dir).iterdir():
@@ -230,32 +233,37 @@ class ReplayStore:
     def stage(self, results: list[ExpandResult]) -> int:
         """Hold expanded results (trees with their examples) until their iteration is committed:
         expanders send them here themselves, and the loop sees only their summaries. A job
-        staged again replaces its earlier copy: a chunk re-sent after its expander staged it and
-        died counts once, as the copy whose summary the loop got. Returns how many were new."""
-        new = 0
+        may be staged more than once (a chunk re-sent after its expander staged it and died, or
+        that expander staging late): every copy is held, by tree id, and the commit takes the
+        one whose summary the loop holds. Results of an iteration already committed are late
+        and dropped. Returns how many results were held."""
+        held = 0
         for r in results:
-            held = self.staged.setdefault(r.tree.iteration, {})
-            if r.job_id in held:
-                self.restaged += 1
-            else:
-                new += 1
-            held[r.job_id] = r
-        return new
+            if r.tree.iteration in self.committed:
+                self.late += 1
+                continue
+            copies = self.staged.setdefault(r.tree.iteration, {}).setdefault(r.job_id, {})
+            self.restaged += bool(copies)
+            copies[r.tree.tree_id] = r
+            held += 1
+        return held
 
-    def commit(self, iteration: int, job_ids: list[str]) -> int:
-        """The iteration's staged results, in the order of `job_ids` (so seeded sampling is
-        reproducible), into the buffer and the tree records; returns the buffer's size. Every
-        listed job must be staged (each exactly once, by stage); a staged job not listed is a
-        bookkeeping error too. Either raises StagingError and commits nothing."""
+    def commit(self, iteration: int, trees: list[tuple[str, str]]) -> int:
+        """The iteration's staged results, the copies named by (job id, tree id) in this order
+        (so seeded sampling is reproducible), into the buffer and the tree records; returns the
+        buffer's size. Every named copy must be staged, and every staged job named once; else
+        StagingError, and nothing is committed."""
         held = self.staged.get(iteration, {})
-        missing = [j for j in job_ids if j not in held]
+        job_ids = [job for job, _ in trees]
+        missing = [job for job, tree_id in trees if tree_id not in held.get(job, {})]
         unlisted = sorted(set(held) - set(job_ids))
         if missing or unlisted or len(set(job_ids)) != len(job_ids):
             raise StagingError(f"iteration {iteration}: {len(missing)} listed jobs not staged ({missing[:5]}), "
                                f"{len(unlisted)} staged jobs not listed ({unlisted[:5]}), "
                                f"{len(job_ids) - len(set(job_ids))} listed twice")
-        results = [held[j] for j in job_ids]
+        results = [held[job][tree_id] for job, tree_id in trees]
         del self.staged[iteration]
+        self.committed.add(iteration)
         self.add([e for r in results for e in r.examples])
         self.add_trees(iteration, [r.tree for r in results])
         return len(self.buffer)
@@ -311,4 +319,5 @@ class ReplayStore:
             "dropped_stale": self.dropped_stale,
             "staged": {it: len(held) for it, held in self.staged.items()},
             "restaged": self.restaged,
+            "late": self.late,
         }

@@ -273,3 +273,18 @@ def test_ground_truth_labels_skip_a_subquestion_the_task_cannot_solve():
                root=Node(question="1,x", depth=0))
     assert [e.completion for e in ground_truth_examples(tree, TASK, COMPACT)] == ["3"]
     assert ground_truth_examples(bad, TASK, COMPACT) == []
+
+
+def test_ground_truth_labels_skip_a_node_whose_solve_raises(caplog):
+    from ida_ray.examples import ground_truth_examples
+    from ida_ray.tree import Node
+
+    class Broken(SumList):
+        def solve(self, question):
+            raise NotImplementedError("no ground truth here")
+
+    tree = Tree(tree_id="t", task="sum", question="1,2", size=2, mode="distill", iteration=0,
+                root=Node(question="1,2", depth=0))
+    with caplog.at_level("WARNING"):
+        assert ground_truth_examples(tree, Broken(), COMPACT) == []
+    assert "NotImplementedError" in caplog.text

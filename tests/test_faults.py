@@ -172,13 +172,13 @@ def test_dispatch_reissues_a_dead_expanders_chunks_exactly_once(store):
     assert stats.reissued_chunks == 1 and stats.reissued_jobs == 4 and stats.lost_jobs == 0
     expanded = [i for e in (dead, live) for call in e.calls for i in call]
     assert len(expanded) == 20 + 4 and live.told == 1
-    assert store.commit(1, [j.job_id for j in jobs]) == 20
+    assert store.commit(1, [(t.job_id, t.tree_id) for t in trees]) == 20
 
 
 def test_a_chunk_staged_twice_is_committed_once_in_job_order(store):
     """An expander that staged its chunk and died before answering: the chunk is re-sent and
-    staged again; the buffer keeps one copy of each job, and the commit takes the jobs in job
-    order whatever order the chunks arrived in."""
+    staged again. The commit takes, for each job, the copy whose summary the loop holds, in
+    job order whatever order the chunks arrived in; a copy staged after the commit is dropped."""
     from ida_ray.errors import StagingError
     from ida_ray.replay import read_tree_records
 
@@ -186,17 +186,21 @@ def test_a_chunk_staged_twice_is_committed_once_in_job_order(store):
     jobs = _jobs(12)
     trees, failed, stats = asyncio.run(dispatch_jobs([flaky, live], jobs, SUM, chunk_size=4))
     assert stats.reissued_chunks == 1 and store.restaged == 4 and not failed
-    ids = [t.job_id for t in trees]
+    pairs = [(t.job_id, t.tree_id) for t in trees]
     with pytest.raises(StagingError, match="1 staged jobs not listed"):
-        store.commit(1, ids[:-1])
+        store.commit(1, pairs[:-1])
     with pytest.raises(StagingError, match="1 listed jobs not staged"):
-        store.commit(1, ids + ["a99"])
-    assert store.commit(1, ids) == 12
-    assert [e.tree_id for e in store.buffer.all()] == ids
+        store.commit(1, pairs + [("a99", "x")])
+    with pytest.raises(StagingError, match="1 listed jobs not staged"):  # a job's copy the loop never saw
+        store.commit(1, pairs[:-1] + [(pairs[-1][0], "some other tree")])
+    assert store.commit(1, pairs) == 12
+    assert [e.tree_id for e in store.buffer.all()] == [t.job_id for t in trees]  # FakeExpander: tree_id=job id
     assert [r["tree_id"] for r in read_tree_records(store.run_dir, 1)] == [t.tree_id for t in trees]
     assert store.stats()["staged"] == {}
+    asyncio.run(live._expand_and_stage(jobs[:2]))  # late: its iteration is committed
+    assert store.stats()["late"] == 2 and store.stats()["staged"] == {}
     with pytest.raises(StagingError):  # committed once: nothing is left to commit again
-        store.commit(1, ids)
+        store.commit(1, pairs)
 
 
 def test_dispatch_waits_for_a_lone_expander_to_restart(store):
@@ -451,7 +455,7 @@ def test_an_expander_killed_mid_expansion_has_its_trees_reissued(cluster, model_
 
         summaries, failed, stats = asyncio.run(asyncio.wait_for(run(), 300))
         assert [t.job_id for t in summaries] == [j.job_id for j in jobs] and not failed
-        assert ray.get(buffer.commit.remote(0, [t.job_id for t in summaries]), timeout=60) > 0
+        assert ray.get(buffer.commit.remote(0, [(t.job_id, t.tree_id) for t in summaries]), timeout=60) > 0
         trees = [Tree.from_dict(r) for r in read_tree_records(tmp_path, 0)]
         assert [t.tree_id for t in trees] == [t.tree_id for t in summaries]
         assert len({t.tree_id for t in trees}) == len(jobs)

@@ -353,3 +353,16 @@ def test_amplification_through_prompts_with_a_model_that_imitates_the_expert(nam
         tree = asyncio.run(amplify_tree(task, engine, q, AmplifyConfig(), random.Random(size)))
         assert tree.ok and tree.answer == task.solve(q), (q, tree.error)
         assert all(len(rnd.chosen) == 1 for n in tree.nodes() for rnd in n.rounds)
+
+
+def test_perm_solves_any_exponent_along_the_cycle():
+    # A model-made subquestion may carry an exponent of any length; the supervised arm solves it.
+    perm = get_task("perm")
+    for question in ("30142*{k}(3)", "10234*{k}(4)", "01234*{k}(2)"):
+        s = question.split("*")[0]
+        for k in range(1, 40):
+            x = int(question[-2])
+            for _ in range(k):
+                x = int(s[x])
+            assert perm.solve(question.format(k=k)) == str(x)
+    assert perm.solve("30142*" + "9" * 60 + "(3)") == perm.solve(f"30142*{int('9' * 60) % 5}(3)")

@@ -27,6 +27,7 @@ import time
 
 from ida_ray.actors import node_id
 from ida_ray.config import AmplifyConfig
+from ida_ray.errors import StagingError
 from ida_ray.expansion import expand_job
 from ida_ray.experts import HumanExpert
 from ida_ray.lm_expert import LMExpertConfig
@@ -116,15 +117,22 @@ class TreeExpander:
     async def expand_and_stage(self, jobs: list[ExpandJob]) -> list[TreeSummary]:
         """Expand the jobs, stage their trees and examples in the replay buffer, and return the
         trees' summaries, in job order. A buffer that does not take them within stage_timeout_s
-        is an error raised to the dispatcher, which records the chunk's jobs as failed."""
+        is a StagingError, raised to the dispatcher, which records the chunk's jobs as failed
+        (and the run then fails staging those records)."""
         if self.replay_buffer is None:
             raise RuntimeError("this expander was started without the run's replay buffer: use expand")
+        from ray.exceptions import RayActorError
+
         results = await self.expand(jobs)
+        # A StagingError, not the buffer's own RayActorError: the dispatcher would take that
+        # for this expander's death and re-expand the chunk elsewhere, to the same dead buffer.
         try:
             await asyncio.wait_for(self.replay_buffer.stage.remote(results), self.stage_timeout_s)
         except TimeoutError:
-            raise TimeoutError(f"the replay buffer did not take {len(results)} trees within "
-                               f"{self.stage_timeout_s:g}s") from None
+            raise StagingError(f"the replay buffer did not take {len(results)} trees within "
+                               f"resources.stage_timeout_s={self.stage_timeout_s:g}s") from None
+        except RayActorError as exc:
+            raise StagingError(f"the replay buffer is lost ({type(exc).__name__})") from None
         return [r.summary() for r in results]
 
     async def swap_weights(self, payload, version: int) -> dict[str, int]:

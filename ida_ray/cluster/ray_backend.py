@@ -25,7 +25,7 @@ from ray.exceptions import RayActorError
 from ida_ray.cluster.dashboard import IDAMetrics
 from ida_ray.cluster.job_dispatch import dispatch_jobs, expander_reachable
 from ida_ray.config import IDAConfig
-from ida_ray.errors import ConfigError
+from ida_ray.errors import ConfigError, StagingError
 from ida_ray.loop import Backend, Progress
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult, TreeSummary
 from ida_ray.run_dir import DASHBOARD_FILE, write_json_atomic
@@ -129,7 +129,7 @@ class RayBackend(Backend):
                                          trees_in_flight=max(1, math.ceil(cfg.trees_in_flight / cfg.expanders)),
                                          human_queue=human_queue, lm_expert=lm, run_dir=str(self.run_dir),
                                          expert_replicas=self.expert_replicas or None, replay_buffer=self.buffer,
-                                         stage_timeout_s=res.round_timeout_s)
+                                         stage_timeout_s=res.stage_timeout_s)
         try:
             await asyncio.wait_for(asyncio.gather(*(e.health.remote() for e in self.expanders)), res.start_timeout_s)
         except TimeoutError:
@@ -172,7 +172,17 @@ class RayBackend(Backend):
 
     async def stage(self, results: list[ExpandResult]) -> None:
         if results:
-            await asyncio.wait_for(self.buffer.stage.remote(results), self.cfg.resources.round_timeout_s)
+            await self._to_buffer(self.buffer.stage.remote(results), f"stage {len(results)} trees")
+
+    async def _to_buffer(self, call, what: str):
+        timeout = self.cfg.resources.stage_timeout_s
+        try:
+            return await asyncio.wait_for(call, timeout)
+        except TimeoutError:
+            raise StagingError(f"the replay buffer did not {what} within resources.stage_timeout_s={timeout:g}s") \
+                from None
+        except RayActorError as exc:
+            raise StagingError(f"the replay buffer is lost ({type(exc).__name__}); could not {what}") from exc
 
     async def set_expert_budget(self, calls: int | None) -> None:
         """Each expander's share of the iteration's expert calls. An expander that Ray is
@@ -204,8 +214,8 @@ class RayBackend(Backend):
         await self._tell_weights(expander)
         await expander.set_expert_budget.remote(self.expert_share)
 
-    async def record(self, iteration: int, job_ids: list[str]) -> int:
-        return await asyncio.wait_for(self.buffer.commit.remote(iteration, job_ids), self.cfg.resources.round_timeout_s)
+    async def record(self, iteration: int, trees: list[tuple[str, str]]) -> int:
+        return await self._to_buffer(self.buffer.commit.remote(iteration, trees), f"commit iteration {iteration}")
 
     async def drop_stale(self, min_version: int) -> int:
         return await self.buffer.drop_stale.remote(min_version)

@@ -72,9 +72,12 @@ class PermPower(Task):
 
     def solve(self, question: str) -> str:
         perm, k, x = self.parse(question)
-        for _ in range(k):
-            x = int(perm[x])
-        return str(x)
+        # Along x's cycle: s^k(x) = orbit[k mod its length], so the exponent of a subquestion a
+        # model made up (any number of digits) costs nothing (the supervised arm solves those).
+        orbit = [x]
+        while (y := int(perm[orbit[-1]])) != x:
+            orbit.append(y)
+        return str(orbit[k % len(orbit)])
 
     def is_valid_answer(self, question: str, answer: str) -> bool:
         if not _DIGIT.match(answer or ""):
