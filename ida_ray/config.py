@@ -186,6 +186,11 @@ class ClusterResources:
     """Custom Ray resources each tree expander asks for (as replica_resources)."""
     learner_resources: dict = field(default_factory=dict)
     """Custom Ray resources each learner worker asks for (as replica_resources)."""
+    learner_placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How the learner's workers are placed (Ray Train's placement group strategy): "PACK"
+    fills a node before the next, "STRICT_PACK" insists on one node (NVLink between ranks),
+    "SPREAD"/"STRICT_SPREAD" one worker per node. Each replica has its own placement group,
+    its GPUs on one node (ida_ray.actors.replica.replica_bundles)."""
     restarts: int = 2
     """Times Ray restarts a replica or an expander that dies, and Ray Train restarts the
     learner's workers from the last checkpoint, before the run gives up on it (a replica: the

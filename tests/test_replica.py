@@ -220,3 +220,35 @@ def test_fast_prompt_encoding_equals_the_tokenizer():
     for prompt, completion in cases:
         for eos in (True, False):
             assert fast(prompt, completion, eos) == encode(tok, prompt, completion, eos=eos), (prompt, completion)
+
+
+def test_a_replica_in_its_own_placement_group(cluster, model_dirs):
+    """`placement=True` (the default with GPUs): each replica runs in a STRICT_PACK placement
+    group of its own, bundle 0 holding the actor's CPUs and custom resources; a group no node
+    can hold fails the start with what it asked for, promptly, and is removed."""
+    from ray.util import get_placement_group, placement_group_table
+    from ray.util.placement_group import remove_placement_group
+
+    from ida_ray.actors.replica import replica_bundles
+
+    assert replica_bundles(1, True, 4, {"replica_node": 1}) == [{"CPU": 1, "replica_node": 1, "GPU": 1}] + [{"GPU": 1}] * 3
+    assert replica_bundles(0, False, 1, None) == []
+    (handle,) = start_replicas(1, *model_dirs, engine="torch", max_new_tokens=4, name_prefix="tr-placed", num_cpus=1,
+                               placement=True, timeout_s=120)
+    try:
+        group = get_placement_group("tr-placed-0-placement")
+        table = placement_group_table(group)
+        assert table["state"] == "CREATED" and table["strategy"] == "STRICT_PACK"
+        assert list(table["bundles"].values()) == [{"CPU": 1.0}]
+        assert ray.get(handle.ready.remote(), timeout=60)["placement_group"] == group.id.hex()
+    finally:
+        ray.kill(handle, no_restart=True)
+        remove_placement_group(get_placement_group("tr-placed-0-placement"))
+    with pytest.raises(TimeoutError, match="placement groups"):
+        start_replicas(1, *model_dirs, engine="torch", name_prefix="tr-unplaced", num_cpus=1, placement=True,
+                       resources={"no_such_node": 1}, timeout_s=3)
+    try:
+        state = placement_group_table(get_placement_group("tr-unplaced-0-placement"))["state"]
+    except ValueError:  # removed groups may no longer be found by name
+        state = "REMOVED"
+    assert state == "REMOVED"

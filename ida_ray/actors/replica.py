@@ -287,7 +287,7 @@ class ModelReplica:
     # -- status --------------------------------------------------------------------
     def health(self) -> dict:
         e = self.engine
-        out = {"name": self.name, "pid": os.getpid(), "node_id": node_id(),
+        out = {"name": self.name, "pid": os.getpid(), "node_id": node_id(), "placement_group": placement_group_id(),
                "engine": self.engine_kind,
                "adversary_backend": self.adversary_backend,
                "started": e is not None, "version": self.weight_version(), "in_flight": self.in_flight,
@@ -340,17 +340,43 @@ def replica_runtime_env(kv_cache_gib: int = 1, omp_threads_bind: str | None = No
 _CREATION_ARGS: dict[str, tuple] = {}
 
 
+def placement_group_id() -> str | None:
+    """The placement group this actor runs in (hex id), or None."""
+    import ray
+
+    group = ray.util.get_current_placement_group() if ray.is_initialized() else None
+    return group.id.hex() if group is not None else None
+
+
+def replica_bundles(num_cpus: float, use_gpu: bool, tensor_parallel_size: int, resources: dict | None) -> list[dict]:
+    """One replica's placement group bundles: the actor's CPUs and custom resources in the
+    first, and with use_gpu one GPU per tensor-parallel rank, a bundle each (vLLM's Ray
+    executor runs its workers in the placement group it is started in, one GPU per bundle;
+    with one rank the actor itself holds the GPU). [] when there is nothing to reserve."""
+    first = {k: v for k, v in {"CPU": num_cpus, **(resources or {})}.items() if v}
+    if use_gpu:
+        return [{**first, "GPU": 1}] + [{"GPU": 1} for _ in range(tensor_parallel_size - 1)]
+    return [first] if first else []
+
+
 def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm", use_gpu: bool = False,
                    tensor_parallel_size: int = 1, max_new_tokens: int = 48, name_prefix: str = "replica",
                    adversary_backend: str | None = None, num_cpus: float = 1, max_restarts: int = 2,
                    max_task_retries: int = 0, kv_cache_gib: int = 1, omp_threads_bind: str | None = None,
                    max_num_seqs: int = 256,
                    weight_transfer: str | None = None, cache_size: int = 200_000, dtype: str = "float32",
-                   resources: dict | None = None, wait: bool = True, timeout_s: float = 600) -> list:
+                   resources: dict | None = None, placement: bool | None = None, wait: bool = True,
+                   timeout_s: float = 600) -> list:
     """Start n named replica actors (name_prefix-0, ...) and, with wait, block until every
-    engine has started. resources: custom Ray resources each asks for (placement). A
-    replica that fails to start is killed and the error raised."""
+    engine has started. resources: custom Ray resources each asks for (placement). With
+    `placement` (default: with use_gpu) each replica runs in a placement group of its own,
+    "<name>-placement" (replica_bundles, STRICT_PACK: a tensor-parallel replica's GPUs on one
+    node), which Ray keeps when it restarts the actor and removes when the job ends (remove it
+    by name to free it sooner). A replica that fails to start is killed, its group removed,
+    and the error raised."""
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if n < 1:
         raise ValueError("start_replicas needs n >= 1")
@@ -364,22 +390,36 @@ def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm
     _CREATION_ARGS[name_prefix] = (model_files, adversary_files)
     actor_cls = ray.remote(ModelReplica)
     gpus = (1 if tensor_parallel_size == 1 else 0) if use_gpu else 0  # TP>1: vLLM places its own workers
-    handles = []
+    handles, groups = [], []
+    use_groups = use_gpu if placement is None else placement
+    bundles = replica_bundles(num_cpus, use_gpu, tensor_parallel_size, resources) if use_groups else []
     for i in range(n):
         name = f"{name_prefix}-{i}"
+        placement = {}
+        if bundles:
+            groups.append(placement_group(bundles, strategy="STRICT_PACK", name=f"{name}-placement"))
+            placement = {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                groups[-1], placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
         handles.append(actor_cls.options(
             name=name, num_cpus=num_cpus, num_gpus=gpus, resources=resources or None, max_restarts=max_restarts,
             max_task_retries=max_task_retries, max_concurrency=10_000,
-            runtime_env=replica_runtime_env(kv_cache_gib, omp_threads_bind, use_gpu),
+            runtime_env=replica_runtime_env(kv_cache_gib, omp_threads_bind, use_gpu), **placement,
         ).remote(model_files, adversary_files, engine=engine, adversary_backend=adversary_backend,
                  max_new_tokens=max_new_tokens, use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size,
                  max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, name=name, cache_size=cache_size,
                  dtype=dtype))
     if wait:
         try:
+            try:
+                ray.get([g.ready() for g in groups], timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(f"the replicas' placement groups ({bundles} each, on one node) were not placed "
+                                   f"within {timeout_s:g}s: no node of the cluster has those resources free") from None
             ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
         except Exception:
             for h in handles:
                 ray.kill(h, no_restart=True)
+            for g in groups:
+                remove_placement_group(g)
             raise
     return handles

@@ -91,7 +91,8 @@ class Learner:
         self.trainer = TorchTrainer(
             learner_loop, train_loop_config=dataclasses.asdict(config),
             torch_config=TorchConfig(backend="nccl" if self.cfg.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=n, use_gpu=self.cfg.use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(num_workers=n, use_gpu=self.cfg.use_gpu, resources_per_worker=resources,
+                                         placement_strategy=self.cfg.resources.learner_placement),
             run_config=RunConfig(name=self.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                                  # keep two: resume may need the one before the newest
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
