@@ -2,8 +2,8 @@
 system users run.
 
     python -m experiments.evidence_learning [--tasks sum perm assign path] [--seeds 0 1 2]
-                                          [--arms ida supervised] [--fresh] [KEY=VALUE ...]
-                                          [--out docs/results/learning.json]
+                                          [--arms ida supervised] [--fresh] [--existing]
+                                          [KEY=VALUE ...] [--out docs/results/learning.json]
 
 Each run is one `ida-ray train` process (a local Ray cluster, a vLLM-CPU replica, a Ray Train
 learner), one after another:
@@ -14,7 +14,9 @@ The supervised arm is the same run with every answer label replaced by the task'
 steps and batch, so the two arms differ only in where the answer labels come from. For sum the
 preset is the default run itself (configs/default.yaml), and its IDA arm is the default run's
 own directory, runs/default_run/seed_S, shared with `python -m experiments.default_run`.
-A run whose directory already holds all its iterations is read, not rerun (--fresh starts over).
+A run whose directory already holds all its iterations is read, not rerun (--fresh starts over);
+with --existing only such runs are read and the others skipped (to gather into one result
+runs made by several invocations with different --seeds or --arms).
 
 Per task: held-out accuracy of the model alone at the largest size (4x the expert's base size)
 at the end of each run, over seeds (mean and range), and IDA's expert calls per amplification
@@ -51,10 +53,23 @@ def run_dir_of(task: str, arm: str, seed: int) -> Path:
     return common.ROOT / "runs" / "evidence" / task / f"{arm}-{seed}"
 
 
-def run_one(task: str, arm: str, seed: int, overrides: list[str], fresh: bool, log) -> dict:
+def config_of(task: str, overrides: list[str]):
     from ida_ray.config import load_config, parse_override
 
-    cfg = load_config(PRESETS[task] or "default", dict(parse_override(t) for t in overrides))
+    return load_config(PRESETS[task] or "default", dict(parse_override(t) for t in overrides))
+
+
+def finished(task: str, arm: str, seed: int, overrides: list[str]) -> bool:
+    """Whether the run's directory holds the whole run and its timing (common.run_ida_train)."""
+    from ida_ray.run_dir import read_history
+
+    run_dir = run_dir_of(task, arm, seed)
+    iterations = config_of(task, overrides).iterations
+    return (run_dir / common.TIMED_FILE).exists() and len(read_history(run_dir, iterations)) == iterations
+
+
+def run_one(task: str, arm: str, seed: int, overrides: list[str], fresh: bool, log) -> dict:
+    cfg = config_of(task, overrides)
     history, timed = common.run_ida_train(run_dir_of(task, arm, seed), arguments_of(task, arm, seed, overrides),
                                           cfg.iterations, fresh, log)
     largest = max(history[0]["accuracy_by_size"])
@@ -134,12 +149,20 @@ def main(argv=None) -> dict:
     common.add_seeds(ap, default=(0, 1, 2))
     ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     common.add_fresh(ap)
+    ap.add_argument("--existing", action="store_true", help="read finished runs only; start none")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="passed to every run's ida-ray train")
     args = ap.parse_args(argv)
     common.parse_overrides(ap, args.overrides)  # a malformed KEY=VALUE fails here, before any run
+    if args.existing and args.fresh:
+        ap.error("--existing reads finished runs; --fresh would remove them")
     log = common.timed_log("evidence_learning")
-    runs = [run_one(task, arm, seed, args.overrides, args.fresh, log)
-            for task in args.tasks for seed in args.seeds for arm in args.arms]
+    plan = [(task, arm, seed) for task in args.tasks for seed in args.seeds for arm in args.arms]
+    if args.existing:
+        plan = [p for p in plan if finished(*p, args.overrides)]
+    runs = [run_one(task, arm, seed, args.overrides, args.fresh, log) for task, arm, seed in plan]
+    args.tasks = [t for t in args.tasks if any(r["task"] == t for r in runs)]
+    if not args.tasks:
+        ap.error("no finished run to read")
     result = {"tasks": {task: summarise_task(task, [r for r in runs if r["task"] == task]) for task in args.tasks},
               "runs": runs,
               "baseline": "the same ida-ray train run with amplify.answer_labels=ground_truth: the same questions, "
