@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
               "runs": runs,
               "baseline": "the same ida-ray train run with amplify.answer_labels=ground_truth: the same questions, "
                           "trees, expert steps, gradient steps and batch; every answer label the task's true answer"}
-    common.write_result(result, args.out, "learning", argv)
+    common.write_result(result, args.out, "evidence_learning", argv)
     plot(result, common.png_beside(args.out))
     for task, t in result["tasks"].items():
         log(f"{task}: IDA {t['ida_accuracy_largest']} {t['ida_accuracy_largest_range']}, supervised "
