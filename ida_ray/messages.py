@@ -64,10 +64,11 @@ class ExpandResult:
 
     def summary(self) -> TreeSummary:
         t = self.tree
+        nodes = t.nodes()
         return TreeSummary(
             job_id=self.job_id, tree_id=t.tree_id, iteration=t.iteration, mode=t.mode, source=t.source, size=t.size,
             error_kind=t.error["kind"] if t.error else None, expert_calls=t.expert_calls, model_calls=t.model_calls,
-            nodes=len(t.nodes()), answered_by=dict(Counter(n.answered_by for n in t.nodes() if n.answered_by)),
+            nodes=len(nodes), answered_by=dict(Counter(n.answered_by for n in nodes if n.answered_by)),
             expert_usage=dict(t.expert_usage), examples=len(self.examples))
 
 

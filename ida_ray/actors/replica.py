@@ -395,15 +395,15 @@ def start_replicas(n: int, model_dir, adversary_dir=None, *, engine: str = "vllm
     bundles = replica_bundles(num_cpus, use_gpu, tensor_parallel_size, resources) if use_groups else []
     for i in range(n):
         name = f"{name_prefix}-{i}"
-        placement = {}
+        scheduling = {}  # not `placement`: that is the caller's choice, read above
         if bundles:
             groups.append(placement_group(bundles, strategy="STRICT_PACK", name=f"{name}-placement"))
-            placement = {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            scheduling = {"scheduling_strategy": PlacementGroupSchedulingStrategy(
                 groups[-1], placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
         handles.append(actor_cls.options(
             name=name, num_cpus=num_cpus, num_gpus=gpus, resources=resources or None, max_restarts=max_restarts,
             max_task_retries=max_task_retries, max_concurrency=10_000,
-            runtime_env=replica_runtime_env(kv_cache_gib, omp_threads_bind, use_gpu), **placement,
+            runtime_env=replica_runtime_env(kv_cache_gib, omp_threads_bind, use_gpu), **scheduling,
         ).remote(model_files, adversary_files, engine=engine, adversary_backend=adversary_backend,
                  max_new_tokens=max_new_tokens, use_gpu=use_gpu, tensor_parallel_size=tensor_parallel_size,
                  max_num_seqs=max_num_seqs, weight_transfer=weight_transfer, name=name, cache_size=cache_size,

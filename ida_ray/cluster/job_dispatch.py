@@ -16,8 +16,8 @@ retrying would fail the same way), each job of the chunk gets a failed tree reco
 with the error's kind, so the caller still gets exactly one record per job: these come back
 whole (`failed`), for the caller to stage, with their summaries among the others. Summaries
 are checked by job_id: a duplicate or a missing id is a bug and raises. A chunk staged by an
-expander that died before it answered is staged again by the next; the buffer keeps the
-last copy of each job, the one whose summary the caller gets (ReplayStore.stage).
+expander that died before it answered is staged again by the next; the buffer holds every
+copy, and the commit takes the one whose summary (tree id) the caller got (ReplayStore).
 """
 from __future__ import annotations
 
