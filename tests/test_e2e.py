@@ -87,6 +87,14 @@ def test_distributed_ida_learns_on_vllm(ray_cluster, tmp_path):
     dash = json.loads((tmp_path / "dashboard_metrics.json").read_text())
     assert dash["replica_weight_version"] == {"replica-0": 4}
     assert set(dash["eval_accuracy"]) == {"1", "2", "3", "4"} and dash["iteration"][""] == 4
+    # Its counters add up the iterations' records (one count of who answered, not two).
+    answered = {}
+    for m in history:
+        for who, n in m["answered_by"].items():
+            answered[who] = answered.get(who, 0) + n
+    assert dash["nodes_answered"] == answered
+    assert sum(dash["trees_completed"].values()) == sum(m["trees"] for m in history)
+    assert dash["expert_calls_per_tree"][""] == pytest.approx(last["expert_calls_per_tree"])
     # ... and the same series reached Ray's metrics endpoint (the dashboard's source).
     for name in ("ida_trees_completed", "ida_nodes_per_second", "ida_expert_calls_per_tree_bucket", "ida_loss",
                  "ida_nodes_answered", "ida_eval_accuracy", "ida_replica_weight_version",

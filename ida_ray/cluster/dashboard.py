@@ -57,31 +57,30 @@ class IDAMetrics:
     def _keep(self, series: str, key, value) -> None:
         self.snapshot.setdefault(series, {})[str(key)] = value
 
-    def record_trees(self, trees: list[TreeSummary], expand_seconds: float) -> None:
+    def record_trees(self, m: dict, trees: list[TreeSummary]) -> None:
+        """The iteration's trees: failures, who answered and the mean expert calls as its
+        metrics record counted them (`loop.tree_metrics`); from the summaries themselves only
+        what the record does not keep (trees by mode and source, each tree's expert calls)."""
         by_mode = _Counter((t.mode, t.source) for t in trees)
         for (mode, source), n in by_mode.items():
             self.trees_completed.inc(n, self._tags(mode=mode, source=source))
             self._keep("trees_completed", f"{mode}/{source}",
                        self.snapshot.get("trees_completed", {}).get(f"{mode}/{source}", 0) + n)
-        for kind, n in _Counter(t.error_kind for t in trees if t.error_kind).items():
+        for kind, n in m["errors"].items():
             self.trees_failed.inc(n, self._tags(kind=kind))
             self._keep("trees_failed", kind, self.snapshot.get("trees_failed", {}).get(kind, 0) + n)
-        who = _Counter()
-        for t in trees:
-            who.update(t.answered_by)
-        for name, n in who.items():
+        for name, n in m["answered_by"].items():
             self.answered.inc(n, self._tags(who=name))
             self._keep("nodes_answered", name, self.snapshot.get("nodes_answered", {}).get(name, 0) + n)
-        nodes = sum(t.nodes for t in trees)
-        rate = nodes / expand_seconds if expand_seconds > 0 else 0.0
+        seconds = m["expansion_seconds"]
+        rate = m["nodes"] / seconds if seconds > 0 else 0.0
         self.nodes_per_second.set(rate, self._tags())
         self._keep("nodes_per_second", "", rate)
-        amp = [t for t in trees if t.mode == "amplify"]
-        for t in amp:
-            self.expert_calls.observe(t.expert_calls, self._tags(size=t.size))
-        mean = sum(t.expert_calls for t in amp) / len(amp) if amp else 0.0
-        self.expert_calls_mean.set(mean, self._tags())
-        self._keep("expert_calls_per_tree", "", mean)
+        for t in trees:
+            if t.mode == "amplify":
+                self.expert_calls.observe(t.expert_calls, self._tags(size=t.size))
+        self.expert_calls_mean.set(m["expert_calls_per_tree"], self._tags())
+        self._keep("expert_calls_per_tree", "", m["expert_calls_per_tree"])
 
     def record_losses(self, model_loss: float, adversary_loss: float) -> None:
         for which, v in (("model", model_loss), ("adversary", adversary_loss)):

@@ -241,7 +241,7 @@ class RayBackend(Backend):
                 "learner_start_seconds": self.learner.start_seconds}
 
     def publish(self, m: dict, trees: list[TreeSummary], phases: dict[str, float]) -> None:
-        self.metrics.record_trees(trees, m["expansion_seconds"])
+        self.metrics.record_trees(m, trees)
         self.metrics.record_losses(m["model_loss"], m["adversary_loss"])
         self.metrics.record_accuracy(m["accuracy_by_size"])
         self.metrics.record_honest(m.get("honest"))
