@@ -1,6 +1,6 @@
 """IDA with an imperfect language model as H, beside the same runs with the coded expert.
 
-    python -m experiments.lm_expert [--seeds 0 1 2] [--expert-steps 4500] [--expert-only] [--fresh]
+    python -m experiments.lm_expert [--seeds 0 1 2] [--expert-steps 5000] [--expert-only] [--fresh]
                                     [--set KEY=VALUE ...] [--out docs/results/lm_expert.json]
 
 1. H is made here: a tiny Qwen2 (its byte-level BPE tokenizer trained on the same text)
@@ -108,7 +108,7 @@ def train_expert_model(task, out: Path, *, trees: int, steps: int, seed: int, lo
     objective = ImitationObjective(model, adversary, tok, train_cfg)
     rng = random.Random(seed + record["steps"])
     torch.manual_seed(seed + record["steps"])
-    if record["steps"]:
+    if 0 < record["steps"] < steps:
         log(f"H: continuing from {record['steps']} steps (a fresh optimiser)")
     while record["steps"] < steps:
         t0 = time.time()
@@ -339,7 +339,7 @@ def main(argv=None) -> dict:
     common.add_seeds(ap, default=(0, 1, 2))
     common.add_fresh(ap)
     common.add_overrides(ap)
-    ap.add_argument("--expert-steps", type=int, default=4500, help="H's training steps (EXPERT_TRAIN: batch 32, packed)")
+    ap.add_argument("--expert-steps", type=int, default=5000, help="H's training steps (EXPERT_TRAIN: batch 32, packed)")
     ap.add_argument("--expert-trees", type=int, default=600, help="expert-only trees H is trained on")
     ap.add_argument("--heldout-trees", type=int, default=100, help="fresh trees H's error rate is measured on")
     ap.add_argument("--expert-only", action="store_true",
