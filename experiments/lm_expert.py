@@ -373,9 +373,9 @@ def plot(result: dict, path) -> None:
         axes[1].plot(x, [it["expert_calls_per_tree"] for it in its], style, marker="o", label=f"{arm} H")
         axes[1].fill_between(x, *zip(*[it["expert_calls_per_tree_range"] for it in its]), alpha=0.1)
         axes[2].plot(x, [it["expert_tokens_per_tree"] for it in its], style, marker="o", label=f"{arm} H")
-    n = {arm: len(a["seeds"]) for arm, a in result["arms"].items()}
+    seeds = ", ".join(f"{arm} H {len(a['seeds'])}" for arm, a in result["arms"].items())
     axes[0].set(xlabel="iteration", ylabel="held-out accuracy (M alone)", ylim=(0, 1.02),
-                title=f"coins: M by IDA, coded vs LM expert ({n} seeds)")
+                title=f"M by IDA on {result['task']} (seeds: {seeds})")
     axes[0].legend(fontsize=7)
     axes[1].set(xlabel="iteration", ylabel="expert calls per amplification tree", title="expert calls")
     axes[1].legend(fontsize=8)
