@@ -11,6 +11,7 @@ go to $IDA_SCREENSHOT_DIR (docs/screenshots to refresh the committed ones), else
 """
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -45,9 +46,19 @@ WAIT = 30  # seconds for anything on a page to appear (2 busy cores in CI)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral ones
+    (32768 up): a served `ida-ray train` starts Ray before its page binds the port, and an
+    ephemeral port picked here was once taken by one of Ray's processes in between."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 @pytest.fixture(scope="module")
