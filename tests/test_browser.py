@@ -47,8 +47,9 @@ WAIT = 30  # seconds for anything on a page to appear (2 busy cores in CI)
 
 def free_port() -> int:
     """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral ones
-    (32768 up): a served `ida-ray train` starts Ray before its page binds the port, and an
-    ephemeral port picked here was once taken by one of Ray's processes in between."""
+    (32768 up), for a command started next. `ida-ray train --expert human` binds its page's port
+    before it starts Ray (`reserve_port`); the range keeps the port clear of whatever Ray's
+    processes, still running from an earlier test, bind between this pick and that bind."""
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(20_000, 32_000)

@@ -359,3 +359,29 @@ def test_on_localhost_no_token_is_asked_but_bodies_stay_bounded(tmp_path, trees)
         assert long_reply.status_code == 422  # over MAX_TEXT: refused by the model, not a 5xx
     finally:
         server.stop()
+
+
+def test_a_reserved_port_is_held_until_its_page_serves_on_it_and_freed_after(tmp_path, trees):
+    """`ida-ray train --expert human` binds its page's port before Ray starts (Ray's processes
+    bind ports of their own, and once took a port that was merely found free): nothing else can
+    bind it meanwhile, the page then serves on that very socket, and stopping the page frees it."""
+    import socket
+
+    import httpx
+
+    from ida_ray.entrypoints.viewer import PageServer, reserve_port
+
+    sock = reserve_port("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    with socket.socket() as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", port))
+    with pytest.raises(OSError):
+        reserve_port("127.0.0.1", port)
+    server = PageServer(create_app(write_run(tmp_path, trees)), "127.0.0.1", port, sock=sock).start()
+    try:
+        info = httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=10)
+        assert info.status_code == 200
+    finally:
+        server.stop()
+    assert sock.fileno() == -1  # closed with the server
+    reserve_port("127.0.0.1", port).close()  # and the port is free again

@@ -19,6 +19,7 @@ http://<cfg.pages_host>:<cfg.pages_port>/human, where the amplification trees' r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import sys
@@ -144,45 +145,49 @@ def train(cfg: IDAConfig, *, resume: bool = False, address: str | None = None, p
 
     # Every input is checked before any resource is taken: a mistake costs no cluster time.
     cfg = check_config(cfg, address=address)
-    if cfg.expert == "human":
-        from ida_ray.entrypoints.viewer import check_port_free
+    page_socket = None
+    if cfg.expert == "human":  # bound now and held: Ray, started before the page, could take the port
+        from ida_ray.entrypoints.viewer import reserve_port
 
-        problem = check_port_free(cfg.pages_host, cfg.pages_port)
-        if problem:
-            raise ConfigError(f"{problem}; choose another with --pages-port")
-    state = check_run_dir(cfg, resume)
-    if state and state.get("resume_note"):
-        log(f"warning: {state['resume_note']}")
-    if questions_file is None and state:
-        questions_file = state.get("questions_file")
-    user_questions = check_questions_file(cfg, questions_file)
-    questions_file = None if questions_file is None else str(Path(questions_file).resolve())
-    if state and state["completed_iterations"] >= cfg.iterations:  # nothing to run: no cluster needed
-        history = read_history(cfg.run_dir, state["completed_iterations"])[:cfg.iterations]
-        log(f"{cfg.run_dir}: {state['completed_iterations']} iterations already done (asked for {cfg.iterations})")
-        log(summary(history, cfg.run_dir, state.get("initial_accuracy")))
+        try:
+            page_socket = reserve_port(cfg.pages_host, cfg.pages_port)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve the human page on {cfg.pages_host}:{cfg.pages_port}: "
+                              f"{exc.strerror or exc}; choose another with --pages-port") from None
+    with page_socket or contextlib.nullcontext():  # closed here too if the run ends before its page serves
+        state = check_run_dir(cfg, resume)
+        if state and state.get("resume_note"):
+            log(f"warning: {state['resume_note']}")
+        if questions_file is None and state:
+            questions_file = state.get("questions_file")
+        user_questions = check_questions_file(cfg, questions_file)
+        questions_file = None if questions_file is None else str(Path(questions_file).resolve())
+        if state and state["completed_iterations"] >= cfg.iterations:  # nothing to run: no cluster needed
+            history = read_history(cfg.run_dir, state["completed_iterations"])[:cfg.iterations]
+            log(f"{cfg.run_dir}: {state['completed_iterations']} iterations already done (asked for {cfg.iterations})")
+            log(summary(history, cfg.run_dir, state.get("initial_accuracy")))
+            return history
+        t0 = time.time()
+        from ida_ray.trackers import Trackers
+
+        # In the driver, with the user's environment (credentials, WANDB_MODE); before any cluster.
+        trackers = Trackers(cfg.logger, cfg.tracking, cfg.run_dir, cfg.to_dict(),
+                            first_iteration=state["completed_iterations"] if state else 0, log=log)
+        pages = serve_viewer(cfg, log) if cfg.serve_pages and cfg.expert != "human" else None
+        try:
+            if cfg.backend == "local":
+                history, initial = asyncio.run(_train_local(cfg, resume, user_questions, questions_file, progress, log,
+                                                            trackers))
+            else:
+                history, initial = _train_ray(cfg, resume, user_questions, questions_file, address, progress, dashboard,
+                                              actor_logs, log, trackers, page_socket)
+        finally:
+            trackers.close()
+            if pages is not None:
+                pages.stop()
+        log(summary(history, cfg.run_dir, initial))
+        log(f"total {time.time() - t0:.0f}s")
         return history
-    t0 = time.time()
-    from ida_ray.trackers import Trackers
-
-    # In the driver, with the user's environment (credentials, WANDB_MODE); before any cluster.
-    trackers = Trackers(cfg.logger, cfg.tracking, cfg.run_dir, cfg.to_dict(),
-                        first_iteration=state["completed_iterations"] if state else 0, log=log)
-    pages = serve_viewer(cfg, log) if cfg.serve_pages and cfg.expert != "human" else None
-    try:
-        if cfg.backend == "local":
-            history, initial = asyncio.run(_train_local(cfg, resume, user_questions, questions_file, progress, log,
-                                                        trackers))
-        else:
-            history, initial = _train_ray(cfg, resume, user_questions, questions_file, address, progress, dashboard,
-                                          actor_logs, log, trackers)
-    finally:
-        trackers.close()
-        if pages is not None:
-            pages.stop()
-    log(summary(history, cfg.run_dir, initial))
-    log(f"total {time.time() - t0:.0f}s")
-    return history
 
 
 def serve_viewer(cfg: IDAConfig, log):
@@ -238,7 +243,7 @@ async def _train_local(cfg, resume, user_questions, questions_file, progress, lo
 
 
 def _train_ray(cfg, resume, user_questions, questions_file, address, progress, dashboard, actor_logs,
-               log, trackers) -> tuple[list[dict], dict]:
+               log, trackers, page_socket=None) -> tuple[list[dict], dict]:
     """The loop in the coordinator actor on a Ray cluster (backend "ray")."""
     import ray
 
@@ -250,7 +255,7 @@ def _train_ray(cfg, resume, user_questions, questions_file, address, progress, d
         if cfg.expert == "human":  # the page is up (or the run stops) before any actor starts
             from ida_ray.viewer.human_page import HumanPage
 
-            human = HumanPage(cfg, log)
+            human = HumanPage(cfg, log, sock=page_socket)
         coordinator = start_coordinator(cfg, resume, user_questions=user_questions, questions_file=questions_file)
         if human is not None:
             human.coordinator = coordinator

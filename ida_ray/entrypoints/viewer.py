@@ -45,15 +45,21 @@ def build_human_runs(run_dir: Path, task_name: str, timeout_s: float, seed: int,
     return HumanRuns(task, engine, cfg, HumanQueue(timeout_s), run_dir, seed=seed)
 
 
-def check_port_free(host: str, port: int) -> str | None:
-    """Why the page cannot be served on host:port (None if it can), checked before a run starts."""
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, for a page that is served on it later (`PageServer(sock=)`).
+
+    Bound at once and held: between a run's checks and its page coming up, the driver starts
+    Ray, whose processes bind ports of their own, so a port that was merely found free could be
+    taken by then (it was, once, in CI). OSError names the cause when the port is taken."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-    except OSError as exc:
-        return f"cannot serve the human page on {host}:{port}: {exc.strerror or exc}"
-    return None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen()  # listening, not only bound: a bound socket does not keep out others' SO_REUSEADDR binds
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class PageServer:
@@ -61,10 +67,12 @@ class PageServer:
 
     `start()` returns once the socket listens, or raises OSError if uvicorn could not bind."""
 
-    def __init__(self, app, host: str, port: int):
+    def __init__(self, app, host: str, port: int, sock: socket.socket | None = None):
+        """sock: a socket already bound to host:port (`reserve_port`), served on instead of
+        binding here; closed with the server."""
         import uvicorn
 
-        self.host, self.port = host, port
+        self.host, self.port, self.sock = host, port, sock
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                     lifespan="on"))
         self.thread = threading.Thread(target=self._run, name="ida-run-pages", daemon=True)
@@ -72,7 +80,8 @@ class PageServer:
 
     def _run(self) -> None:
         try:
-            self.server.run()  # no signal handlers off the main thread: Ctrl-C stays the driver's
+            # No signal handlers off the main thread: Ctrl-C stays the driver's.
+            self.server.run(sockets=None if self.sock is None else [self.sock])
         except BaseException as exc:  # noqa: BLE001 - uvicorn exits (SystemExit) when it cannot bind
             self.error = exc
 
@@ -96,6 +105,8 @@ class PageServer:
         self.server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(timeout_s)
+        if self.sock is not None:
+            self.sock.close()
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,9 @@ class HumanPage:
     """The queue actor and the /human page of an `expert: human` run; the page's status line
     is the run's progress, read from the coordinator once `coordinator` is set."""
 
-    def __init__(self, cfg: IDAConfig, log=print):
+    def __init__(self, cfg: IDAConfig, log=print, sock=None):
+        """sock: the page's socket, bound to cfg.pages_host:cfg.pages_port before Ray started
+        (`reserve_port`); None binds it here."""
         from ida_ray.actors.human_queue import RayHumanBackend, start_human_queue
         from ida_ray.entrypoints.viewer import PageServer
         from ida_ray.viewer import create_app
@@ -31,7 +33,7 @@ class HumanPage:
         try:
             token = page_guard(cfg.pages_host)  # off localhost, the page asks for this token
             app = create_app(cfg.run_dir, RayHumanBackend(self.queue, status=self.status), token=token)
-            self.server = PageServer(app, cfg.pages_host, cfg.pages_port).start()
+            self.server = PageServer(app, cfg.pages_host, cfg.pages_port, sock=sock).start()
         except BaseException:
             self._kill_queue()
             raise
