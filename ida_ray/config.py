@@ -130,6 +130,13 @@ class TrainConfig:
     """Model steps of linear warm-up from 0 to `lr` (lr_schedule cosine)."""
     min_lr_fraction: float = 0.1
     """The model's learning rate at the run's last step, as a fraction of `lr` (lr_schedule cosine)."""
+    answer_share: float | None = None
+    """Share of each model minibatch drawn from answer examples (M's direct answers, what
+    distillation teaches), the rest from fan_out and fan_in (the expert's steps H' imitates);
+    None draws the three alike, in the proportions the trees made them. A tree makes an answer
+    example per node but also a fan-out and fan-ins per expanded node, so with wordy prompts the
+    answers at the larger sizes can be a small part of each minibatch (the natural-language
+    preset's replay: 46% answers, a quarter of those of sizes 3-4)."""
     check_ranks_in_sync: bool = False
     """Debug: every learner rank hashes all its parameters after each round, and the round
     reports whether the ranks hold identical weights (`learner_ranks_in_sync`). A pass over
@@ -145,6 +152,8 @@ class TrainConfig:
             p.append("train.batch_size and train.replay_capacity must be >= 1")
         if self.steps_per_iteration < 0 or self.adversary_steps_per_iteration < 0:
             p.append("train.steps_per_iteration and train.adversary_steps_per_iteration must be >= 0")
+        if self.answer_share is not None and not 0 < self.answer_share <= 1:
+            p.append(f"train.answer_share must be in (0, 1] or null, got {self.answer_share}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_fraction <= 1:
             p.append(f"train.warmup_steps must be >= 0 and train.min_lr_fraction in [0, 1], "
                      f"got {self.warmup_steps} and {self.min_lr_fraction}")

@@ -322,6 +322,23 @@ def train_command(cfg: IDAConfig, iteration: int, model_steps: int | None = None
                         first_step=iteration * t.steps_per_iteration, total_steps=cfg.iterations * t.steps_per_iteration)
 
 
+def model_examples(sample: Sample, n: int, answer_share: float | None, base_seed: int) -> list[Example]:
+    """The round's n model examples: drawn alike from the replay's answer, fan-out and fan-in
+    examples, or with `answer_share` (train.answer_share) that share of answers and the rest of
+    fan-outs and fan-ins, shuffled together (each minibatch holds the share on average). Where the
+    replay holds only one of the two groups, every draw comes from what it holds."""
+    if answer_share is None:
+        return sample(n, MODEL_KINDS, base_seed * 2)
+    n_answers = round(n * answer_share)
+    answers = sample(n_answers, ("answer",), base_seed * 4 + 2)
+    steps = sample(n - n_answers, ("fan_out", "fan_in"), base_seed * 4 + 3)
+    if not answers or (n_answers < n and not steps):
+        return sample(n, MODEL_KINDS, base_seed * 2)
+    drawn = answers + steps
+    random.Random(base_seed * 4 + 1).shuffle(drawn)
+    return drawn
+
+
 def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, seed: int, rank: int = 0,
                 world_size: int = 1) -> RoundStats:
     """One iteration's training on this rank: sample, model steps, adversary steps. Every rank
@@ -331,7 +348,7 @@ def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, 
 
     it, bs = command.iteration, local_batch_size(objective.cfg.batch_size, world_size)
     base = round_seed(seed, it, rank)
-    lm = sample(command.model_steps * bs, MODEL_KINDS, base * 2)
+    lm = model_examples(sample, command.model_steps * bs, objective.cfg.answer_share, base)
     adv = sample(command.adversary_steps * bs, ("adversary",), base * 2 + 1)
     # On the objective's device: NCCL, the GPU process group, reduces no CPU tensors.
     have = torch.tensor([len(lm) > 0, len(adv) > 0], dtype=torch.int64, device=objective.device)

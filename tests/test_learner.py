@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from ida_ray.actors.replay_buffer import start_replay_buffer
 from ida_ray.checkpoint import LearnerFailure, latest_checkpoint
 from ida_ray.cluster.learner_group import Learner
 from ida_ray.config import IDAConfig, TrainConfig
-from ida_ray.examples import Example
+from ida_ray.examples import MODEL_KINDS, Example
 from ida_ray.expansion import failure_result
 from ida_ray.messages import ExpandJob
 from ida_ray.models import ModelSpec
@@ -115,6 +116,40 @@ def test_batches_are_made_ahead_on_another_thread_in_order_and_train_as_a_plain_
     assert stats.adversary_loss == pytest.approx(sum(plain_adversary) / 2, rel=1e-6)
     for pa, pb in zip([*a.model.parameters(), *a.adversary.parameters()], [*b.model.parameters(), *b.adversary.parameters()]):
         assert torch.equal(pa, pb)
+
+
+def test_answer_share_sets_the_share_of_answers_in_the_rounds_model_examples(tmp_path):
+    """train.answer_share draws that share of the round's model examples from the answers and
+    the rest from the expert's steps, from a real replay store; unset, the draw is the one the
+    round always made; a replay holding no answers yet falls back on what it holds."""
+    from ida_ray.training import model_examples
+
+    store = ReplayStore(capacity=1000, run_dir=tmp_path, seed=0)
+    examples = _examples(0, 40)  # 40 answers, 40 fan-outs
+    store.add(examples + [Example("fan_in", f"I{i}=", f"!{i}", None, 0, f"t{i}") for i in range(120)])
+    held = {"answer": 40, "fan_out": 40, "fan_in": 120}
+    drawn = model_examples(store.sample, 4000, None, 7)
+    assert drawn == store.sample(4000, MODEL_KINDS, seed=14)
+    share_alike = sum(e.kind == "answer" for e in drawn) / len(drawn)
+    assert abs(share_alike - held["answer"] / sum(held.values())) < 0.03  # 0.2, as the replay holds them
+    drawn = model_examples(store.sample, 4000, 0.75, 7)
+    kinds = Counter(e.kind for e in drawn)
+    assert len(drawn) == 4000 and kinds["answer"] == 3000 and kinds["fan_out"] + kinds["fan_in"] == 1000
+    assert 0.6 < kinds["fan_in"] / kinds["fan_out"] / 3 < 1.4  # the steps in the replay's proportions
+    first = Counter(e.kind for e in drawn[:64])["answer"]
+    assert 32 < first < 64  # shuffled: a minibatch holds about the share, not all answers
+    assert model_examples(store.sample, 100, 0.75, 7) == model_examples(store.sample, 100, 0.75, 7)  # seeded
+    assert model_examples(store.sample, 100, 0.75, 7) != model_examples(store.sample, 100, 0.75, 8)
+    assert {e.kind for e in model_examples(store.sample, 100, 1.0, 7)} == {"answer"}
+
+    steps_only = ReplayStore(capacity=100, run_dir=tmp_path / "steps", seed=0)
+    steps_only.add([e for e in examples if e.kind == "fan_out"])
+    assert {e.kind for e in model_examples(steps_only.sample, 50, 0.75, 7)} == {"fan_out"}
+    assert model_examples(ReplayStore(capacity=10, run_dir=tmp_path / "empty").sample, 50, 0.75, 7) == []
+
+    assert TrainConfig(answer_share=0.5).problems() == []
+    for bad in (0.0, 1.5, -0.1):
+        assert any("train.answer_share" in p for p in TrainConfig(answer_share=bad).problems())
 
 
 def test_cosine_schedule_sets_the_model_rate_each_step_and_leaves_the_adversary_at_its_own():
