@@ -226,6 +226,11 @@ TIMED_FILE = "ida_ray_train_minutes.json"
 """What run_ida_train timed, written beside the run's own files when the command exits."""
 
 
+def ida_ray_exe() -> str:
+    """The `ida-ray` command installed beside this Python (the project's .venv)."""
+    return str(Path(sys.executable).with_name("ida-ray"))
+
+
 def run_ida_train(run_dir: Path, arguments: list[str], iterations: int, fresh: bool, log) -> tuple[list[dict], dict]:
     """One `ida-ray train --run-dir <run_dir> --no-progress <arguments>` process, timed from its
     start to its exit as a user would time it; returns (its metrics history, {"minutes",
@@ -247,8 +252,7 @@ def run_ida_train(run_dir: Path, arguments: list[str], iterations: int, fresh: b
         command = ["ida-ray", "train", "--run-dir", str(shown), "--no-progress", *arguments]
         log(" ".join(command))
         t0 = time.time()
-        exe = str(Path(sys.executable).with_name("ida-ray"))
-        done = subprocess.run([exe, *command[1:]], cwd=ROOT, stdout=sys.stdout, stderr=sys.stderr)
+        done = subprocess.run([ida_ray_exe(), *command[1:]], cwd=ROOT, stdout=sys.stdout, stderr=sys.stderr)
         if done.returncode != 0:
             raise SystemExit(f"{shlex.join(command)} exited with {done.returncode}")
         timed_file.write_text(json.dumps({"minutes": round((time.time() - t0) / 60, 2),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from experiments import common
@@ -64,9 +63,8 @@ def every_question(seed: int, size: int, max_digit: int, log) -> dict:
         command = ["ida-ray", "eval", str(run_dir.relative_to(common.ROOT)), "--which", which,
                    "--questions-file", str(questions.relative_to(common.ROOT)), "--out", str(out.relative_to(common.ROOT))]
         log(" ".join(command))
-        exe = str(Path(sys.executable).with_name("ida-ray"))
-        done = subprocess.run([exe, *command[1:]], cwd=common.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, timeout=600)
+        done = subprocess.run([common.ida_ray_exe(), *command[1:]], cwd=common.ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, timeout=600)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(command)} exited with {done.returncode}: {done.stderr[-2000:]}")
         result = json.loads(out.read_text())

@@ -255,7 +255,7 @@ def _train_ray(cfg, resume, user_questions, questions_file, address, progress, d
         if cfg.expert == "human":  # the page is up (or the run stops) before any actor starts
             from ida_ray.viewer.human_page import HumanPage
 
-            human = HumanPage(cfg, log, sock=page_socket)
+            human = HumanPage(cfg, page_socket, log)
         coordinator = start_coordinator(cfg, resume, user_questions=user_questions, questions_file=questions_file)
         if human is not None:
             human.coordinator = coordinator

@@ -20,9 +20,9 @@ class HumanPage:
     """The queue actor and the /human page of an `expert: human` run; the page's status line
     is the run's progress, read from the coordinator once `coordinator` is set."""
 
-    def __init__(self, cfg: IDAConfig, log=print, sock=None):
+    def __init__(self, cfg: IDAConfig, sock, log=print):
         """sock: the page's socket, bound to cfg.pages_host:cfg.pages_port before Ray started
-        (`reserve_port`); None binds it here."""
+        (`reserve_port`)."""
         from ida_ray.actors.human_queue import RayHumanBackend, start_human_queue
         from ida_ray.entrypoints.viewer import PageServer
         from ida_ray.viewer import create_app
