@@ -21,7 +21,6 @@ last one are then graded on every one of them with `ida-ray eval` (`every_questi
 """
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -49,25 +48,23 @@ def run_seed(seed: int, overrides: list[str], iterations: int, fresh: bool, log)
             "seconds_per_iteration": [m["seconds"] for m in history]}
 
 
-def every_question(seed: int, size: int, max_digit: int, log) -> dict:
-    """The run's best/ model and its last one graded on every question of `size` the default task
-    can ask (each list of `size` digits 0..max_digit, one a line), by
-    `ida-ray eval <run> --which best|last --questions-file F --out F.json`."""
+def every_question(seed: int, size: int, log) -> dict:
+    """The run's best/ model and its last one graded on every question of `size` the task can
+    ask (`Task.every_question`: each list of `size` digits 0..max_digit), by
+    `ida-ray eval <run> --which best|last --every-question --out F.json`."""
     run_dir = run_dir_of(seed)
-    questions = run_dir / f"every_question_size_{size}.txt"
-    lines = [",".join(map(str, digits)) for digits in itertools.product(range(max_digit + 1), repeat=size)]
-    questions.write_text("\n".join(lines) + "\n")
-    graded = {"questions": len(lines)}
+    graded = {}
     for which in ("best", "last"):
         out = run_dir / f"every_question_{which}.json"
-        command = ["ida-ray", "eval", str(run_dir.relative_to(common.ROOT)), "--which", which,
-                   "--questions-file", str(questions.relative_to(common.ROOT)), "--out", str(out.relative_to(common.ROOT))]
+        command = ["ida-ray", "eval", str(run_dir.relative_to(common.ROOT)), "--which", which, "--every-question",
+                   "--out", str(out.relative_to(common.ROOT))]
         log(" ".join(command))
         done = subprocess.run([common.ida_ray_exe(), *command[1:]], cwd=common.ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, timeout=600)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(command)} exited with {done.returncode}: {done.stderr[-2000:]}")
         result = json.loads(out.read_text())
+        graded["questions"] = result["questions_by_size"][str(size)]
         graded[which] = {"iteration": result["iteration"], "accuracy": result["accuracy_by_size"][str(size)],
                          "command": " ".join(command)}
     graded["best_minus_last"] = round(graded["best"]["accuracy"] - graded["last"]["accuracy"], 4)
@@ -126,13 +123,15 @@ def main(argv=None) -> dict:
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="passed to ida-ray train (default: none)")
     args = ap.parse_args(argv)
     from ida_ray.config import load_config
+    from ida_ray.tasks import get_task
 
     cfg = load_config("default", dict(common.parse_overrides(ap, args.overrides)))
     log = common.timed_log("default_run")
     runs = [run_seed(s, args.overrides, cfg.iterations, args.fresh, log) for s in args.seeds]
-    if cfg.task == "sum":  # a question space small enough to grade whole
+    task = get_task(cfg.task, **cfg.task_kwargs)
+    if task.every_question(runs[0]["largest_size"]) is not None:  # a question space small enough to grade whole
         for r in runs:
-            r["every_question"] = every_question(r["seed"], r["largest_size"], cfg.task_kwargs["max_digit"], log)
+            r["every_question"] = every_question(r["seed"], r["largest_size"], log)
     result = summarise(runs)
     common.write_result(result, args.out, "default_run", argv)
     plot(result, common.png_beside(args.out))

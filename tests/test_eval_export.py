@@ -94,3 +94,22 @@ def test_eval_refuses_what_it_cannot_do(run, tmp_path, capsys):
         evaluate_model(model_dir, task="sum", amplify=True)
     assert cli.main(["eval", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_eval_on_every_question_grades_the_whole_space_as_a_file_of_it_would(run, tmp_path):
+    run_dir, _ = run
+    r = evaluate_model(run_dir, which="last", every_question=True)
+    # The run's task: sum over digits 0..3 at sizes 1 and 2, so 4 and 16 questions, each once.
+    assert r.questions == "every question" and r.questions_by_size == {1: 4, 2: 16} and not r.unlisted_sizes
+    assert len({a["question"] for a in r.answers}) == 20
+    qf = tmp_path / "all.txt"
+    qf.write_text("\n".join(a["question"] for a in r.answers) + "\n")
+    assert evaluate_model(run_dir, which="last", questions_file=str(qf)).accuracy_by_size == r.accuracy_by_size
+    # A size whose space is too large to list is named and left out, not drawn from.
+    from ida_ray.tasks import get_task
+
+    wide = get_task("sum", base_size=3, max_digit=9)
+    assert [s for s in wide.default_sizes if wide.every_question(s) is None] == [6, 7, 8, 9, 10, 11, 12]
+    assert get_task("coins").every_question(1) is None  # the default: the task does not list its questions
+    with pytest.raises(ConfigError, match="give one"):
+        evaluate_model(run_dir, every_question=True, questions_file=str(qf))

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory, chat if its tokenizer has a chat template")
     e.add_argument("--questions-file", metavar="FILE", help="these questions instead of the held-out ones "
                    "(as for train; malformed lines are listed in the result)")
+    e.add_argument("--every-question", action="store_true", help="every question of each size the task can "
+                   "list (a small space, e.g. sum with max_digit 3) instead of a held-out draw")
     e.add_argument("--per-size", type=_positive_int, metavar="N", help="held-out questions per size (default: "
                    "the run's eval_questions_per_size)")
     e.add_argument("--amplify", action="store_true", help="also answer each question by an amplification tree "
@@ -202,13 +204,15 @@ def run_eval(args) -> int:
 
     r = evaluate_model(args.model, which=args.which, task=args.task, task_kwargs=args.task_kwargs,
                        prompt_format=args.prompt_format, questions_file=args.questions_file, per_size=args.per_size,
-                       amplify=args.amplify, seed=args.seed, out=args.out)
+                       amplify=args.amplify, every_question=args.every_question, seed=args.seed, out=args.out)
     at = f" (iteration {r.iteration})" if r.iteration is not None else ""
     print(f"{r.which} model {r.model}{at} on {r.task}, {r.questions} questions {r.questions_by_size}")
     print(f"model alone: {format_accuracy(r.accuracy_by_size)}")
     if r.amplified_accuracy_by_size is not None:
         print(f"amplified:   {format_accuracy(r.amplified_accuracy_by_size)} "
               f"(expert calls per tree {r.expert_calls_per_tree:.2f})")
+    if r.unlisted_sizes:
+        print(f"sizes {r.unlisted_sizes} not graded: the task cannot list every question of them")
     if r.malformed:
         print(f"{len(r.malformed)} malformed line(s) in the questions file (listed in the result)")
     if args.out:

@@ -3,6 +3,7 @@
     ida-ray eval runs/latest                         # the run's best model, on its own task
     ida-ray eval runs/latest --which last --amplify  # the last one, and its amplified trees
     ida-ray eval ./my-export --questions-file q.txt --out eval.json
+    ida-ray eval runs/latest --every-question        # every question of each size the task can list
     ida-ray eval ./any-hf-dir --task my_pkg.tasks:Kinship --prompt-format chat
 
 The model alone answers each question greedily (the prompt format the model was trained
@@ -34,12 +35,13 @@ class EvalResult:
     task: str
     task_kwargs: dict
     prompt_format: str
-    questions: str  # "held-out" or the questions file's path
+    questions: str  # "held-out", "every question" or the questions file's path
     accuracy_by_size: dict[int, float]
     questions_by_size: dict[int, int]
     amplified_accuracy_by_size: dict[int, float] | None = None
     expert_calls_per_tree: float | None = None
     malformed: list[dict] = field(default_factory=list)  # questions-file lines that are not questions
+    unlisted_sizes: list[int] = field(default_factory=list)  # --every-question: sizes too many to list, not graded
     answers: list[dict] = field(default_factory=list)  # per question: size, the model's answer, correct
     seconds: float = 0.0
 
@@ -84,7 +86,7 @@ def _flat(config: dict) -> dict:
 
 
 async def _evaluate(cfg: IDAConfig, source: ModelSource, questions_file: str | None, per_size: int | None,
-                    amplify: bool) -> EvalResult:
+                    amplify: bool, every_question: bool = False) -> EvalResult:
     from ida_ray.engine import TorchEngine
     from ida_ray.evaluation import heldout_questions, said_answer
     from ida_ray.expansion import expand_job
@@ -103,8 +105,20 @@ async def _evaluate(cfg: IDAConfig, source: ModelSource, questions_file: str | N
     adversary = load_adversary(source.adversary_dir) if amplify else None
     engine = TorchEngine(load_model(source.model_dir, cfg.model.torch_dtype), adversary, tokenizer,
                          max_new_tokens=cfg.amplify.max_new_tokens, cache_size=0)
-    malformed = []
-    if questions_file:
+    malformed, unlisted = [], []
+    if every_question:
+        by_size = {}
+        for s in cfg.sizes(task):
+            listed = task.every_question(s)
+            if listed is None:
+                unlisted.append(s)
+            else:
+                by_size[s] = listed
+        if not by_size:
+            raise ConfigError(f"{cfg.task} lists every question of none of the sizes {list(cfg.sizes(task))} (too "
+                              "many, or the task does not say: Task.every_question); use held-out questions or "
+                              "--questions-file")
+    elif questions_file:
         entries = check_questions_file(cfg, questions_file)
         malformed = [e.to_dict() for e in entries if e.problem]
         by_size: dict[int, list[str]] = {}
@@ -124,9 +138,10 @@ async def _evaluate(cfg: IDAConfig, source: ModelSource, questions_file: str | N
     result = EvalResult(
         model=str(source.model_dir), which=source.which, iteration=source.iteration, task=cfg.task,
         task_kwargs=cfg.task_kwargs, prompt_format=cfg.model.prompt_format,
-        questions=str(Path(questions_file).resolve()) if questions_file else "held-out",
+        questions="every question" if every_question else str(Path(questions_file).resolve()) if questions_file
+        else "held-out",
         accuracy_by_size=_by_size(answers, "correct"), questions_by_size={s: len(v) for s, v in by_size.items()},
-        malformed=malformed, answers=answers)
+        malformed=malformed, unlisted_sizes=unlisted, answers=answers)
     if amplify:
         rng = random.Random(cfg.seed)
         jobs = [ExpandJob(job_id=f"e{i}", question=q, mode="amplify", iteration=0, seed=rng.randrange(2**31))
@@ -150,11 +165,16 @@ def _by_size(answers: list[dict], key: str) -> dict[int, float]:
 
 def evaluate_model(path: str | Path, *, which: str = "best", task: str | None = None, task_kwargs: dict | None = None,
                    prompt_format: str | None = None, questions_file: str | None = None, per_size: int | None = None,
-                   amplify: bool = False, seed: int = 0, out: str | Path | None = None) -> EvalResult:
-    """Evaluate the model at `path` (see the module docstring); writes the result as JSON to `out`."""
+                   amplify: bool = False, every_question: bool = False, seed: int = 0,
+                   out: str | Path | None = None) -> EvalResult:
+    """Evaluate the model at `path` (see the module docstring); writes the result as JSON to `out`.
+    every_question: every question of each size the task can list (`Task.every_question`)
+    instead of a held-out draw; not with questions_file."""
+    if every_question and questions_file:
+        raise ConfigError("--every-question and --questions-file each say which questions: give one")
     source = find_model(path, which)
     cfg = eval_config(source, task, task_kwargs, prompt_format, seed)
-    result = asyncio.run(_evaluate(cfg, source, questions_file, per_size, amplify))
+    result = asyncio.run(_evaluate(cfg, source, questions_file, per_size, amplify, every_question))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result.to_dict(), indent=1))

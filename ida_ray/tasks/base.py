@@ -44,6 +44,12 @@ class Task(ABC):
         """Ground truth. Used for evaluation and tests, and for training labels only in the
         supervised baseline (amplify.answer_labels: ground_truth), never in IDA."""
 
+    def every_question(self, size: int) -> list[str] | None:
+        """Every question of `size` the task can ask, where there are few enough to grade them
+        all (`ida-ray eval --every-question`); None (the default) where the space is too large
+        to list, or the task does not say."""
+        return None
+
     def is_correct(self, question: str, answer: str | None) -> bool:
         """How an answer is graded (evaluation and the viewer, never training): exact equality
         with `solve` by default. Override for a normalised comparison (case, whitespace), a

@@ -8,6 +8,7 @@ the case where the adversary's choice of the branch to expand should matter.
 """
 from __future__ import annotations
 
+import itertools
 import random
 import re
 
@@ -17,6 +18,7 @@ from ida_ray.tasks.base import Task
 
 _QUESTION = re.compile(r"^[0-9](,[0-9])*$")
 _NUMBER = re.compile(r"^(0|[1-9][0-9]*)$")
+EVERY_QUESTION_LIMIT = 100_000  # the most questions of one size `every_question` lists
 
 
 class SumList(Task):
@@ -38,6 +40,11 @@ class SumList(Task):
         if size < 1:
             raise ValueError("size must be >= 1")
         return ",".join(str(rng.randint(0, self.max_digit)) for _ in range(size))
+
+    def every_question(self, size: int) -> list[str] | None:
+        if size < 1 or (self.max_digit + 1) ** size > EVERY_QUESTION_LIMIT:
+            return None
+        return [",".join(map(str, digits)) for digits in itertools.product(range(self.max_digit + 1), repeat=size)]
 
     def parse(self, question: str) -> list[int]:
         if not _QUESTION.match(question or ""):
