@@ -231,6 +231,12 @@ def ida_ray_exe() -> str:
     return str(Path(sys.executable).with_name("ida-ray"))
 
 
+def shown(path: Path) -> str:
+    """A path as a command in the results shows it: relative to the repository where it is inside it."""
+    path = Path(path)
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def run_ida_train(run_dir: Path, arguments: list[str], iterations: int, fresh: bool, log) -> tuple[list[dict], dict]:
     """One `ida-ray train --run-dir <run_dir> --no-progress <arguments>` process, timed from its
     start to its exit as a user would time it; returns (its metrics history, {"minutes",
@@ -248,8 +254,7 @@ def run_ida_train(run_dir: Path, arguments: list[str], iterations: int, fresh: b
     if not (timed_file.exists() and len(read_history(run_dir, iterations)) == iterations):
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        shown = run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir
-        command = ["ida-ray", "train", "--run-dir", str(shown), "--no-progress", *arguments]
+        command = ["ida-ray", "train", "--run-dir", shown(run_dir), "--no-progress", *arguments]
         log(" ".join(command))
         t0 = time.time()
         done = subprocess.run([ida_ray_exe(), *command[1:]], cwd=ROOT, stdout=sys.stdout, stderr=sys.stderr)

@@ -1,9 +1,10 @@
 """The README's default run, as a new user runs it, over seeds: does it reach its goal on size 4
 and end at its best?
 
-    python -m experiments.default_run [--seeds 0 1 2] [--fresh] [--out docs/results/default_run.json]
+    python -m experiments.default_run [--seeds 0 1 2] [--run-root runs/default_run] [--fresh]
+                                      [--out docs/results/default_run.json] [KEY=VALUE ...]
 
-Each seed is one `ida-ray train --seed S --run-dir runs/default_run/seed_S --no-progress`
+Each seed is one `ida-ray train --seed S --run-dir <run-root>/seed_S --no-progress [KEY=VALUE ...]`
 process (the default preset, configs/default.yaml: a local Ray cluster, a vLLM-CPU replica, a
 Ray Train learner), one after another, timed from the command's start to its exit as a user
 would time it. A seed whose run directory already holds all its iterations is read, not rerun
@@ -31,12 +32,11 @@ GOAL_ACCURACY = 0.9
 GOAL_FINAL_WITHIN = 0.02
 
 
-def run_dir_of(seed: int) -> Path:
-    return common.ROOT / "runs" / "default_run" / f"seed_{seed}"
+DEFAULT_RUN_ROOT = common.ROOT / "runs" / "default_run"
 
 
-def run_seed(seed: int, overrides: list[str], iterations: int, fresh: bool, log) -> dict:
-    history, timed = common.run_ida_train(run_dir_of(seed), ["--seed", str(seed), *overrides], iterations, fresh, log)
+def run_seed(run_dir: Path, seed: int, overrides: list[str], iterations: int, fresh: bool, log) -> dict:
+    history, timed = common.run_ida_train(run_dir, ["--seed", str(seed), *overrides], iterations, fresh, log)
     largest = max(history[0]["accuracy_by_size"])
     curve = [m["accuracy_by_size"][largest] for m in history]
     best_at = max(range(len(curve)), key=lambda i: (curve[i], i))
@@ -48,16 +48,15 @@ def run_seed(seed: int, overrides: list[str], iterations: int, fresh: bool, log)
             "seconds_per_iteration": [m["seconds"] for m in history]}
 
 
-def every_question(seed: int, size: int, log) -> dict:
+def every_question(run_dir: Path, size: int, log) -> dict:
     """The run's best/ model and its last one graded on every question of `size` the task can
     ask (`Task.every_question`: each list of `size` digits 0..max_digit), by
     `ida-ray eval <run> --which best|last --every-question --out F.json`."""
-    run_dir = run_dir_of(seed)
     graded = {}
     for which in ("best", "last"):
         out = run_dir / f"every_question_{which}.json"
-        command = ["ida-ray", "eval", str(run_dir.relative_to(common.ROOT)), "--which", which, "--every-question",
-                   "--out", str(out.relative_to(common.ROOT))]
+        command = ["ida-ray", "eval", common.shown(run_dir), "--which", which, "--every-question",
+                   "--out", common.shown(out)]
         log(" ".join(command))
         done = subprocess.run([common.ida_ray_exe(), *command[1:]], cwd=common.ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, timeout=600)
@@ -120,6 +119,9 @@ def main(argv=None) -> dict:
     ap = common.parser(__doc__, "default_run")
     common.add_seeds(ap, default=(0, 1, 2))
     common.add_fresh(ap)
+    ap.add_argument("--run-root", type=Path, default=DEFAULT_RUN_ROOT,
+                    help="each seed runs in <run-root>/seed_<s> (default: %(default)s); give another root with "
+                    "overrides, or a finished run there is read as it is")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="passed to ida-ray train (default: none)")
     args = ap.parse_args(argv)
     from ida_ray.config import load_config
@@ -127,11 +129,12 @@ def main(argv=None) -> dict:
 
     cfg = load_config("default", dict(common.parse_overrides(ap, args.overrides)))
     log = common.timed_log("default_run")
-    runs = [run_seed(s, args.overrides, cfg.iterations, args.fresh, log) for s in args.seeds]
+    run_dirs = {s: args.run_root.resolve() / f"seed_{s}" for s in args.seeds}
+    runs = [run_seed(run_dirs[s], s, args.overrides, cfg.iterations, args.fresh, log) for s in args.seeds]
     task = get_task(cfg.task, **cfg.task_kwargs)
     if task.every_question(runs[0]["largest_size"]) is not None:  # a question space small enough to grade whole
         for r in runs:
-            r["every_question"] = every_question(r["seed"], r["largest_size"], log)
+            r["every_question"] = every_question(run_dirs[r["seed"]], r["largest_size"], log)
     result = summarise(runs)
     common.write_result(result, args.out, "default_run", argv)
     plot(result, common.png_beside(args.out))
