@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments import common
-from experiments.default_run import run_dir_of as default_run_dir
+from experiments.default_run import DEFAULT_RUN_ROOT
 
 TASK_NAMES = ("sum", "perm", "assign", "path")
 ARMS = ("ida", "supervised")
@@ -49,7 +49,7 @@ def arguments_of(task: str, arm: str, seed: int, overrides: list[str]) -> list[s
 
 def run_dir_of(task: str, arm: str, seed: int) -> Path:
     if PRESETS[task] is None and arm == "ida":
-        return default_run_dir(seed)  # the same command as the default run's: the same run
+        return DEFAULT_RUN_ROOT / f"seed_{seed}"  # the same command as the default run's: the same run
     return common.ROOT / "runs" / "evidence" / task / f"{arm}-{seed}"
 
 
