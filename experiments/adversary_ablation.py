@@ -2,12 +2,14 @@
 accuracy with the adversary choosing which subquestion to recurse on
 (`amplify.branch_choice=adversary`) against a fair coin (`uniform`), on the same seeds.
 
-    python -m experiments.adversary_ablation [--seeds 0 1 2] [--threshold 0.9] [--fresh] [KEY=VALUE ...]
+    python -m experiments.adversary_ablation [--seeds 0 1 2] [--threshold 0.9] [--run-root runs/adversary_ablation]
+                                             [--fresh] [KEY=VALUE ...]
 
 Each run is one `ida-ray train --config adversary_ablation --seed S
 amplify.branch_choice=ARM` process (configs/adversary_ablation.yaml: the default run, a local Ray
 cluster with a vLLM-CPU replica and a Ray Train learner, on `sum` with uneven splits), in
-runs/adversary_ablation/<arm>-<seed>, one after another. Everything but the branch choice is the
+<run-root>/<arm>-<seed>, one after another (give runs with overrides their own root: a
+finished run in the root is read as it is). Everything but the branch choice is the
 same between the two arms of a seed: initialisation, question stream, schedule. In the uniform
 arm the adversary is still trained and still picks the adversarial share of the questions;
 only the split decision ignores it.
@@ -71,12 +73,8 @@ def longer_branch_share(run_dir: Path, iterations: int) -> tuple[float, int]:
     return (round(longer / counted, 3) if counted else None), counted
 
 
-def run_dir_of(arm: str, seed: int) -> Path:
-    return common.ROOT / "runs" / "adversary_ablation" / f"{arm}-{seed}"
-
-
-def run_arm(arm: str, seed: int, threshold: float, overrides: list[str], iterations: int, fresh: bool, log) -> dict:
-    run_dir = run_dir_of(arm, seed)
+def run_arm(run_dir: Path, arm: str, seed: int, threshold: float, overrides: list[str], iterations: int, fresh: bool,
+            log) -> dict:
     arguments = ["--config", PRESET, "--seed", str(seed), f"amplify.branch_choice={arm}", *overrides]
     history, timed = common.run_ida_train(run_dir, arguments, iterations, fresh, log)
     largest = max(history[0]["accuracy_by_size"])
@@ -142,6 +140,8 @@ def main(argv=None) -> dict:
     common.add_seeds(ap, default=(0, 1, 2))
     ap.add_argument("--threshold", type=float, default=0.9, help="held-out accuracy on the largest size (default: %(default)s)")
     common.add_fresh(ap)
+    ap.add_argument("--run-root", type=Path, default=common.ROOT / "runs" / "adversary_ablation",
+                    help="each run in <run-root>/<arm>-<seed> (default: %(default)s)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="passed to every run's ida-ray train")
     args = ap.parse_args(argv)
     if not 0 < args.threshold <= 1:
@@ -150,7 +150,8 @@ def main(argv=None) -> dict:
 
     cfg = load_config(PRESET, dict(common.parse_overrides(ap, args.overrides)))
     log = common.timed_log("adversary_ablation")
-    runs = [run_arm(arm, seed, args.threshold, args.overrides, cfg.iterations, args.fresh, log)
+    root = args.run_root.resolve()
+    runs = [run_arm(root / f"{arm}-{seed}", arm, seed, args.threshold, args.overrides, cfg.iterations, args.fresh, log)
             for seed in args.seeds for arm in ARMS]
     result = {"task": cfg.task, "task_kwargs": cfg.task_kwargs, "preset": PRESET, "threshold": args.threshold,
               "calls_counted": "cumulative expert calls over amplification trees, linear at the threshold",
