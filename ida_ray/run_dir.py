@@ -26,6 +26,7 @@ PLOT_FILE = "plots/progress.png"
 DASHBOARD_FILE = "dashboard_metrics.json"  # the last values sent to the Ray dashboard
 BEST_DIR = "best"
 BEST_FILE = "best.json"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def read_state(run_dir: str | Path) -> dict | None:
@@ -33,9 +34,27 @@ def read_state(run_dir: str | Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is corrupt ({exc}); cannot resume from it") from exc
+    return _relocated(Path(run_dir), state)
+
+
+def _relocated(run_dir: Path, state: dict) -> dict:
+    """The state with its checkpoint found under `run_dir` where the run directory has moved since
+    it was written (renamed, or copied off the cluster that ran it): state.json names the local
+    checkpoint by the absolute path it had then. A URI, or a path that still exists, is as it was."""
+    from ida_ray.storage import is_uri
+
+    checkpoint = state.get("checkpoint")
+    if not checkpoint or is_uri(checkpoint) or Path(checkpoint).exists():
+        return state
+    parts = Path(checkpoint).parts
+    if CHECKPOINTS_DIR not in parts:
+        return state
+    at = len(parts) - 1 - parts[::-1].index(CHECKPOINTS_DIR)
+    here = run_dir.joinpath(*parts[at:])
+    return {**state, "checkpoint": str(here)} if here.exists() else state
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -138,7 +157,7 @@ def usable_state(run_dir: str | Path, state: dict, storage=None) -> dict:
                     break
                 passed_over.append(f"warning: {p}; passing over checkpoint {ref}")
     else:
-        root = Path(storage.path("checkpoints")) if storage is not None else Path(run_dir) / "checkpoints"
+        root = Path(storage.path(CHECKPOINTS_DIR)) if storage is not None else Path(run_dir) / CHECKPOINTS_DIR
         earlier = latest_checkpoint(root, max_iteration=before, log=passed_over.append)
         iteration = json.loads((earlier / META_FILE).read_text())["iteration"] if earlier else None
     rng = state.get("rng_states", {}).get(str(iteration)) if earlier else None

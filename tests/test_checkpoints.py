@@ -97,3 +97,25 @@ def test_truncated_checkpoints_with_no_intact_one_before_are_refused_with_the_fi
         adversary.write_bytes(adversary.read_bytes()[:100])
     with pytest.raises(ConfigError, match=r"adversary/model.safetensors is truncated .* no earlier checkpoint is intact"):
         train(load_config("default", {**TINY, "run_dir": str(run_dir)}), resume=True, progress=False, log=lambda s: None)
+
+
+def test_a_moved_run_directory_evaluates_and_resumes_from_its_own_checkpoints(tmp_path):
+    # state.json names the last checkpoint by the absolute path it had when written; a run
+    # directory copied off the cluster that ran it, or renamed, must still find it.
+    from ida_ray.entrypoints.evaluate import evaluate_model
+    from ida_ray.run_dir import read_state
+
+    first = tmp_path / "on_the_cluster"
+    straight = train(load_config("default", {**TINY, "iterations": 2, "run_dir": str(first)}), progress=False,
+                     log=lambda s: None)
+    moved = tmp_path / "on_my_laptop"
+    first.rename(moved)
+    state = read_state(moved)
+    assert state["checkpoint"].startswith(str(moved / "checkpoints")) and state["completed_iterations"] == 2
+    last = evaluate_model(moved, which="last", per_size=10)
+    assert last.iteration == 1 and last.accuracy_by_size == straight[-1]["accuracy_by_size"]
+    notes = []
+    resumed = train(load_config("default", {**TINY, "iterations": 3, "run_dir": str(moved)}), resume=True,
+                    progress=False, log=notes.append)
+    assert [m["iteration"] for m in resumed] == [0, 1, 2]  # iterations 0-1 read back, only 2 run
+    assert not any("resuming from the checkpoint of iteration" in n for n in notes), notes
