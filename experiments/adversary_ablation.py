@@ -140,8 +140,7 @@ def main(argv=None) -> dict:
     common.add_seeds(ap, default=(0, 1, 2))
     ap.add_argument("--threshold", type=float, default=0.9, help="held-out accuracy on the largest size (default: %(default)s)")
     common.add_fresh(ap)
-    ap.add_argument("--run-root", type=Path, default=common.ROOT / "runs" / "adversary_ablation",
-                    help="each run in <run-root>/<arm>-<seed> (default: %(default)s)")
+    common.add_run_root(ap, common.ROOT / "runs" / "adversary_ablation", each="<run-root>/<arm>-<seed>")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="passed to every run's ida-ray train")
     args = ap.parse_args(argv)
     if not 0 < args.threshold <= 1:

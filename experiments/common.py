@@ -185,6 +185,12 @@ def parse_overrides(ap: argparse.ArgumentParser, texts: list[str]) -> dict[str, 
         ap.error(str(exc))
 
 
+def add_run_root(ap: argparse.ArgumentParser, default: Path, each: str = "<run-root>/seed_<s>") -> None:
+    ap.add_argument("--run-root", type=Path, default=default,
+                    help=f"each run in {each} (default: %(default)s); give runs with overrides their own root: a "
+                         "finished run in it is read as it is")
+
+
 def add_fresh(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fresh", action="store_true",
                     help="start over: remove what an earlier run left in the run directories (the loop "

@@ -119,9 +119,7 @@ def main(argv=None) -> dict:
     ap = common.parser(__doc__, "default_run")
     common.add_seeds(ap, default=(0, 1, 2))
     common.add_fresh(ap)
-    ap.add_argument("--run-root", type=Path, default=DEFAULT_RUN_ROOT,
-                    help="each seed runs in <run-root>/seed_<s> (default: %(default)s); give another root with "
-                    "overrides, or a finished run there is read as it is")
+    common.add_run_root(ap, DEFAULT_RUN_ROOT)
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="passed to ida-ray train (default: none)")
     args = ap.parse_args(argv)
     from ida_ray.config import load_config

@@ -88,8 +88,7 @@ def plot(result: dict, path) -> None:
 def main(argv=None) -> dict:
     ap = common.parser(__doc__, "natural_language")
     common.add_seeds(ap, default=(0, 1, 2))
-    ap.add_argument("--run-root", type=Path, default=common.ROOT / "runs" / "natural_language",
-                    help="each seed runs in <run-root>/seed_<s> (default: %(default)s)")
+    common.add_run_root(ap, common.ROOT / "runs" / "natural_language")
     common.add_fresh(ap)
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="passed to every seed's ida-ray train")
     args = ap.parse_args(argv)
