@@ -137,6 +137,13 @@ class TrainConfig:
     example per node but also a fan-out and fan-ins per expanded node, so with wordy prompts the
     answers at the larger sizes can be a small part of each minibatch (the natural-language
     preset's replay: 46% answers, a quarter of those of sizes 3-4)."""
+    balance_answer_sizes: bool = False
+    """Draw the model's answer examples equally from each question size the replay holds
+    (each draw picks a size, then an answer of that size), instead of in the proportions the
+    trees made them. A tree of a size-4 question answers one size-4 node and several smaller
+    ones, so the largest sizes, the ones IDA is for, are the rarest answers in the replay (the
+    natural-language preset's: sizes 1/2/3/4 in 51/25/12/12%). Fan-outs, fan-ins and the
+    adversary's examples are drawn as before."""
     check_ranks_in_sync: bool = False
     """Debug: every learner rank hashes all its parameters after each round, and the round
     reports whether the ranks hold identical weights (`learner_ranks_in_sync`). A pass over

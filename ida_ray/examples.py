@@ -29,6 +29,9 @@ class Example:
     target: float | None = None  # adversary regression target
     weight_version: int = 0
     tree_id: str = ""
+    # The question's size (Task.size) for answer examples whose question the task could size;
+    # train.balance_answer_sizes draws answers equally from each size by it.
+    size: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,8 +44,20 @@ def _adversary_example(rec: StepRecord | None, tree_id: str) -> list[Example]:
                     rec.weight_version or 0, tree_id)]
 
 
-def tree_examples(tree: Tree) -> list[Example]:
-    """All examples of one tree: subtrees that completed count even if the tree failed."""
+def question_size(task, question: str) -> int | None:
+    """The task's size of `question`, or None where it cannot size it (a subquestion the model
+    made up, which may not parse; None also where no task is given)."""
+    if task is None:
+        return None
+    try:
+        return task.size(question)
+    except Exception:  # noqa: BLE001 - a user task's size on a made-up question: unsized, not fatal
+        return None
+
+
+def tree_examples(tree: Tree, task=None) -> list[Example]:
+    """All examples of one tree: subtrees that completed count even if the tree failed.
+    `task`: the tree's task, which sizes the answer examples (Example.size)."""
     out: list[Example] = []
     for node in tree.nodes():
         if node.answer is None:
@@ -53,7 +68,7 @@ def tree_examples(tree: Tree) -> list[Example]:
         if node.answer_step.who != HPRIME and tree.distill_target is not False:
             # The completion is the answer as the prompt format writes it (answer_step.output).
             out.append(Example("answer", node.answer_step.prompt, node.answer_step.output, None, v or 0,
-                               tree.tree_id))
+                               tree.tree_id, question_size(task, node.question)))
         out += _adversary_example(node.answer_step, tree.tree_id)
         for rec in [node.fan_out] + [r.fan_in for r in node.rounds]:
             if rec is None:
@@ -74,7 +89,7 @@ def ground_truth_examples(tree: Tree, task, fmt) -> list[Example]:
     distillation trees below distill_min_confidence): the baseline is supervised learning on
     the same questions, not IDA with its labels swapped. `fmt`: the run's prompt format, which
     writes the prompt and the answer."""
-    out = [ex for ex in tree_examples(tree) if ex.kind != "answer"]
+    out = [ex for ex in tree_examples(tree, task) if ex.kind != "answer"]
     for node in tree.nodes():
         try:
             truth = task.solve(node.question)
@@ -86,5 +101,5 @@ def ground_truth_examples(tree: Tree, task, fmt) -> list[Example]:
             continue
         version = (node.answer_step.weight_version if node.answer_step else 0) or 0
         out.append(Example("answer", fmt.answer_prompt(node.question), fmt.format_answer(truth), None, version,
-                           tree.tree_id))
+                           tree.tree_id, question_size(task, node.question)))
     return out

@@ -28,7 +28,7 @@ async def expand_job(task: Task, engine: Engine, job: ExpandJob, cfg: AmplifyCon
         tree = await distill_tree(task, engine, job.question, cfg, job.iteration, source=job.source, fmt=fmt)
     if cfg.answer_labels == "ground_truth":
         return ExpandResult(job.job_id, tree, ground_truth_examples(tree, task, fmt))
-    return ExpandResult(job.job_id, tree, tree_examples(tree))
+    return ExpandResult(job.job_id, tree, tree_examples(tree, task))
 
 
 def failure_result(task: Task, job: ExpandJob, error: dict) -> ExpandResult:

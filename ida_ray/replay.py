@@ -295,16 +295,29 @@ class ReplayStore:
         self.dropped_stale += dropped
         return dropped
 
-    def sample(self, n: int, kinds: list[str] | tuple[str, ...] | None = None, seed: int | None = None) -> list[Example]:
-        """n examples drawn uniformly with replacement; [] when none of `kinds` is held."""
+    def sample(self, n: int, kinds: list[str] | tuple[str, ...] | None = None, seed: int | None = None,
+               balance_sizes: bool = False) -> list[Example]:
+        """n examples drawn uniformly with replacement; [] when none of `kinds` is held. With
+        `balance_sizes` each draw first picks one of the question sizes held (Example.size; the
+        unsized are one more group) uniformly, then an example of that size."""
         kinds = tuple(kinds) if kinds is not None else None
-        if seed is None:
+        if seed is None and not balance_sizes:
             return self.buffer.sample(n, kinds)
         pool = self.buffer.all(kinds)
         if not pool:
             return []
         rng = random.Random(seed)
-        return [pool[rng.randrange(len(pool))] for _ in range(n)]
+        if not balance_sizes:
+            return [pool[rng.randrange(len(pool))] for _ in range(n)]
+        by_size: dict[int | None, list[Example]] = {}
+        for e in pool:
+            by_size.setdefault(e.size, []).append(e)
+        groups = [by_size[k] for k in sorted(by_size, key=lambda k: (k is None, k or 0))]
+        out = []
+        for _ in range(n):
+            group = groups[rng.randrange(len(groups))]
+            out.append(group[rng.randrange(len(group))])
+        return out
 
     def stats(self) -> dict:
         items = self.buffer.all()

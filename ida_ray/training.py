@@ -38,7 +38,7 @@ from ida_ray.losses import collate_adversary, collate_adversary_packed, collate_
 from ida_ray.messages import RoundStats, TrainCommand
 
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
-Sample = Callable[[int, tuple[str, ...], int], list[Example]]  # (n, kinds, seed) -> examples
+Sample = Callable[..., list[Example]]  # (n, kinds, seed, balance_sizes=False) -> examples (ReplayStore.sample)
 
 
 def no_wrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -322,15 +322,23 @@ def train_command(cfg: IDAConfig, iteration: int, model_steps: int | None = None
                         first_step=iteration * t.steps_per_iteration, total_steps=cfg.iterations * t.steps_per_iteration)
 
 
-def model_examples(sample: Sample, n: int, answer_share: float | None, base_seed: int) -> list[Example]:
+def model_examples(sample: Sample, n: int, answer_share: float | None, base_seed: int,
+                   balance_answer_sizes: bool = False) -> list[Example]:
     """The round's n model examples: drawn alike from the replay's answer, fan-out and fan-in
     examples, or with `answer_share` (train.answer_share) that share of answers and the rest of
     fan-outs and fan-ins, shuffled together (each minibatch holds the share on average). Where the
-    replay holds only one of the two groups, every draw comes from what it holds."""
-    if answer_share is None:
+    replay holds only one of the two groups, every draw comes from what it holds. With
+    `balance_answer_sizes` the answers are drawn equally from each question size; without an
+    answer_share they are then the share of answers the replay holds."""
+    if answer_share is None and not balance_answer_sizes:
         return sample(n, MODEL_KINDS, base_seed * 2)
+    if answer_share is None:  # the kinds as the trees made them, the answers among them by size
+        drawn = sample(n, MODEL_KINDS, base_seed * 2)
+        answers = iter(sample(sum(e.kind == "answer" for e in drawn), ("answer",), base_seed * 4 + 2,
+                              balance_sizes=True))
+        return [next(answers) if e.kind == "answer" else e for e in drawn]
     n_answers = round(n * answer_share)
-    answers = sample(n_answers, ("answer",), base_seed * 4 + 2)
+    answers = sample(n_answers, ("answer",), base_seed * 4 + 2, balance_sizes=balance_answer_sizes)
     steps = sample(n - n_answers, ("fan_out", "fan_in"), base_seed * 4 + 3)
     if not answers or (n_answers < n and not steps):
         return sample(n, MODEL_KINDS, base_seed * 2)
@@ -348,7 +356,8 @@ def train_round(objective: Objective, sample: Sample, command: TrainCommand, *, 
 
     it, bs = command.iteration, local_batch_size(objective.cfg.batch_size, world_size)
     base = round_seed(seed, it, rank)
-    lm = model_examples(sample, command.model_steps * bs, objective.cfg.answer_share, base)
+    lm = model_examples(sample, command.model_steps * bs, objective.cfg.answer_share, base,
+                        objective.cfg.balance_answer_sizes)
     adv = sample(command.adversary_steps * bs, ("adversary",), base * 2 + 1)
     # On the objective's device: NCCL, the GPU process group, reduces no CPU tensors.
     have = torch.tensor([len(lm) > 0, len(adv) > 0], dtype=torch.int64, device=objective.device)

@@ -288,3 +288,24 @@ def test_ground_truth_labels_skip_a_node_whose_solve_raises(caplog):
     with caplog.at_level("WARNING"):
         assert ground_truth_examples(tree, Broken(), COMPACT) == []
     assert "NotImplementedError" in caplog.text
+
+
+def test_answer_examples_carry_their_questions_size_and_unsizable_ones_none():
+    """expand_job's answer examples name their question's size (Task.size), what
+    train.balance_answer_sizes draws by, for IDA's labels and the supervised baseline's."""
+    from ida_ray.examples import question_size
+    from ida_ray.expansion import expand_job
+    from ida_ray.messages import ExpandJob
+
+    q = TASK.generate(8, random.Random(3))
+    for labels in ("ida", "ground_truth"):
+        job = ExpandJob("a0", q, "amplify", iteration=0)
+        result = run(expand_job(TASK, ScriptedEngine(oracle_policy(TASK, logprob=-3.0)), job,
+                                AmplifyConfig(answer_labels=labels)))
+        answers = [e for e in result.examples if e.kind == "answer"]
+        sizes = Counter(e.size for e in answers)
+        assert sizes[8] == 1 and set(sizes) == {8, 4, 2}, sizes  # 8 -> 4 -> 2 digits
+        assert {e.prompt: e.size for e in answers} == {COMPACT.answer_prompt(n.question): TASK.size(n.question)
+                                                       for n in result.tree.nodes()}
+        assert all(e.size is None for e in result.examples if e.kind != "answer")
+    assert question_size(TASK, "1,x") is None and question_size(None, "1,2") is None

@@ -385,3 +385,37 @@ def test_learner_honest_objective_two_workers(ray_cluster, tmp_path):
     served = load(payload.model)  # what every replica loads: the intended head, not the instrumental one
     assert torch.equal(served["lm_head.weight"], two.lm.lm_head.weight)
     assert not torch.equal(served["lm_head.weight"], two.instrumental_head.weight)
+
+
+def test_balance_answer_sizes_draws_answers_equally_from_each_size(tmp_path):
+    """train.balance_answer_sizes: each size the replay holds gets about the same share of the
+    answers drawn, however rare it is there; fan-outs and fan-ins are drawn as before; with and
+    without answer_share; the draw is seeded; unsized answers are one more group."""
+    from ida_ray.training import model_examples
+
+    store = ReplayStore(capacity=2000, run_dir=tmp_path, seed=0)
+    held = {1: 400, 2: 200, 3: 50, 4: 10}  # the larger, the rarer, as trees make them
+    store.add([Example("answer", f"A{s}-{i}=", str(i), None, 0, f"t{s}{i}", s) for s, n in held.items()
+               for i in range(n)])
+    store.add([Example("fan_out", f"O{i}=", f"!{i}", None, 0, f"o{i}") for i in range(340)])
+    alike = Counter(e.size for e in model_examples(store.sample, 8000, 0.5, 7) if e.kind == "answer")
+    assert alike[4] < 0.03 * 4000  # 10 of 660 answers: ~1.5% of the draw
+    drawn = model_examples(store.sample, 8000, 0.5, 7, balance_answer_sizes=True)
+    kinds = Counter(e.kind for e in drawn)
+    assert kinds["answer"] == 4000 and kinds["fan_out"] == 4000
+    sizes = Counter(e.size for e in drawn if e.kind == "answer")
+    assert set(sizes) == {1, 2, 3, 4} and all(850 < sizes[s] < 1150 for s in held), sizes
+    assert len({e.prompt for e in drawn if e.size == 4}) == 10  # every size-4 answer, many times over
+    assert drawn == model_examples(store.sample, 8000, 0.5, 7, balance_answer_sizes=True)  # seeded
+
+    # Without answer_share: the kinds in the replay's proportions (660 answers of 1000), the
+    # answers among them by size.
+    drawn = model_examples(store.sample, 8000, None, 7, balance_answer_sizes=True)
+    kinds = Counter(e.kind for e in drawn)
+    assert abs(kinds["answer"] / 8000 - 0.66) < 0.03
+    sizes = Counter(e.size for e in drawn if e.kind == "answer")
+    assert all(abs(sizes[s] / kinds["answer"] - 0.25) < 0.04 for s in held), sizes
+
+    store.add([Example("answer", f"X{i}=", "0", None, 0, f"x{i}") for i in range(5)])  # unsized
+    sizes = Counter(e.size for e in store.sample(5000, ("answer",), 3, balance_sizes=True))
+    assert set(sizes) == {1, 2, 3, 4, None} and all(850 < c < 1150 for c in sizes.values()), sizes

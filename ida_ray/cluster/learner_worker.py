@@ -72,8 +72,8 @@ def learner_loop(config: dict) -> None:
     control = ray.get_actor(wc.control_name, namespace=wc.namespace)
     buffer = ray.get_actor(wc.buffer_name, namespace=wc.namespace)
 
-    def sample(n: int, kinds: tuple[str, ...], seed: int):
-        return ray.get(buffer.sample.remote(n, list(kinds), seed))
+    def sample(n: int, kinds: tuple[str, ...], seed: int, balance_sizes: bool = False):
+        return ray.get(buffer.sample.remote(n, list(kinds), seed, balance_sizes))
 
     payload_ref = None  # kept alive until the next round, so the coordinator can fetch it
     ray.get(control.ready.remote(rank, last))
