@@ -21,7 +21,7 @@ from ida_ray.expansion import expand_job
 from ida_ray.loop import Backend, Progress
 from ida_ray.messages import DispatchStats, ExpandJob, ExpandResult, TrainResult, TreeSummary
 from ida_ray.replay import ReplayStore
-from ida_ray.storage import RunStorage, bounded, checkpoint_on_disk
+from ida_ray.storage import CHECKPOINTS_DIR, RunStorage, bounded, checkpoint_on_disk
 from ida_ray.tasks import get_task
 from ida_ray.training import build_objective, train_command, train_round
 
@@ -55,7 +55,7 @@ class LocalBackend(Backend):
 
     @property
     def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints" / "local"
+        return self.run_dir / CHECKPOINTS_DIR / "local"
 
     async def start(self, completed: int, checkpoint: str | None, report=lambda phase: None) -> dict:
         t0 = time.time()

@@ -19,6 +19,7 @@ from pathlib import Path
 from ida_ray.config import IDAConfig
 from ida_ray.errors import ConfigError
 from ida_ray.models import ModelSpec
+from ida_ray.storage import CHECKPOINTS_DIR
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
@@ -26,7 +27,6 @@ PLOT_FILE = "plots/progress.png"
 DASHBOARD_FILE = "dashboard_metrics.json"  # the last values sent to the Ray dashboard
 BEST_DIR = "best"
 BEST_FILE = "best.json"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def read_state(run_dir: str | Path) -> dict | None:

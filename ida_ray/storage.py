@@ -45,7 +45,9 @@ from ida_ray.errors import ConfigError, IDAError
 SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 # Not pushed: Ray Train writes checkpoints to storage itself; cache/ holds copies fetched from
 # storage; initial/ is rebuilt from the config; *.partial and *.tmp are writes in progress.
-NOT_PUSHED_DIRS = ("checkpoints", "cache", "initial")  # cache: CACHE_DIR
+CHECKPOINTS_DIR = "checkpoints"  # under run_dir and under storage: the learner's checkpoints
+CACHE_DIR = "cache"  # under run_dir: checkpoints copied from storage, removed once used
+NOT_PUSHED_DIRS = (CHECKPOINTS_DIR, CACHE_DIR, "initial")
 NOT_PUSHED_SUFFIXES = (".partial", ".tmp")
 PUSHED_LAST = "state.json"
 PROBE_FILE = ".ida-ray-probe"
@@ -142,7 +144,6 @@ def fetch_dir(ref: str, into: str | Path) -> Path:
     return into
 
 
-CACHE_DIR = "cache"  # under run_dir: checkpoints copied from storage, removed once used
 
 
 def local_checkpoint(ref: str, run_dir: str | Path) -> tuple[Path, bool]:
@@ -202,7 +203,7 @@ class RunStorage:
 
     def checkpoints(self) -> tuple[str, pafs.FileSystem | None]:
         """Ray Train's (storage_path, storage_filesystem) for the learner's checkpoints."""
-        return (self.path("checkpoints"), None) if self.local else (self.path("checkpoints"), self.fs)
+        return (self.path(CHECKPOINTS_DIR), None) if self.local else (self.path(CHECKPOINTS_DIR), self.fs)
 
     def check(self) -> None:
         """Write, read back and delete a small file: a wrong endpoint, bucket or credential
@@ -374,14 +375,14 @@ class RunStorage:
 
     def checkpoint_ref(self, name: str) -> str:
         """The reference of checkpoint `name` (its path under <storage>/checkpoints)."""
-        return self.ref("checkpoints", *name.split("/"))
+        return self.ref(CHECKPOINTS_DIR, *name.split("/"))
 
     def checkpoint_names(self) -> list[tuple[int, str]]:
         """(iteration, name) of every checkpoint under <storage>/checkpoints whose learner.json
         reads, newest iteration first (name: its path under checkpoints/, e.g. ida/iteration_0003)."""
         found = []
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path("checkpoints"), recursive=True,
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path(CHECKPOINTS_DIR), recursive=True,
                                                             allow_not_found=True))
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"could not list the checkpoints in storage {self.uri}: {exc}") from exc
@@ -393,7 +394,7 @@ class RunStorage:
                     it = json.loads(f.read())["iteration"]
             except Exception:  # noqa: BLE001 - a torn one is passed over
                 continue
-            found.append((it, posixpath.relpath(posixpath.dirname(info.path), self.path("checkpoints"))))
+            found.append((it, posixpath.relpath(posixpath.dirname(info.path), self.path(CHECKPOINTS_DIR))))
         return sorted(found, reverse=True)
 
     def put_checkpoint(self, local: str | Path, name: str) -> str:
@@ -403,12 +404,12 @@ class RunStorage:
         self.delete_checkpoint(name)  # a re-run iteration's: no old learner.json over new files
         files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == CHECKPOINT_META)
         for p in files:
-            self._put(p, posixpath.join("checkpoints", name, p.relative_to(local).as_posix()))
+            self._put(p, posixpath.join(CHECKPOINTS_DIR, name, p.relative_to(local).as_posix()))
         return self.checkpoint_ref(name)
 
     def delete_checkpoint(self, name: str) -> None:
         try:
-            self.fs.delete_dir(self.path("checkpoints", name))
+            self.fs.delete_dir(self.path(CHECKPOINTS_DIR, name))
         except FileNotFoundError:
             pass
         except Exception as exc:  # noqa: BLE001

@@ -28,6 +28,7 @@ from ida_ray.checkpoint import LearnerFailure
 from ida_ray.cluster.learner_worker import WorkerConfig, learner_loop
 from ida_ray.config import IDAConfig
 from ida_ray.messages import TrainResult
+from ida_ray.storage import CHECKPOINTS_DIR, RunStorage
 from ida_ray.training import train_command
 
 
@@ -61,10 +62,8 @@ class Learner:
         """Where Ray Train writes the checkpoints: <run_dir>/checkpoints, or <storage>/checkpoints
         (a path or URI) with cfg.storage, written there from each worker's own node."""
         if self.cfg.storage:
-            from ida_ray.storage import RunStorage
-
-            return RunStorage(self.cfg.storage, self.cfg.storage_timeout_s).ref("checkpoints")
-        return str(self.run_dir / "checkpoints")
+            return RunStorage(self.cfg.storage, self.cfg.storage_timeout_s).ref(CHECKPOINTS_DIR)
+        return str(self.run_dir / CHECKPOINTS_DIR)
 
     def start(self) -> None:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -82,8 +81,6 @@ class Learner:
         if self.cfg.use_gpu:
             resources["GPU"] = 1
         if self.cfg.storage:
-            from ida_ray.storage import RunStorage
-
             storage = RunStorage(self.cfg.storage, self.cfg.storage_timeout_s)
             storage_path, storage_filesystem = storage.checkpoints()
         else:
