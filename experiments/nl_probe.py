@@ -3,7 +3,7 @@ tokenizer trained on the task's prompts, the chat format) learns the direct answ
 given ground-truth labels. It sizes the IDA preset (configs/natural_language.yaml): IDA's
 distillation cannot teach faster than this.
 
-    python -m experiments.nl_probe [--hidden 64 --layers 2 --steps 4500 --lr 1e-3]
+    python -m experiments.nl_probe [--hidden 64 --layers 2 --steps 4500 --lr 1e-3] [--pool N]
                                    [--task-kwargs '{"base_size": 1, "max_coins": 3, "shuffle": false}']
 
 Prints the loss and held-out exact-match accuracy by size (teacher-forced greedy match of the
@@ -29,6 +29,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--sizes", default="1,2,3,4")
+    ap.add_argument("--pool", type=int, default=0,
+                    help="train on a fixed pool of this many questions a size, drawn again and again (as a "
+                         "replay holds a few hundred of each), instead of a fresh question every draw")
     a = ap.parse_args(argv)
 
     import torch
@@ -67,9 +70,15 @@ def main(argv=None) -> None:
         model.train()
         return out
 
+    pool = {s: [task.generate(s, rng) for _ in range(a.pool)] for s in sizes} if a.pool else None
+
+    def draw() -> str:
+        size = rng.choice(sizes)
+        return rng.choice(pool[size]) if pool else task.generate(size, rng)
+
     t0 = time.time()
     for step in range(1, a.steps + 1):
-        batch = [example(task.generate(rng.choice(sizes), rng)) for _ in range(a.batch_size)]
+        batch = [example(draw()) for _ in range(a.batch_size)]
         loss = model_loss(model, collate_lm(tok, batch))
         opt.zero_grad()
         loss.backward()
