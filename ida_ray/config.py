@@ -143,7 +143,8 @@ class TrainConfig:
     trees made them. A tree of a size-4 question answers one size-4 node and several smaller
     ones, so the largest sizes, the ones IDA is for, are the rarest answers in the replay (the
     natural-language preset's: sizes 1/2/3/4 in 51/25/12/12%). Fan-outs, fan-ins and the
-    adversary's examples are drawn as before."""
+    adversary's examples are drawn as before. It repeats the rare answers, not adds new ones: on
+    that preset it did not help (README "IDA in natural language")."""
     check_ranks_in_sync: bool = False
     """Debug: every learner rank hashes all its parameters after each round, and the round
     reports whether the ranks hold identical weights (`learner_ranks_in_sync`). A pass over
