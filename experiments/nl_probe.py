@@ -28,6 +28,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=4500)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.01,
+                    help="AdamW's (torch's default, as the probe's earlier figures; the learner's train.weight_decay is 0)")
     ap.add_argument("--sizes", default="1,2,3,4")
     ap.add_argument("--pool", type=int, default=0,
                     help="train on a fixed pool of this many questions a size, drawn again and again (as a "
@@ -53,7 +55,7 @@ def main(argv=None) -> None:
     print(f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
     rng, heldout_rng = random.Random(0), random.Random(123)
     heldout = {s: [task.generate(s, heldout_rng) for _ in range(100)] for s in sizes}
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
 
     def example(q):
         return Example("answer", fmt.answer_prompt(q), fmt.format_answer(task.solve(q)))
