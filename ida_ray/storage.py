@@ -144,8 +144,6 @@ def fetch_dir(ref: str, into: str | Path) -> Path:
     return into
 
 
-
-
 def local_checkpoint(ref: str, run_dir: str | Path) -> tuple[Path, bool]:
     """(a local directory holding checkpoint `ref`, whether it is a copy the caller should
     remove once done): a local path as it is, a URI copied into <run_dir>/cache/<its name>."""
