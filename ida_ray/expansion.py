@@ -8,7 +8,7 @@ import uuid
 from ida_ray.amplify import amplify_tree, distill_tree
 from ida_ray.config import AmplifyConfig
 from ida_ray.engine import Engine
-from ida_ray.examples import ground_truth_examples, tree_examples
+from ida_ray.examples import ground_truth_examples, question_size, tree_examples
 from ida_ray.messages import ExpandJob, ExpandResult
 from ida_ray.prompts import COMPACT, PromptFormat
 from ida_ray.tasks.base import Task
@@ -34,11 +34,8 @@ async def expand_job(task: Task, engine: Engine, job: ExpandJob, cfg: AmplifyCon
 def failure_result(task: Task, job: ExpandJob, error: dict) -> ExpandResult:
     """The result of a job that produced no tree: a record with the error on the tree and its
     root, and no training examples."""
-    try:
-        size = task.size(job.question)
-    except Exception:  # noqa: BLE001 - the question may be the reason it failed
-        size = -1
+    size = question_size(task, job.question)  # None: the question may be the reason it failed
     root = Node(question=job.question, depth=0, error=error)
-    tree = Tree(tree_id=uuid.uuid4().hex, task=task.name, question=job.question, size=size, mode=job.mode,
+    tree = Tree(tree_id=uuid.uuid4().hex, task=task.name, question=job.question, size=-1 if size is None else size, mode=job.mode,
                 iteration=job.iteration, root=root, error=error, source=job.source)
     return ExpandResult(job.job_id, tree, [])

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,10 @@ from ida_ray.losses import collate_adversary, collate_adversary_packed, collate_
 from ida_ray.messages import RoundStats, TrainCommand
 
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
-Sample = Callable[..., list[Example]]  # (n, kinds, seed, balance_sizes=False) -> examples (ReplayStore.sample)
+class Sample(Protocol):
+    """The replay's draw (ReplayStore.sample, or a learner rank's call to the replay actor)."""
+
+    def __call__(self, n: int, kinds: tuple[str, ...], seed: int, balance_sizes: bool = False) -> list[Example]: ...
 
 
 def no_wrap(module: torch.nn.Module) -> torch.nn.Module:
