@@ -122,6 +122,10 @@ def check_cpu_head_size(config: dict) -> None:
                           f"{head} (hidden_size {config['hidden_size']} / {config['num_attention_heads']} heads)")
 
 
+# Mixed into every vLLM worker: the weight swap that also re-packs a tied LM head on CPU.
+WORKER_EXTENSION = "ida_ray.serving.vllm_worker.WorkerExtension"
+
+
 def engine_args(model_dir: str | Path, s: VllmSettings, *, pooling: bool = False):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -132,7 +136,7 @@ def engine_args(model_dir: str | Path, s: VllmSettings, *, pooling: bool = False
     kwargs = dict(
         model=str(model_dir), dtype=s.dtype, enforce_eager=True, max_model_len=max_len,
         max_num_seqs=s.max_num_seqs, seed=s.seed, disable_log_stats=True,
-        tensor_parallel_size=s.tensor_parallel_size)
+        tensor_parallel_size=s.tensor_parallel_size, worker_extension_cls=WORKER_EXTENSION)
     if s.use_gpu:
         kwargs["gpu_memory_utilization"] = (s.adversary_gpu_memory_utilization if pooling
                                             else s.gpu_memory_utilization)
@@ -305,7 +309,9 @@ class VllmEngine(Engine):
 
     async def _reload_model(self, model_dir) -> None:
         if model_dir is not None:
-            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+            # Not vLLM's reload_weights alone: on CPU it leaves a tied LM head on its old weights
+            # (ida_ray/serving/vllm_worker.py).
+            await self.llm.collective_rpc("reload_weights_from", kwargs={"weights_path": str(model_dir)})
             await self.llm.reset_prefix_cache()
 
     def _set_version(self, version: int) -> None:
