@@ -16,15 +16,17 @@ from __future__ import annotations
 
 
 def repack_lm_heads(model) -> int:
-    """Re-run the weight processing of every LM head (on CPU: re-pack its GEMM weight from the
-    weight it holds now); returns how many. Cheap beside a reload; a no-op off CPU, where the
-    head computes from its weight tensor directly."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    """Re-run the weight processing of every unquantized LM head (on CPU: re-pack its GEMM
+    weight from the weight it holds now); returns how many. Cheap beside a reload; a no-op off
+    CPU, where the head computes from its weight tensor directly. Quantized heads are left
+    alone: processing one twice may quantize it twice."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return 0
-    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead) and m.weight.numel() > 0]
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)
+             and isinstance(m.quant_method, UnquantizedEmbeddingMethod) and m.weight.numel() > 0]
     for head in heads:
         head.quant_method.process_weights_after_loading(head)
     return len(heads)
