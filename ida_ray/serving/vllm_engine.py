@@ -22,8 +22,8 @@ run vLLM's `reload_weights` (the CPU backend repacks linear weights on load, so 
 `model.load_weights` directly does not work there) and then re-pack a tied LM head, which that
 reload leaves on its old weights on CPU (`ida_ray/serving/vllm_worker.py`, the worker
 extension); then the prefix cache is reset so no key/value block computed with the old weights
-is reused. A `SwapGate` keeps
-requests and reloads apart, so each result's weight_version is the one that produced it.
+is reused. A `SwapGate` keeps requests and reloads apart, so each result's weight_version is the
+one that produced it.
 """
 from __future__ import annotations
 
