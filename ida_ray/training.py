@@ -38,6 +38,8 @@ from ida_ray.losses import collate_adversary, collate_adversary_packed, collate_
 from ida_ray.messages import RoundStats, TrainCommand
 
 Wrap = Callable[[torch.nn.Module], torch.nn.Module]
+
+
 class Sample(Protocol):
     """The replay's draw (ReplayStore.sample, or a learner rank's call to the replay actor)."""
 

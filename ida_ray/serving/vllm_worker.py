@@ -16,17 +16,25 @@ from __future__ import annotations
 
 
 def repack_lm_heads(model) -> int:
-    """Re-run the weight processing of every unquantized LM head (on CPU: re-pack its GEMM
-    weight from the weight it holds now); returns how many. Cheap beside a reload; a no-op off
-    CPU, where the head computes from its weight tensor directly. Quantized heads are left
-    alone: processing one twice may quantize it twice."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+    """Re-run the weight processing of every unquantized LM head tied to an input embedding (on
+    CPU: re-pack its GEMM weight from the weight it holds now); returns how many. An untied head
+    loads its own weight, so the reload has processed it already. A no-op off CPU, where the
+    head computes from its weight tensor directly. Quantized heads are left alone: processing
+    one twice may quantize it twice."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        UnquantizedEmbeddingMethod,
+        VocabParallelEmbedding,
+    )
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return 0
+    embeddings = [m.weight for m in model.modules()
+                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
     heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)
-             and isinstance(m.quant_method, UnquantizedEmbeddingMethod) and m.weight.numel() > 0]
+             and isinstance(m.quant_method, UnquantizedEmbeddingMethod)
+             and any(m.weight is weight for weight in embeddings)]
     for head in heads:
         head.quant_method.process_weights_after_loading(head)
     return len(heads)
@@ -36,7 +44,7 @@ class WorkerExtension:
     """Mixed into vLLM's worker class (engine argument worker_extension_cls)."""
 
     def reload_weights_from(self, weights_path: str) -> int:
-        """vLLM's in-place reload from an HF directory, then the LM heads re-packed (see the
-        module docstring); returns how many heads were re-packed."""
+        """vLLM's in-place reload from an HF directory, then the tied LM heads re-packed (see
+        the module docstring); returns how many heads were re-packed."""
         self.reload_weights(weights_path=weights_path)
         return repack_lm_heads(self.model_runner.get_model())
