@@ -353,6 +353,18 @@ class IDAConfig:
     """Ray Train DDP workers of the learner (backend "ray")."""
     use_gpu: bool = False
     """Replicas and learner on GPUs."""
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    """How each round's weights reach M's replicas (backend "ray"). "object_store": the
+    learner's rank 0 puts them in Ray's object store as safetensors bytes; each replica writes
+    them to its disk and reloads in place. "broadcast": rank 0 sends the model's tensors
+    straight into every replica's vLLM workers over vLLM's weight-transfer protocol, in the
+    served dtype and in buckets (NCCL on GPUs, Gloo on CPU; ida_ray/serving/weight_broadcast.py),
+    so the replicas load nothing from the object store; the payload is still made, for the
+    adversary, for replicas Ray restarts, and for a round whose broadcast fails (the cause is
+    in the round's metrics, `weight_broadcast`). Engine "vllm" only."""
+    weight_sync_timeout_s: float = 300.0
+    """The longest a broadcast's group start, or any one of its steps, may take; past it the
+    round's weights go by the object store."""
     resources: ClusterResources = field(default_factory=ClusterResources)
     records: RecordsConfig = field(default_factory=RecordsConfig)
     """What the run keeps of its tree records on disk (gzip, retention) and the free space it needs."""
@@ -409,6 +421,11 @@ class IDAConfig:
             p += [x for x in [scheme_problem(self.storage)] if x]
         if not self.storage_timeout_s > 0:
             p.append(f"storage_timeout_s must be > 0, got {self.storage_timeout_s}")
+        if self.weight_sync == "broadcast" and (self.backend != "ray" or self.engine != "vllm"):
+            p.append(f"weight_sync 'broadcast' sends into vLLM workers: it needs backend 'ray' and engine 'vllm', "
+                     f"got backend {self.backend!r}, engine {self.engine!r}")
+        if not self.weight_sync_timeout_s > 0:
+            p.append(f"weight_sync_timeout_s must be > 0, got {self.weight_sync_timeout_s}")
         if not self.human_timeout_s > 0:
             p.append(f"human_timeout_s must be > 0, got {self.human_timeout_s}")
         if not 0 <= self.pages_port <= 65535:

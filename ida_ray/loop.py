@@ -455,6 +455,8 @@ class IDARun:
             learner_round={"model_train_seconds": s.model_train_seconds, "train_seconds": s.train_seconds,
                            "checkpoint_seconds": s.checkpoint_seconds, "round_seconds": s.round_seconds},
             checkpoint=trained.checkpoint_path, expand_seconds=phases["expand"], setup_seconds=self.setup_seconds)
+        if trained.broadcast is not None:
+            m["weight_broadcast"] = asdict(trained.broadcast)
         if s.objective_stats:
             m[self.cfg.objective] = s.objective_stats
         if self.cfg.expert == "lm":

@@ -125,6 +125,9 @@ class TrainCommand:
     """The run's model steps before this round: where the learning-rate schedule stands."""
     total_steps: int = 0
     """The run's model steps in all (the schedule's end; 0: the rate stays at train.lr)."""
+    broadcast_to: tuple = ()
+    """weight_sync "broadcast": the replica actors rank 0 sends the round's model to, straight
+    into their vLLM workers (ida_ray/serving/weight_broadcast.py); empty: none."""
 
 
 @dataclass
@@ -150,6 +153,22 @@ class RoundStats:
 
 
 @dataclass
+class BroadcastReport:
+    """Rank 0's broadcast of a round's model into the replicas (weight_sync "broadcast")."""
+
+    replicas: int
+    seconds: float
+    """From the first call to the replicas to the last: group (re)started, weights sent,
+    version set."""
+    bytes: int = 0
+    joined: bool = False
+    """Whether the group was (re)started this round (first round, or a replica restarted)."""
+    error: str | None = None
+    """Why it failed (None: every replica holds the round's model); the object-store payload
+    then serves the round."""
+
+
+@dataclass
 class RankResult:
     """What a learner rank publishes after a round."""
 
@@ -163,6 +182,8 @@ class RankResult:
     """Rank 0: the round's checkpoint directory."""
     payload_ref: list | None = None
     """Rank 0: [ObjectRef of the WeightsPayload], in a list so Ray passes the reference."""
+    broadcast: BroadcastReport | None = None
+    """Rank 0, with weight_sync "broadcast": how the round's model went to the replicas."""
 
 
 @dataclass
@@ -178,6 +199,8 @@ class TrainResult:
     ranks_in_sync: bool | None = None
     """Whether every rank held identical weights after the round (None: not checked,
     train.check_ranks_in_sync off)."""
+    broadcast: BroadcastReport | None = None
+    """The round's broadcast into the replicas (weight_sync "broadcast"), else None."""
 
     @property
     def weight_version(self) -> int:

@@ -318,13 +318,14 @@ def _all_reduce(t: torch.Tensor, world_size: int, op=None) -> torch.Tensor:
 
 
 def train_command(cfg: IDAConfig, iteration: int, model_steps: int | None = None,
-                  adversary_steps: int | None = None) -> TrainCommand:
+                  adversary_steps: int | None = None, broadcast_to: tuple = ()) -> TrainCommand:
     """Iteration `iteration`'s round, with where it stands in the run's learning-rate schedule
     (every earlier round took train.steps_per_iteration steps)."""
     t = cfg.train
     return TrainCommand(iteration=iteration, model_steps=t.steps_per_iteration if model_steps is None else model_steps,
                         adversary_steps=t.adversary_steps_per_iteration if adversary_steps is None else adversary_steps,
-                        first_step=iteration * t.steps_per_iteration, total_steps=cfg.iterations * t.steps_per_iteration)
+                        first_step=iteration * t.steps_per_iteration, total_steps=cfg.iterations * t.steps_per_iteration,
+                        broadcast_to=tuple(broadcast_to))
 
 
 def model_examples(sample: Sample, n: int, answer_share: float | None, base_seed: int,

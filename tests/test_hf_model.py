@@ -137,3 +137,86 @@ def test_vllm_and_transformers_agree_and_a_swap_lands_on_the_second_architecture
         import ray
 
         ray.kill(replica, no_restart=True)
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_weights_broadcast_into_a_replica_serve_as_the_payload_would_and_a_broken_one_falls_back(
+        ray_cluster, trained_qwen_dir, monkeypatch):
+    """weight_sync "broadcast" on CPU (ida_ray/serving/weight_broadcast.py): this process is the
+    learner's rank 0 and sends by vLLM's weight-transfer protocol over Gloo into the replica's
+    vLLM worker; a broadcast that dies midway leaves the replica serving nothing until the
+    object-store payload has replaced the half-loaded weights."""
+    import ray
+
+    from ida_ray.actors.replica import start_replicas
+    from ida_ray.engine import TorchEngine
+    from ida_ray.models import load_adversary, load_model
+    from ida_ray.prompts import COMPACT
+    from ida_ray.serving import weight_broadcast
+    from ida_ray.serving.engine_pool import ReplicaPool
+    from ida_ray.serving.weights import WeightsPayload
+
+    model_dir, adversary_dir = trained_qwen_dir
+    import random
+
+    rng = random.Random(8)
+    prompts = [COMPACT.answer_prompt(TASK.generate(rng.choice(SIZES), rng)) for _ in range(24)]
+    local = TorchEngine(load_model(model_dir), load_adversary(adversary_dir), load_tokenizer(model_dir),
+                        max_new_tokens=8)
+    (replica,) = start_replicas(1, model_dir, adversary_dir, engine="vllm", max_new_tokens=8, name_prefix="gloo",
+                                max_restarts=0, num_cpus=1, weight_transfer="gloo")
+    pool = ReplicaPool([replica])
+    # Small buckets, so a round is several broadcasts and one can die between them.
+    broadcaster = weight_broadcast.WeightBroadcaster("gloo", "float32", timeout_s=20, bucket_bytes=1 << 15)
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir)
+
+    def scale(by: float) -> None:
+        with torch.no_grad():
+            for p in fresh.parameters():
+                p.mul_(by)
+
+    def served_as_local(version: int) -> None:
+        local.load_state(fresh.state_dict(), None, version)
+        got, want = ray.get(replica.generate.remote(prompts, version)), asyncio.run(local.generate(prompts))
+        assert [g.text for g in got] == [g.text for g in want]
+        assert [g.logprob for g in got] == pytest.approx([g.logprob for g in want], abs=0.05)
+        assert {g.weight_version for g in got} == {version}
+
+    try:
+        for version, by in ((1, 0.5), (2, 0.8)):  # the group stays up between rounds
+            scale(by)
+            report = broadcaster.send(fresh, (replica,), version)
+            assert report.error is None and report.joined == (version == 1) and report.replicas == 1
+            assert report.bytes == sum(p.numel() * 4 for p in fresh.parameters())
+            served_as_local(version)
+
+        class DiesMidway(weight_broadcast.ServedSource):
+            def __iter__(self):
+                for i, pair in enumerate(super().__iter__()):
+                    if i == 4:
+                        raise RuntimeError("the learner died mid-broadcast")
+                    yield pair
+
+        scale(1.25)
+        monkeypatch.setattr(weight_broadcast, "ServedSource", DiesMidway)
+        report = broadcaster.send(fresh, (replica,), 3)
+        assert "died mid-broadcast" in report.error and broadcaster.sender is None
+        assert ray.get(replica.weight_version.remote()) == 2
+        # Half its layers are loaded: it computes nothing until the payload is in (the swap
+        # waits for the worker's receive to give up, within the group's 20 s). New prompts: the
+        # replica's cache holds version 2's answers to the others, and may serve those.
+        waiting = replica.generate.remote([COMPACT.answer_prompt(TASK.generate(4, rng)) for _ in range(2)], 2)
+        assert not ray.wait([waiting], timeout=2)[0]
+        assert asyncio.run(pool.swap_weights(WeightsPayload.from_modules(fresh, None), 3)) == {"replica[0]": 3}
+        assert {g.weight_version for g in ray.get(waiting, timeout=60)} == {3}
+        served_as_local(3)
+        monkeypatch.undo()
+        scale(0.9)  # and the next round starts a new group
+        report = broadcaster.send(fresh, (replica,), 4)
+        assert report.error is None and report.joined
+        served_as_local(4)
+    finally:
+        broadcaster.close()
+        pool.close()
+        ray.kill(replica, no_restart=True)

@@ -108,12 +108,14 @@ class Learner:
             except Exception:
                 pass
 
-    async def train(self, iteration: int, steps: int | None = None, adversary_steps: int | None = None) -> TrainResult:
-        """Run one training round on every rank; raises LearnerFailure if the run failed."""
+    async def train(self, iteration: int, steps: int | None = None, adversary_steps: int | None = None,
+                    broadcast_to: tuple = ()) -> TrainResult:
+        """Run one training round on every rank (rank 0 then broadcasts the model into
+        `broadcast_to`, with weight_sync "broadcast"); raises LearnerFailure if the run failed."""
         if self.control is None:
             raise LearnerFailure("learner not started")
         t0 = time.time()
-        await self.control.submit.remote(train_command(self.cfg, iteration, steps, adversary_steps))
+        await self.control.submit.remote(train_command(self.cfg, iteration, steps, adversary_steps, broadcast_to))
         while (got := await self.control.results.remote(iteration, 5.0)).pending:
             if self._error is not None:
                 raise LearnerFailure(f"learner run failed: {self._error}")
@@ -132,7 +134,7 @@ class Learner:
         self.last_nodes = {r: v.node_id for r, v in got.ranks.items()}
         return TrainResult(stats=first.stats, checkpoint_path=first.checkpoint_path, weights=first.payload_ref[0],
                            seconds=round(time.time() - t0, 3), ranks_in_sync=None if None in self.last_digests.values() else
-                           len(set(self.last_digests.values())) == 1)
+                           len(set(self.last_digests.values())) == 1, broadcast=first.broadcast)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Let the workers leave their loop and fit() return."""

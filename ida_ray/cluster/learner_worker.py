@@ -10,7 +10,8 @@ checkpoint), then per `TrainCommand` from the control actor:
   2. calls `ray.train.report(metrics, checkpoint=...)`: rank 0's checkpoint is written by
      `ida_ray.checkpoint.save_checkpoint`;
   3. publishes its `RankResult` (the parameter digest with train.check_ranks_in_sync; rank 0 also the checkpoint path and the new
-     weights payload, an object-store ref) to the control actor.
+     weights payload, an object-store ref) to the control actor; with weight_sync "broadcast"
+     rank 0 first sends the model straight into the replicas (ida_ray/serving/weight_broadcast.py).
 """
 from __future__ import annotations
 
@@ -76,6 +77,12 @@ def learner_loop(config: dict) -> None:
         return ray.get(buffer.sample.remote(n, list(kinds), seed, balance_sizes))
 
     payload_ref = None  # kept alive until the next round, so the coordinator can fetch it
+    broadcaster = None
+    if rank == 0 and cfg.weight_sync == "broadcast":  # straight into the replicas' vLLM workers
+        from ida_ray.serving.weight_broadcast import WeightBroadcaster
+
+        broadcaster = WeightBroadcaster("nccl" if cfg.use_gpu else "gloo", cfg.model.dtype, cfg.weight_sync_timeout_s,
+                                        ranks_per_replica=cfg.resources.replica_gpus if cfg.use_gpu else 1)
     ray.get(control.ready.remote(rank, last))
     while (command := ray.get(control.next_command.remote(last))) is not None:
         t0 = time.time()
@@ -96,7 +103,11 @@ def learner_loop(config: dict) -> None:
             result.checkpoint_path = join_ref(wc.checkpoints_ref, wc.run_name, name)
             payload_ref = ray.put(WeightsPayload.from_modules(objective.served_model, objective.adversary))
             result.payload_ref = [payload_ref]
+            if broadcaster is not None and command.broadcast_to:
+                result.broadcast = broadcaster.send(objective.served_model, command.broadcast_to, stats.weight_version)
         stats.round_seconds = round(time.time() - t0, 3)
         ray.get(control.publish.remote(result))
         last = command.iteration
+    if broadcaster is not None:
+        broadcaster.close()
     del payload_ref

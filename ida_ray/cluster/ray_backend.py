@@ -151,6 +151,7 @@ class RayBackend(Backend):
             start_replicas, cfg.replicas, str(model_dir), str(adversary_dir), engine=cfg.engine,
             use_gpu=cfg.use_gpu, max_new_tokens=cfg.amplify.max_new_tokens, num_cpus=res.replica_cpus,
             kv_cache_gib=res.kv_cache_gib, dtype=cfg.model.dtype, resources=res.replica_resources,
+            weight_transfer=("nccl" if cfg.use_gpu else "gloo") if cfg.weight_sync == "broadcast" else None,
             tensor_parallel_size=res.replica_gpus if cfg.use_gpu else 1, max_restarts=res.restarts)
         self.engine = ReplicaPool(self.replicas)
 
@@ -221,9 +222,16 @@ class RayBackend(Backend):
         return await self.buffer.drop_stale.remote(min_version)
 
     async def train(self, iteration: int) -> TrainResult:
-        return await self.learner.train(iteration)
+        broadcast_to = tuple(self.replicas) if self.cfg.weight_sync == "broadcast" else ()
+        return await self.learner.train(iteration, broadcast_to=broadcast_to)
 
     async def swap(self, trained: TrainResult) -> dict[str, int]:
+        """The round's weights into every replica. With weight_sync "broadcast" the learner has
+        sent them already and the pool loads the payload only into a replica that does not hold
+        them (the broadcast failed, or Ray restarted it since)."""
+        if trained.broadcast is not None and trained.broadcast.error:
+            log.warning("weight broadcast of version %d failed (%s); the object store serves it",
+                        trained.weight_version, trained.broadcast.error)
         weights = await owned_copy(trained.weights)
         swapped = await self.engine.swap_weights(weights, trained.weight_version)
         self.latest_weights = (weights, trained.weight_version)

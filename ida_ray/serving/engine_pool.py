@@ -271,7 +271,8 @@ class ReplicaPool(Engine):
             self.require_version(version)
 
     async def swap_weights(self, payload, version: int) -> dict[str, int]:
-        """Load a WeightsPayload (or an ObjectRef to one) into every replica that is up, and
+        """Load a WeightsPayload (or an ObjectRef to one) into every replica that is up and does
+        not hold `version` yet (weight_sync "broadcast" sends it straight into the replicas), and
         check each reports `version`. Replicas that are down get it when they come back. When
         none is up (all died under the swap: in mode async a swap meets replicas mid-restart)
         it waits for one, up to unavailable_timeout_s, then fails naming the version."""
@@ -282,8 +283,7 @@ class ReplicaPool(Engine):
         deadline = time.monotonic() + self.unavailable_timeout_s
         while True:
             targets = [r for r in self._replicas if r.up]
-            results = await asyncio.gather(*(r.handle.load_weights.remote(ref, version) for r in targets),
-                                           return_exceptions=True)
+            results = await asyncio.gather(*(self._load(r, ref, version) for r in targets), return_exceptions=True)
             loaded = {}
             for rep, res in zip(targets, results):
                 if isinstance(res, RayActorError):
@@ -307,6 +307,12 @@ class ReplicaPool(Engine):
             raise EngineFailure(f"swap_weights: replicas report {wrong}, expected version {version}")
         self.require_version(version)
         return dict(zip(loaded, reported))
+
+    @staticmethod
+    async def _load(rep: _Replica, ref, version: int) -> int:
+        if await rep.handle.weight_version.remote() == version:
+            return version
+        return await rep.handle.load_weights.remote(ref, version)
 
     # -- status --------------------------------------------------------------------
     def health(self) -> dict:

@@ -14,6 +14,8 @@ the new weights exactly (tests/test_hf_model.py checks the log-probs after a swa
 """
 from __future__ import annotations
 
+from ida_ray.serving import weight_broadcast
+
 
 def repack_lm_heads(model) -> int:
     """Re-run the weight processing of every unquantized LM head tied to an input embedding (on
@@ -48,3 +50,8 @@ class WorkerExtension:
         the module docstring); returns how many heads were re-packed."""
         self.reload_weights(weights_path=weights_path)
         return repack_lm_heads(self.model_runner.get_model())
+
+
+# Every engine ida-ray starts imports this module in its worker processes (worker_extension_cls),
+# so the "gloo" weight-transfer backend is known there before the engine asks vLLM's factory.
+weight_broadcast.register()
