@@ -1,5 +1,5 @@
-"""Weight-sync seconds by model size on the object-store path (what every run on CPU uses,
-and the fallback on GPUs).
+"""Weight-sync seconds by model size: the object-store path (the default) and the broadcast
+path (weight_sync "broadcast", over Gloo on this CPU).
 
     python -m experiments.weight_sync [--sizes 128x3 256x4 512x6 1024x8] [--repeats 3]
                                       [--out docs/results/weight_sync.json]
@@ -18,8 +18,15 @@ For each size (hidden size x layers of the built-in Llama; intermediate 4x hidde
             reload_weights) - `replica_load` is the part inside the replica
 
 Reported per size: the medians over the repeats; `seconds` is payload + put + copy + swap,
-what a round's weights take from the learner to a serving replica. The NCCL path (GPU) is
-not measured here: no GPU on this machine.
+what a round's weights take from the learner to a serving replica.
+
+Then, on the same replica (started with weight_transfer "gloo"), the broadcast path as the
+learner's rank 0 runs it (ida_ray.serving.weight_broadcast.WeightBroadcaster.send: vLLM's
+weight-transfer protocol, the model's tensors in 64 MiB buckets over a Gloo group, loaded by
+vLLM's layerwise reload, the version set): one send to start the group (`join_seconds`), then
+`--repeats` sends, their median `seconds`. It carries the model only (the adversary goes by the
+object store either way), so its `bytes` are the model's. The NCCL path (GPU) is not measured
+here: no GPU on this machine.
 """
 from __future__ import annotations
 
@@ -71,7 +78,8 @@ def measure(size: str, repeats: int, log) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, adversary_dir = create_model_dirs(Path(tmp), spec, seed=0)
         t0 = time.time()
-        (replica,) = start_replicas(1, model_dir, adversary_dir, engine="vllm", num_cpus=1, name_prefix=f"sync-{size}")
+        (replica,) = start_replicas(1, model_dir, adversary_dir, engine="vllm", num_cpus=1, name_prefix=f"sync-{size}",
+                                    weight_transfer="gloo")
         start_s = time.time() - t0
     model, _ = build_model(spec, seed=1)  # other weights than the served ones: a real change
     adversary, _ = build_adversary(spec, seed=2)
@@ -89,12 +97,37 @@ def measure(size: str, repeats: int, log) -> dict:
         return runs
 
     runs = asyncio.run(swaps())
+    sends = broadcasts(replica, model, size, repeats, first_version=repeats + 1, log=log)
     ray.kill(replica, no_restart=True)
     med = {k: round(statistics.median(x[k] for x in runs), 4) for k in ("payload", "put", "copy", "swap", "replica_load")}
-    return {"path": "object_store", "size": size, "parameters": params, "adversary_parameters": adversary_params,
-            "bytes": runs[0]["bytes"], "seconds": round(med["payload"] + med["put"] + med["copy"] + med["swap"], 4),
-            "steps_seconds": med, "replica_start_seconds": round(start_s, 1), "repeats": repeats,
-            "device": "cpu (vLLM-CPU replica, one actor on this machine)", "runs": runs}
+    device = "cpu (vLLM-CPU replica, one actor on this machine)"
+    return [{"path": "object_store", "size": size, "parameters": params, "adversary_parameters": adversary_params,
+             "bytes": runs[0]["bytes"], "seconds": round(med["payload"] + med["put"] + med["copy"] + med["swap"], 4),
+             "steps_seconds": med, "replica_start_seconds": round(start_s, 1), "repeats": repeats,
+             "device": device, "runs": runs},
+            {"path": "broadcast_gloo", "size": size, "parameters": params, "bytes": sends[1]["bytes"],
+             "seconds": round(statistics.median(x["seconds"] for x in sends[1:]), 4),
+             "join_seconds": sends[0]["seconds"], "repeats": repeats, "device": device, "runs": sends}]
+
+
+def broadcasts(replica, model, size: str, repeats: int, first_version: int, log) -> list[dict]:
+    """The first send starts the group; each send is checked to have set the replica's version."""
+    import ray
+
+    from ida_ray.serving.weight_broadcast import WeightBroadcaster
+
+    broadcaster, sends = WeightBroadcaster("gloo", "float32", timeout_s=300), []
+    try:
+        for r in range(repeats + 1):
+            report = broadcaster.send(model, (replica,), first_version + r)
+            if report.error or ray.get(replica.weight_version.remote()) != first_version + r:
+                raise RuntimeError(f"broadcast {r} of {size} failed: {report.error}")
+            sends.append({"seconds": report.seconds, "bytes": report.bytes, "joined": report.joined})
+            log(f"{size}: broadcast {r}: {report.seconds:.3f}s ({report.bytes / 2**20:.1f} MiB"
+                f"{', group started' if report.joined else ''})")
+    finally:
+        broadcaster.close()
+    return sends
 
 
 def main(argv=None) -> dict:
@@ -109,13 +142,14 @@ def main(argv=None) -> dict:
     rows = []
     try:
         for size in args.sizes:
-            rows.append(measure(size, args.repeats, log))
-            result = {"rows": rows, "device": "cpu (2 cores, vLLM-CPU replica, object-store path)",
+            rows += measure(size, args.repeats, log)
+            result = {"rows": rows, "device": "cpu (2 cores, vLLM-CPU replica; object-store and Gloo broadcast paths)",
                       "nccl": "not measured: no GPU on this machine"}
             common.write_result(result, args.out, "weight_sync", argv)
-            r = rows[-1]
-            log(f"{size}: {r['parameters'] / 1e6:.2f}M parameters ({r['bytes'] / 2**20:.1f} MiB with the adversary): "
-                f"{r['seconds']:.3f}s ({r['steps_seconds']})")
+            store, sent = rows[-2:]
+            log(f"{size}: {store['parameters'] / 1e6:.2f}M parameters: object store {store['seconds']:.3f}s "
+                f"({store['bytes'] / 2**20:.1f} MiB with the adversary; {store['steps_seconds']}), broadcast "
+                f"{sent['seconds']:.3f}s ({sent['bytes'] / 2**20:.1f} MiB, the model)")
     finally:
         ray.shutdown()
     return result

@@ -106,6 +106,27 @@ def test_distributed_ida_learns_on_vllm(ray_cluster, tmp_path):
               f"loss {m['model_loss']:.3f} phases {m['phase_seconds']}")
 
 
+@pytest.mark.vllm
+def test_weights_broadcast_by_the_learner_reach_the_replica_every_iteration(ray_cluster, tmp_path):
+    """weight_sync "broadcast": rank 0 of the Ray Train learner sends each round's model into the
+    replica's vLLM worker (Gloo on CPU), and the swap finds it there."""
+    with pytest.raises(ConfigError, match="needs backend 'ray' and engine 'vllm'"):
+        IDAConfig(weight_sync="broadcast", engine="torch")
+    cfg = small_config(tmp_path, "vllm", iterations=3, trees=48, steps=60)
+    cfg.weight_sync = "broadcast"
+    history = train(cfg.validate(), progress=False)
+    sent = [m["weight_broadcast"] for m in history]
+    assert [b["error"] for b in sent] == [None, None, None], sent
+    assert [b["joined"] for b in sent] == [True, False, False]  # one group for the run
+    assert all(b["replicas"] == 1 and b["bytes"] > 0 and b["seconds"] > 0 for b in sent)
+    assert [m["replica_versions"] for m in history] == [{"replica-0": v} for v in (1, 2, 3)]
+    state = json.loads((tmp_path / "state.json").read_text())
+    mean = lambda acc: sum(acc.values()) / len(acc)  # noqa: E731
+    # The replica serves what the learner trained: held-out accuracy (model alone) rises.
+    assert mean(history[-1]["accuracy_by_size"]) >= mean(state["initial_accuracy"]) + 0.15, \
+        [state["initial_accuracy"]] + [m["accuracy_by_size"] for m in history]
+
+
 def test_resume_matches_a_straight_run(ray_cluster, tmp_path):
     """Weights, optimizer state, replay buffer, iteration counter and RNG all come back: the
     resumed second iteration trains on the same data to the same loss as a straight run's."""

@@ -21,18 +21,14 @@ latest payload into it before it serves again. `load_weights(payload, version)` 
 and reloads the engines in place (~30 ms for the tiny model on CPU); requests wait while the
 swap runs and none mixes two versions.
 
-On GPU clusters the model's weights can instead go straight from the learner's GPUs to the
-replicas' GPUs with vLLM's NCCL weight-transfer engine (vLLM 0.32
-`vllm.distributed.weight_transfer`): start replicas with `weight_transfer="nccl"` and drive
-them from the learner with
-    client = RayVLLMWeightSyncClient(handles)  # vllm.distributed.weight_transfer.clients
-    sender = NCCLTrainerWeightTransferEngine.trainer_init(NCCLTrainerInitInfo(...), client=client,
-                                                          source=<WeightSource over the model>)
-    sender.send_weights(); client.finish_weight_update(str(version))
-The replica exposes the methods that client calls (init_weight_transfer_engine,
-start_weight_update, update_weights, finish_weight_update, update_weight_version). That path
-carries the model only (the adversary still comes as a payload, it is small) and needs
-CUDA, so it is not exercised on CPU.
+With weight_sync "broadcast" the model's weights instead go straight from the learner's rank 0
+into the replicas' vLLM workers, by vLLM's weight-transfer protocol (vLLM 0.32
+`vllm.distributed.weight_transfer`; NCCL on GPUs, Gloo on CPU): replicas start with
+`weight_transfer="nccl"` or `"gloo"`, and the learner drives them through the methods below
+(init_weight_transfer_engine, start_weight_update, update_weights, finish_weight_update,
+update_weight_version) with ida_ray.serving.weight_broadcast.WeightBroadcaster. The adversary,
+small, still comes as a payload, and so do the model's weights for a replica the broadcast
+missed.
 
 Environment: on CPU each engine needs VLLM_CPU_KVCACHE_SPACE (GiB of KV cache), set through
 the actor's runtime_env by `start_replicas`.
@@ -259,7 +255,7 @@ class ModelReplica:
     def weight_version(self) -> int:
         return 0 if self.engine is None else self.engine.weight_version
 
-    # vLLM weight-transfer protocol (GPU, weight_transfer="nccl"); see the module docstring.
+    # vLLM's weight-transfer protocol (weight_sync "broadcast"); see the module docstring.
     def _vllm(self):
         if self.engine_kind != "vllm":
             raise WeightsError("vLLM weight transfer needs engine='vllm'")
