@@ -330,7 +330,7 @@ def coded_runs_on_record(cfg, seeds) -> list[dict] | None:
     runs = {r["seed"]: r for r in record["runs"]}
     if not all(s in runs for s in seeds):
         return None
-    return [{"seed": s, "wall_seconds": runs[s]["wall_seconds"], "source": str(path.relative_to(common.ROOT)),
+    return [{"seed": s, "wall_seconds": round(runs[s]["minutes"] * 60, 1), "source": str(path.relative_to(common.ROOT)),
              "iterations": [{**it, "expert_tokens_per_tree": 0.0} for it in runs[s]["iterations"]]} for s in seeds]
 
 
