@@ -112,14 +112,14 @@ def test_weights_broadcast_by_the_learner_reach_the_replica_every_iteration(ray_
     replica's vLLM worker (Gloo on CPU), and the swap finds it there."""
     with pytest.raises(ConfigError, match="needs backend 'ray' and engine 'vllm'"):
         IDAConfig(weight_sync="broadcast", engine="torch")
-    cfg = small_config(tmp_path, "vllm", iterations=3, trees=48, steps=60)
+    cfg = small_config(tmp_path, "vllm", iterations=2, trees=48, steps=60)
     cfg.weight_sync = "broadcast"
     history = train(cfg.validate(), progress=False)
     sent = [m["weight_broadcast"] for m in history]
-    assert [b["error"] for b in sent] == [None, None, None], sent
-    assert [b["joined"] for b in sent] == [True, False, False]  # one group for the run
+    assert [b["error"] for b in sent] == [None, None], sent
+    assert [b["joined"] for b in sent] == [True, False]  # one group for the run
     assert all(b["replicas"] == 1 and b["bytes"] > 0 and b["seconds"] > 0 for b in sent)
-    assert [m["replica_versions"] for m in history] == [{"replica-0": v} for v in (1, 2, 3)]
+    assert [m["replica_versions"] for m in history] == [{"replica-0": v} for v in (1, 2)]
     state = json.loads((tmp_path / "state.json").read_text())
     mean = lambda acc: sum(acc.values()) / len(acc)  # noqa: E731
     # The replica serves what the learner trained: held-out accuracy (model alone) rises.
