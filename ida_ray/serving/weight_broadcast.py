@@ -1,10 +1,8 @@
 """Weights by collective broadcast, from the learner's rank 0 straight into the replicas' vLLM
 workers, over vLLM's weight-transfer protocol (vLLM 0.32 `vllm.distributed.weight_transfer`).
 
-    client = ReplicaSyncClient(replica_handles, timeout_s=300)
-    sender = WeightTransferTrainerFactory.trainer_init(trainer_init_info("gloo", n_replicas, ...),
-                                                       client=client, source=ModuleSource(model))
-    sender.send_weights()                       # every round; then client.set_version(v)
+    broadcaster = WeightBroadcaster("gloo", "float32", timeout_s=300)   # "nccl" on GPUs
+    report = broadcaster.send(model, replica_handles, version)          # every round
 
 The protocol (each replica: `init_weight_transfer_engine` once, then per round
 `start_weight_update`, `update_weights` running while the sender broadcasts, and
@@ -15,8 +13,8 @@ of two versions. Two transports:
 - "nccl" on GPUs: vLLM's own NCCL engine (`NCCLTrainerWeightTransferEngine`), GPU to GPU in the
   served dtype, packed into buffers;
 - "gloo" on CPU: the engine below, the same protocol over a torch Gloo group, tensors packed
-  into buckets of `bucket_bytes`. It is what the tests and the CPU measurements run, and it
-  keeps the object-store path's bytes off the object store and every replica's disk.
+  into buckets of `bucket_bytes`. It is what the tests and the CPU measurements run; no
+  replica fetches a payload or writes one to its disk.
 
 vLLM's Ray client sends one init to every handle, as if they were data-parallel ranks of one
 engine; ida-ray's replicas are separate engines, so `ReplicaSyncClient` gives each its own
