@@ -190,6 +190,20 @@ def test_weights_broadcast_into_a_replica_serve_as_the_payload_would_and_a_broke
             assert report.error is None and report.joined == (version == 1) and report.replicas == 1
             assert report.bytes == sum(p.numel() * 4 for p in fresh.parameters())
             served_as_local(version)
+        # Then the round's payload, as RayBackend.swap sends it: the replica takes its adversary
+        # and keeps the broadcast model (this payload's model differs, so a reload would show).
+        other, adversary = AutoModelForCausalLM.from_pretrained(model_dir), load_adversary(adversary_dir)
+        with torch.no_grad():
+            for p in list(other.parameters()) + list(adversary.parameters()):
+                p.mul_(0.3)
+        completions = ["3"] * 8
+        before = ray.get(replica.adversary.remote(prompts[:8], completions, 2))
+        assert asyncio.run(pool.swap_weights(WeightsPayload.from_modules(other, adversary), 2)) == {"replica[0]": 2}
+        served_as_local(2)
+        local.load_state(None, adversary.state_dict(), 2)
+        scores, want = ray.get(replica.adversary.remote(prompts[:8], completions, 2)), \
+            asyncio.run(local.adversary(prompts[:8], completions))
+        assert scores == pytest.approx(want, abs=1e-3) and scores != pytest.approx(before, abs=1e-3)
 
         class DiesMidway(weight_broadcast.ServedSource):
             def __iter__(self):

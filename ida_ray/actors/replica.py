@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ida_ray.actors import node_id
@@ -229,10 +229,15 @@ class ModelReplica:
         return await self._serve("adversary", len(prompts), lambda e: e.adversary(prompts, completions), min_version)
 
     # -- weights -------------------------------------------------------------------
-    async def load_weights(self, payload: WeightsPayload, version: int) -> int:
-        """Swap the payload's weights in place; returns the version now served."""
+    async def load_weights(self, payload: WeightsPayload, version: int, model: bool = True) -> int:
+        """Swap the payload's weights in place; returns the version now served. model=False:
+        the payload's adversary only (weight_sync "broadcast" has sent the model already)."""
         if not isinstance(payload, WeightsPayload):
             raise WeightsError(f"load_weights needs a WeightsPayload, got {type(payload).__name__}")
+        if not model:
+            if payload.adversary is None:
+                return self.weight_version()
+            payload = replace(payload, model=None)
         if payload.model is not None:
             check_shapes(self.model_shapes, shapes_of_bytes(payload.model), "model")
         if payload.adversary is not None and self.adversary_shapes is not None:

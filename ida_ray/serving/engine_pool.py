@@ -271,11 +271,12 @@ class ReplicaPool(Engine):
             self.require_version(version)
 
     async def swap_weights(self, payload, version: int) -> dict[str, int]:
-        """Load a WeightsPayload (or an ObjectRef to one) into every replica that is up and does
-        not hold `version` yet (weight_sync "broadcast" sends it straight into the replicas), and
-        check each reports `version`. Replicas that are down get it when they come back. When
-        none is up (all died under the swap: in mode async a swap meets replicas mid-restart)
-        it waits for one, up to unavailable_timeout_s, then fails naming the version."""
+        """Load a WeightsPayload (or an ObjectRef to one) into every replica that is up (only its
+        adversary into a replica whose model holds `version` already: weight_sync "broadcast"
+        sends the model straight into the replicas), and check each reports `version`. Replicas
+        that are down get it when they come back. When none is up (all died under the swap: in
+        mode async a swap meets replicas mid-restart) it waits for one, up to
+        unavailable_timeout_s, then fails naming the version."""
         ref = payload if isinstance(payload, ray.ObjectRef) else ray.put(payload)
         # Requests ask for `version` only once it is in: until then the replicas still on the
         # old weights serve them (the swap gate orders each replica's requests and swap).
@@ -310,9 +311,10 @@ class ReplicaPool(Engine):
 
     @staticmethod
     async def _load(rep: _Replica, ref, version: int) -> int:
-        if await rep.handle.weight_version.remote() == version:
-            return version
-        return await rep.handle.load_weights.remote(ref, version)
+        """The payload into one replica: its adversary only where the model holds `version`
+        already (sent by weight_sync "broadcast")."""
+        held = await rep.handle.weight_version.remote()
+        return await rep.handle.load_weights.remote(ref, version, held != version)
 
     # -- status --------------------------------------------------------------------
     def health(self) -> dict:
