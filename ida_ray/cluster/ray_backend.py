@@ -227,8 +227,9 @@ class RayBackend(Backend):
 
     async def swap(self, trained: TrainResult) -> dict[str, int]:
         """The round's weights into every replica. With weight_sync "broadcast" the learner has
-        sent them already and the pool loads the payload only into a replica that does not hold
-        them (the broadcast failed, or Ray restarted it since)."""
+        sent the model already: the pool loads only the payload's adversary into a replica that
+        holds it, and the whole payload into one that does not (the broadcast failed, or Ray
+        restarted it since)."""
         if trained.broadcast is not None and trained.broadcast.error:
             log.warning("weight broadcast of version %d failed (%s); the object store serves it",
                         trained.weight_version, trained.broadcast.error)
